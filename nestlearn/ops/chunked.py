@@ -1,0 +1,246 @@
+"""Chunk-parallel associative memory: the same recurrence as `naive.py`, with no Python loop over tokens.
+
+Inside a chunk every gradient is taken at the chunk's starting weights M_0 (eq. 90, Titans eqs. 16–18), so each
+token's gradient is a rank-1 outer product a_l b_lᵀ computed in parallel:
+
+    linear:  W:  a = e, b = k                      e = M_0(k) − v (l2) or −v (dot)
+    mlp:     W1: a = e, b = h = σ(k W2ᵀ)           W2: a = δ = (e W1) ⊙ σ'(k W2ᵀ), b = k
+
+Retention and momentum are linear recurrences, unrolled with segment products (0-based tokens i, l of a chunk):
+
+    Dα[i, l] = Π_{l<j≤i} α_j      Pα[i] = Π_{j≤i} α_j      (Dβ, Pβ alike for the momentum β)
+    K = Dα Dβ (momentum) or Dα    dS = Dα Pβ                   coefficient of −η_l a_l b_lᵀ and of S_0 in M_i
+    M_i = Pα[i] M_0 + dS[i] S_0 − Σ_{l≤i} K[i, l] η_l a_l b_lᵀ  − Σ_{l≤i} Dα[i, l] η_l u_l k_lᵀ   (last term: dgd)
+
+DGD (eq. 88) adds −η_i u_i k_iᵀ with u_i = M_{i−1} k_i, which depends on the recurrence itself. Writing u_i out
+with the formula above at row i−1 gives a unit lower-triangular system (the UT transform of DeltaNet):
+
+    u_i + Σ_{l<i} Dα[i−1, l] η_l (k_lᵀ k_i) u_l = Pα[i−1] M_0 k_i + dS[i−1] S_0 k_i − Σ_{l<i} K[i−1, l] η_l (b_lᵀ k_i) a_l
+
+Reads of M_i(q_i) ("dual" form) are then masked (C × C) matmuls, and the end-of-chunk state is the formula at
+its last token. Only the chunks run in a Python loop, because the next chunk's gradients need this chunk's weights.
+A length that C does not divide is padded, and the last chunk's state is read at its last real token.
+
+    b batch, h heads, n chunks, c/C tokens in a chunk, d key feature, o value feature, f MLP hidden width
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..state import MemoryState
+from .common import KEY_SIDE
+from .common import activation as get_activation
+
+__all__ = ["chunked_scan", "segprod"]
+
+
+def segprod(x: Tensor) -> Tensor:
+    """Segment products D[..., i, l] = Π_{l<j≤i} x_j for i ≥ l (1 on the diagonal), 0 above it.
+
+    A cumulative product down a masked matrix: no division, so zeros in x are fine (mamba's segsum, in products).
+    x: (..., C) -> (..., C, C).
+    """
+    C = x.shape[-1]
+    strict = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1)
+    lower = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
+    X = torch.where(strict, x.unsqueeze(-1).expand(*x.shape, C), torch.ones((), dtype=x.dtype, device=x.device))
+    return torch.where(lower, X.cumprod(dim=-2), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _prev(x: Tensor, dim: int, first: float) -> Tensor:
+    """Shift one token later along `dim` (row i holds what row i−1 held), filling row 0 with `first`."""
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [1, 0]
+    return F.pad(x, pad, value=first).narrow(dim, 0, x.shape[dim])
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
+
+
+def chunked_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    retention: Tensor,
+    momentum: Tensor | None,
+    state: MemoryState,
+    *,
+    memory: str,
+    objective: str,
+    rule: str,
+    chunk_size: int,
+    read: str,
+    activation: str,
+) -> tuple[Tensor, MemoryState]:
+    """Same contract as `naive_scan`. A state that stopped part-way through a chunk (offset r > 0) first finishes
+    that chunk, C − r tokens whose gradients use the saved snapshot, then continues in whole chunks."""
+    T, C, r = q.shape[2], chunk_size, state.offset
+    opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation)
+    W, S = state.weights, state.momentum
+
+    def part(lo: int, hi: int) -> tuple[Tensor, ...]:
+        return q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], lr[:, :, lo:hi], retention[:, :, lo:hi], (
+            None if momentum is None else momentum[:, :, lo:hi]
+        )
+
+    ys, head = [], 0
+    if r:
+        head = min(C - r, T)
+        y, W, S, _ = _scan_chunks(*part(0, head), W, S, state.snapshot, C - r, **opts)
+        ys.append(y)
+        if head < C - r:  # the chunk is still not finished
+            return y, MemoryState(W, S, state.snapshot, r + head)
+    offset, last_start = (T - head) % C, None
+    if T > head:
+        y, W, S, last_start = _scan_chunks(*part(head, T), W, S, None, C, **opts)
+        ys.append(y)
+    return torch.cat(ys, dim=2), MemoryState(W, S, last_start if offset else None, offset)
+
+
+def _scan_chunks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    retention: Tensor,
+    momentum: Tensor | None,
+    W: dict[str, Tensor],
+    S: dict[str, Tensor] | None,
+    snapshot: dict[str, Tensor] | None,
+    C: int,
+    *,
+    memory: str,
+    objective: str,
+    rule: str,
+    read: str,
+    activation: str,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
+    """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
+    at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
+    b, h, T, _ = q.shape
+    n = -(-T // C)
+    pad = n * C - T
+    dgd, dual, has_S = rule == "dgd", read == "dual", momentum is not None
+    if pad:
+        # The last chunk's state is read at its last real token (row `end` below), and every kernel is lower
+        # triangular, so padded tokens never reach an output or the state; η = 0, α = β = 1 keeps them inert anyway.
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        lr = F.pad(lr, (0, pad), value=0.0)
+        retention = F.pad(retention, (0, pad), value=1.0)
+        if has_S:
+            momentum = F.pad(momentum, (0, pad), value=1.0)
+
+    # chunks first, so that the loop below indexes contiguous (b, h, C, ·) blocks
+    def chunks(x: Tensor) -> Tensor:
+        return x.reshape(b, h, n, C, *x.shape[3:]).movedim(2, 0).contiguous()
+
+    q, k, v = chunks(q), chunks(k), chunks(v)  # (n, b, h, C, ·)
+    eta, alpha = chunks(lr), chunks(retention)  # (n, b, h, C)
+    eta_col = eta.unsqueeze(-2)  # (n, b, h, 1, C): η_l on column l
+
+    # --- per-chunk kernels of the linear recurrences, all chunks at once ---
+    D_a = segprod(alpha)  # (n, b, h, C, C)
+    P_a = alpha.cumprod(-1)  # (n, b, h, C)
+    if has_S:
+        beta = chunks(momentum)
+        D_b = segprod(beta)
+        P_b = beta.cumprod(-1)
+        K = D_a @ D_b  # coefficient of −η_l a_l b_lᵀ in M_i
+        dS = (D_a @ P_b.unsqueeze(-1)).squeeze(-1)  # coefficient of S_0 in M_i, (n, b, h, C)
+    else:
+        K = D_a
+    KQ = q @ _t(k)  # (n, b, h, C, C): q_iᵀ k_l
+    A_read = K * eta_col * KQ  # weight of a_l in the read of the key-side weight at token i
+    if dgd:
+        KK = k @ _t(k)  # k_iᵀ k_l
+        unit_L = _prev(D_a, -2, 0.0) * eta_col * KK + torch.eye(C, dtype=q.dtype, device=q.device)  # row i: Dα[i−1]
+        R_grad = _prev(K, -2, 0.0) * eta_col * KK
+        P_a_prev = _prev(P_a, -1, 1.0).unsqueeze(-1)  # (n, b, h, C, 1)
+        dS_prev = _prev(dS, -1, 0.0).unsqueeze(-1) if has_S else None
+        B_read = D_a * eta_col * KQ  # weight of u_l in the read at token i
+
+    # Unbind once: indexing [c] in the loop would make autograd build a full-size zero gradient per chunk, O(n²).
+    q, k, v, eta, eta_col, P_a, K, D_a, A_read = (
+        x.unbind(0) for x in (q, k, v, eta, eta_col, P_a, K, D_a, A_read)
+    )  # fmt: skip
+    if has_S:
+        dS, D_b, P_b = dS.unbind(0), D_b.unbind(0), P_b.unbind(0)
+    if dgd:
+        unit_L, R_grad, P_a_prev, B_read = unit_L.unbind(0), R_grad.unbind(0), P_a_prev.unbind(0), B_read.unbind(0)
+        dS_prev = dS_prev.unbind(0) if has_S else None
+
+    sigma, dsigma = get_activation(activation)
+    key = KEY_SIDE[memory]
+    ys = []
+    for c in range(n):
+        qc, kc, vc = q[c], k[c], v[c]  # (b, h, C, ·)
+        pa = P_a[c].unsqueeze(-1)  # (b, h, C, 1)
+        end = C - 1 if c < n - 1 else (T - 1) % C  # the chunk's last real token
+        Wg = snapshot if (c == 0 and snapshot is not None) else W  # where this chunk's gradients are taken
+        start = Wg
+
+        # gradient factors g_l = a_l b_lᵀ at the chunk's starting weights: a (b, h, C, out), b (b, h, C, in)
+        zk = kc @ _t(Wg[key])  # (b, h, C, o) linear, (b, h, C, f) mlp
+        if memory == "linear":
+            pred = zk
+        else:
+            hk = sigma(zk)  # (b, h, C, f)
+            pred = kc + hk @ _t(Wg["W1"])  # (b, h, C, d)
+        e = pred - vc if objective == "l2" else -vc
+        if memory == "linear":
+            factors = {"W": (e, kc)}
+        else:
+            delta = (e @ Wg["W1"]) * dsigma(zk)  # (b, h, C, f): e backpropagated through W1 and σ
+            factors = {"W1": (e, hk), "W2": (delta, kc)}
+        a_key = factors[key][0]
+
+        if dgd:
+            # u_i = M_{i−1} k_i by the unit lower-triangular solve (module docstring)
+            Mk = zk if Wg is W else kc @ _t(W[key])
+            rhs = P_a_prev[c] * Mk - R_grad[c] @ a_key
+            if has_S:
+                rhs = rhs + dS_prev[c] * (kc @ _t(S[key]))
+            u = torch.linalg.solve_triangular(unit_L[c], rhs, upper=False, unitriangular=True)  # (b, h, C, ·)
+
+        if dual:  # y_i = M_i(q_i)
+            z = pa * (qc @ _t(W[key])) - A_read[c] @ a_key  # M_i q_i for the key-side weight
+            if has_S:
+                z = z + dS[c].unsqueeze(-1) * (qc @ _t(S[key]))
+            if dgd:
+                z = z - B_read[c] @ u
+            if memory == "linear":
+                y = z
+            else:
+                hq = sigma(z)  # (b, h, C, f)
+                A1 = K[c] * eta_col[c] * (hq @ _t(hk))  # weight of e_l in W1_i hq_i
+                y1 = pa * (hq @ _t(W["W1"])) - A1 @ e
+                if has_S:
+                    y1 = y1 + dS[c].unsqueeze(-1) * (hq @ _t(S["W1"]))
+                y = qc + y1
+        elif memory == "linear":  # snapshot: y_i = M_0(q_i)
+            y = qc @ _t(Wg[key])
+        else:
+            y = qc + sigma(qc @ _t(Wg[key])) @ _t(Wg["W1"])
+        ys.append(y)
+
+        # state after the chunk's last real token: the formula for M_i at i = end
+        wK = (K[c][..., end, :] * eta[c]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
+        new_W, new_S = {}, {}
+        for name, (a, bb) in factors.items():
+            Wn = P_a[c][..., end, None, None] * W[name] - _t(a * wK) @ bb
+            if has_S:
+                Wn = Wn + dS[c][..., end, None, None] * S[name]
+                wS = (D_b[c][..., end, :] * eta[c]).unsqueeze(-1)
+                new_S[name] = P_b[c][..., end, None, None] * S[name] - _t(a * wS) @ bb
+            if dgd and name == key:
+                Wn = Wn - _t(u * (D_a[c][..., end, :] * eta[c]).unsqueeze(-1)) @ kc
+            new_W[name] = Wn
+        W = new_W
+        S = new_S if has_S else None
+
+    y = torch.stack(ys, dim=0).movedim(0, 2).reshape(b, h, n * C, -1)[:, :, :T]
+    return y, W, S, start
