@@ -21,6 +21,7 @@ Shapes: q, k (b, h, t, d); v (b, h, t, o); lr, retention, momentum (b, h, t); we
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
@@ -178,7 +179,9 @@ def _check_gate(name: str, x, q: Tensor, low: float, high: float | None) -> Tens
     want = tuple(q.shape[:3])
     if not isinstance(x, Tensor) or tuple(x.shape) != want:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must have shape (batch, heads, time) = {want}, one value per token and head; got {got}")
+        raise ValueError(
+            f"{name} must have shape (batch, heads, time) = {want}, one value per token and head; got {got}"
+        )
     x = x.to(q.dtype)
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf; it must be finite (check what produces it)")
@@ -199,7 +202,9 @@ def _batched_state(
                 "goes through the other). Pass state=nestlearn.memory.init_state(heads, dim, memory='mlp') or a "
                 "learned initial state."
             )
-        state = init_state(h, d, memory="linear", dim_out=o, momentum=momentum is not None, dtype=q.dtype, device=q.device)
+        state = init_state(
+            h, d, memory="linear", dim_out=o, momentum=momentum is not None, dtype=q.dtype, device=q.device
+        )
     if not isinstance(state, MemoryState):
         raise ValueError(f"state must be a MemoryState or None; got {type(state).__name__}")
     if memory == "linear":
@@ -208,7 +213,9 @@ def _batched_state(
         f = state.weights["W2"].shape[-2] if "W2" in state.weights else -1
         want = {"W1": (d, f), "W2": (f, d)}
     if momentum is None and state.momentum is not None:
-        raise ValueError("state carries momentum but momentum=None: pass the per-token momentum β, or drop it from state")
+        raise ValueError(
+            "state carries momentum but momentum=None: pass the per-token momentum β, or drop it from state"
+        )
     if momentum is not None and state.momentum is None:
         zeros = {n: torch.zeros_like(w) for n, w in state.weights.items()}
         state = MemoryState(state.weights, zeros, state.snapshot, state.offset)

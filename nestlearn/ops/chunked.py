@@ -15,7 +15,8 @@ Retention and momentum are linear recurrences, unrolled with segment products (0
 DGD (eq. 88) adds −η_i u_i k_iᵀ with u_i = M_{i−1} k_i, which depends on the recurrence itself. Writing u_i out
 with the formula above at row i−1 gives a unit lower-triangular system (the UT transform of DeltaNet):
 
-    u_i + Σ_{l<i} Dα[i−1, l] η_l (k_lᵀ k_i) u_l = Pα[i−1] M_0 k_i + dS[i−1] S_0 k_i − Σ_{l<i} K[i−1, l] η_l (b_lᵀ k_i) a_l
+    u_i + Σ_{l<i} Dα[i−1, l] η_l (k_lᵀ k_i) u_l
+        = Pα[i−1] M_0 k_i + dS[i−1] S_0 k_i − Σ_{l<i} K[i−1, l] η_l (b_lᵀ k_i) a_l
 
 Reads of M_i(q_i) ("dual" form) are then masked (C × C) matmuls, and the end-of-chunk state is the formula at
 its last token. Only the chunks run in a Python loop, because the next chunk's gradients need this chunk's weights.
@@ -83,8 +84,13 @@ def chunked_scan(
     W, S = state.weights, state.momentum
 
     def part(lo: int, hi: int) -> tuple[Tensor, ...]:
-        return q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], lr[:, :, lo:hi], retention[:, :, lo:hi], (
-            None if momentum is None else momentum[:, :, lo:hi]
+        return (
+            q[:, :, lo:hi],
+            k[:, :, lo:hi],
+            v[:, :, lo:hi],
+            lr[:, :, lo:hi],
+            retention[:, :, lo:hi],
+            (None if momentum is None else momentum[:, :, lo:hi]),
         )
 
     ys, head = [], 0
