@@ -61,6 +61,14 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
+def _minus_outer(base: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """base − Σ_l left_l right_lᵀ: (..., out, in) − (..., C, out)ᵀ (..., C, in), fused into one baddbmm so that the
+    full-size weights are written once (on CPU the time goes to allocating and touching those)."""
+    flat = base.reshape(-1, *base.shape[-2:])
+    lt = _t(left).reshape(-1, left.shape[-1], left.shape[-2])
+    return torch.baddbmm(flat, lt, right.reshape(-1, *right.shape[-2:]), alpha=-1).view(base.shape)
+
+
 def chunked_scan(
     q: Tensor,
     k: Tensor,
@@ -237,14 +245,15 @@ def _scan_chunks(
         wK = (K[c][..., end, :] * eta[c]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
         new_W, new_S = {}, {}
         for name, (a, bb) in factors.items():
-            Wn = P_a[c][..., end, None, None] * W[name] - _t(a * wK) @ bb
+            base = P_a[c][..., end, None, None] * W[name]
             if has_S:
-                Wn = Wn + dS[c][..., end, None, None] * S[name]
+                base = torch.addcmul(base, dS[c][..., end, None, None], S[name])
                 wS = (D_b[c][..., end, :] * eta[c]).unsqueeze(-1)
-                new_S[name] = P_b[c][..., end, None, None] * S[name] - _t(a * wS) @ bb
-            if dgd and name == key:
-                Wn = Wn - _t(u * (D_a[c][..., end, :] * eta[c]).unsqueeze(-1)) @ kc
-            new_W[name] = Wn
+                new_S[name] = _minus_outer(P_b[c][..., end, None, None] * S[name], a * wS, bb)
+            left = a * wK
+            if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
+                left = left + u * (D_a[c][..., end, :] * eta[c]).unsqueeze(-1)
+            new_W[name] = _minus_outer(base, left, bb)
         W = new_W
         S = new_S if has_S else None
 
