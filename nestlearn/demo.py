@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = sorted({min(args.pairs, 2**i) for i in range(6, 32) if 2 ** (i - 1) < args.pairs})
 
     print(f"Writing {args.pairs} random key/value pairs (d = {args.dim}) into four associative memories;")
-    print(f"recall = share of keys whose read-out is nearest to their own value (chance: 1/pairs). all / last {args.recent}\n")
+    print("recall = share of keys whose read-out is nearest to their own value (chance: 1/pairs)")
+    print(f"each cell: recall of all pairs written / of the last {args.recent}\n")
     t0 = time.perf_counter()
     results = {spec.name: recall_curve(spec, keys, values, checkpoints, args.recent, args.seed)
                for spec in tqdm(SPECS, desc="memories", leave=False)}  # fmt: skip

@@ -118,3 +118,16 @@ def test_segprod_is_products_over_segments():
         for l in range(4):
             want = torch.prod(x[l + 1 : i + 1]) if i >= l else 0.0
             assert D[i, l].item() == pytest.approx(float(want))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_chunked_matches_reference_on_a_longer_stream(memory):
+    # 70 tokens in chunks of 16 (a partial last chunk), wider heads, float32 as in training
+    inputs = make_inputs(memory, True, dtype=torch.float32, T=70, d=16, hidden=32, requires_grad=True)
+    opts = dict(memory=memory, objective="l2", rule="dgd", chunk_size=16, read="dual")
+    (ref, ref_grads, _), (out, grads, _) = run_both(inputs, opts)
+    for name in ref:
+        assert_close(name, ref[name], out[name], 1e-4)
+    for gr, gc in zip(ref_grads, grads, strict=True):
+        assert_close("grad", gr, gc, 1e-4)
