@@ -1,10 +1,20 @@
 """nestlearn: Nested Learning (Behrouz et al., NeurIPS 2025) in PyTorch.
 
-The associative memory (`nestlearn.memory`) is the primitive everything else is built on.
+    from nestlearn import presets, build, load
+    model = build(presets.transformer("tiny"))
+    logits, state = model(tokens)                  # state: per sequence
+    logits, state = model(more_tokens, state)      # continue where the last call stopped
+
+The associative memory (`nestlearn.memory.scan`) is the primitive the models are built on.
 """
 
-from . import memory
+from . import memory, presets
+from .config import AttentionConfig, CMSConfig, ModelConfig, TitansConfig
 from .memory import MemoryState, init_state, scan
+from .model import LanguageModel, ModelState, build, load
 
-__all__ = ["memory", "MemoryState", "init_state", "scan"]
+__all__ = [
+    "memory", "presets", "build", "load", "LanguageModel", "ModelState", "ModelConfig", "AttentionConfig",
+    "TitansConfig", "CMSConfig", "MemoryState", "init_state", "scan",
+]  # fmt: skip
 __version__ = "0.1.0"

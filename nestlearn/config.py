@@ -1,0 +1,148 @@
+"""Configs of the language model and its parts: dataclasses whose defaults are the paper's, checked on creation.
+
+Every model (Transformer++, Titans, Hope, Hope-Attention) is a `ModelConfig` of the one `LanguageModel` class; the
+presets in `nestlearn.presets` are functions returning these. Symbols: docs/notation.md; choices: docs/deviations.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .ops.common import ACTIVATIONS
+
+__all__ = ["AttentionConfig", "TitansConfig", "CMSConfig", "ModelConfig", "MIXERS"]
+
+MIXERS = ("attention", "titans")
+
+
+def _fail(cls: str, name: str, value: Any, rule: str) -> None:
+    raise ValueError(f"{cls}.{name}={value!r}: {rule}")
+
+
+@dataclass
+class AttentionConfig:
+    """Causal softmax attention with RoPE (Transformer++)."""
+
+    window: int | None = None  # None: full causal attention; an int: each token sees the last `window` tokens
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (isinstance(self.window, bool) or self.window < 1):
+            _fail("AttentionConfig", "window", self.window, "must be None (full attention) or a positive int")
+        if self.rope_base <= 0:
+            _fail("AttentionConfig", "rope_base", self.rope_base, "must be positive")
+
+
+@dataclass
+class TitansConfig:
+    """The Titans neural long-term memory as a token mixer (Titans §3; eqs. 9–18)."""
+
+    chunk_size: int = 16  # Titans App. E
+    hidden_mult: int = 4  # memory MLP hidden width = hidden_mult × head_dim (Titans §3.3: expansion 4)
+    activation: str = "gelu"
+    momentum: bool = True
+    rule: str = "gd"  # Titans writes with GD; "dgd" is the Nested Learning rule (eq. 88)
+    read: str = "dual"
+    conv_width: int = 4  # causal depthwise convolution after the q, k, v projections (Titans §3.3)
+    max_lr: float = 0.1  # η_t = max_lr · sigmoid(x W_η)
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "hidden_mult", "conv_width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail("TitansConfig", name, v, "must be a positive int")
+        if self.activation not in ACTIVATIONS:
+            _fail("TitansConfig", "activation", self.activation, f"expected one of {sorted(ACTIVATIONS)}")
+        if self.rule not in ("gd", "dgd"):
+            _fail("TitansConfig", "rule", self.rule, "expected 'gd' or 'dgd'")
+        if self.read not in ("dual", "snapshot"):
+            _fail("TitansConfig", "read", self.read, "expected 'dual' or 'snapshot'")
+        if not 0 < self.max_lr:
+            _fail("TitansConfig", "max_lr", self.max_lr, "must be positive")
+
+
+@dataclass
+class CMSConfig:
+    """Continuum Memory System: a chain of MLP levels, level ℓ updated every update_periods[ℓ] tokens (§7).
+
+    A level whose period is at least `ModelConfig.seq_len` is an outer level: ordinary parameters that carry their
+    period for the optimizer (eq. 71). A Transformer's MLP is one outer level.
+    """
+
+    # C^(ℓ) in tokens, fastest first. None: an ordinary MLP stepped with every optimizer step, like the rest of the
+    # model (the Transformer's MLP, "frequency 1 in pre-training", paper Fig. 5). The default is one such level.
+    update_periods: tuple[int | None, ...] = (None,)
+    hidden_mult: float = 8 / 3  # SwiGLU hidden width = hidden_mult × dim, rounded up to a multiple of 32
+
+    def __post_init__(self) -> None:
+        self.update_periods = tuple(self.update_periods)
+        periods = [p for p in self.update_periods if p is not None]
+        if not self.update_periods:
+            _fail("CMSConfig", "update_periods", self.update_periods, "needs at least one level")
+        if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in periods):
+            _fail("CMSConfig", "update_periods", self.update_periods, "every period must be a positive int or None")
+        if periods != sorted(periods):
+            _fail("CMSConfig", "update_periods", self.update_periods, "list the levels fastest first (ascending)")
+        if self.hidden_mult <= 0:
+            _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
+
+
+@dataclass
+class ModelConfig:
+    """One language model: embedding → blocks (norm → mixer → residual; norm → CMS → residual) → norm → head."""
+
+    vocab_size: int = 256
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    seq_len: int = 512  # training context; CMS levels with a period ≥ seq_len are outer levels
+    mixer: str = "attention"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    titans: TitansConfig = field(default_factory=TitansConfig)
+    cms: CMSConfig = field(default_factory=CMSConfig)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail("ModelConfig", name, v, "must be a positive int")
+        if self.dim % self.num_heads:
+            _fail("ModelConfig", "dim", self.dim, f"must be divisible by num_heads={self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            _fail("ModelConfig", "dim", self.dim, "dim / num_heads must be even for RoPE; change dim or num_heads")
+        if self.mixer not in MIXERS:
+            _fail("ModelConfig", "mixer", self.mixer, f"expected one of {list(MIXERS)}")
+        for name, cls in (("attention", AttentionConfig), ("titans", TitansConfig), ("cms", CMSConfig)):
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                setattr(self, name, cls(**v))
+            elif not isinstance(v, cls):
+                _fail("ModelConfig", name, v, f"must be a {cls.__name__}")
+        in_context = [p for p in self.cms.update_periods if p is not None and p < self.seq_len]
+        if in_context:
+            _fail("ModelConfig", "cms.update_periods", self.cms.update_periods,
+                  f"periods {in_context} are shorter than seq_len={self.seq_len}, i.e. in-context CMS levels, which "
+                  "this version does not build yet; use periods >= seq_len (outer levels)")  # fmt: skip
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

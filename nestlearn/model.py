@@ -1,0 +1,249 @@
+"""One language model for every architecture of the paper: the file to read first.
+
+    tokens ─ embedding ─ N × [ x + mixer(RMSNorm(x)) ; x + CMS(RMSNorm(x)) ] ─ RMSNorm ─ head (tied) ─ logits
+
+The mixer is `attention` (Transformer++, Hope-Attention) or `titans` (the Titans memory); the CMS is a chain of
+MLP levels (paper §7). Models differ only in their `ModelConfig`, so comparisons are fair by construction.
+State is explicit and per sequence: `logits, state = model(tokens, state)` (DESIGN.md).
+
+    b batch, t tokens, V vocabulary
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention
+from .cms import CMS
+from .config import ModelConfig
+from .state import MemoryState
+from .titans import TitansMixer
+
+__all__ = ["LanguageModel", "ModelState", "Level", "build", "load", "tree_map"]
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def tree_map(fn, x: Any) -> Any:
+    """Apply fn to every tensor of a nested state (dicts, lists, tuples, MemoryState)."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, MemoryState):
+        return x.map(fn)
+    if isinstance(x, dict):
+        return {k: tree_map(fn, v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(tree_map(fn, v) for v in x)
+    return x
+
+
+@dataclass
+class ModelState:
+    """Per-sequence state of every layer: {"mixer": ..., "cms": ...} per block (KV cache, conv cache, memories)."""
+
+    layers: list[dict]
+
+    def detach(self) -> ModelState:
+        """Cut the autograd graph between segments (truncated backprop through time)."""
+        return ModelState(tree_map(Tensor.detach, self.layers))
+
+    def to(self, *args, **kwargs) -> ModelState:
+        return ModelState(tree_map(lambda x: x.to(*args, **kwargs), self.layers))
+
+
+@dataclass
+class Level:
+    """A group of parameters that the outer optimizer steps together, at one update period."""
+
+    name: str
+    period: int | None  # tokens between two updates; None: every optimizer step
+    params: dict[str, nn.Parameter]
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        if config.mixer == "attention":
+            self.mixer = Attention(config.dim, config.num_heads, config.attention)
+        else:
+            self.mixer = TitansMixer(config.dim, config.num_heads, config.titans)
+        self.norm2 = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.cms = CMS(config.dim, config.cms)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
+        return {"mixer": self.mixer.init_state(batch_size, device, dtype), "cms": self.cms.init_state(batch_size)}
+
+    def forward(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
+        h, mixer_state = self.mixer(self.norm1(x), state["mixer"])
+        x = x + h
+        h, cms_state = self.cms(self.norm2(x), state["cms"])
+        return x + h, {"mixer": mixer_state, "cms": cms_state}
+
+
+class LanguageModel(nn.Module):
+    """A causal language model built from a `ModelConfig`; see `nestlearn.presets` for the paper's models."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            # Linear and embedding weights: N(0, 0.02); the Titans memory, conv and gates keep their own init
+            if p.dim() == 2 and not any(s in name for s in (".conv.", ".gates.")):
+                nn.init.normal_(p, std=0.02)
+
+    # --- state ---
+
+    def init_state(self, batch_size: int) -> ModelState:
+        """A fresh state for `batch_size` sequences. Memories start from their meta-learned initial values."""
+        p = self.embed.weight
+        return ModelState([blk.init_state(batch_size, p.device, p.dtype) for blk in self.blocks])
+
+    # --- forward ---
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """tokens: int64 (b, t). Returns logits (b, t, V) and the state after the last token."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an int64 tensor of shape (batch, time); got {got}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size={self.config.vocab_size}); got [{tokens.min()}, {tokens.max()}]"
+            )
+        if state is None:
+            state = self.init_state(tokens.shape[0])
+        elif not isinstance(state, ModelState) or len(state.layers) != len(self.blocks):
+            raise ValueError("state must be the ModelState returned by this model (or model.init_state)")
+        x = self.embed(tokens)  # (b, t, dim)
+        layers = []
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x, layer_state = block(x, layer_state)
+            layers.append(layer_state)
+        x = self.norm(x)
+        logits = x @ self.embed.weight.T if self.head is None else self.head(x)  # (b, t, V)
+        return logits, ModelState(layers)
+
+    def loss(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """Mean next-token cross-entropy of tokens[:, 1:] given tokens[:, :-1]."""
+        logits, state = self(tokens[:, :-1], state)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)), state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        state: ModelState | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue `prompt` (b, t) or (t,) by `max_new_tokens` tokens, one at a time with the state carried.
+
+        temperature 0 is greedy decoding. Returns the prompt and the new tokens, (b, t + max_new_tokens).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+        squeeze = prompt.dim() == 1
+        tokens = prompt[None] if squeeze else prompt
+        if tokens.shape[1] == 0:
+            raise ValueError("prompt is empty: give at least one token to condition on")
+        out = [tokens]
+        logits, state = self(tokens, state)
+        for i in range(max_new_tokens):
+            last = logits[:, -1].float()  # (b, V)
+            if temperature == 0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = last.topk(min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits, state = self(nxt, state)
+        result = torch.cat(out, dim=1)
+        return result[0] if squeeze else result
+
+    # --- levels ---
+
+    def levels(self) -> list[Level]:
+        """Every parameter in exactly one group, with its update period (paper §3.2, eq. 71): the CMS levels of each
+        block, and `base` for everything else (embeddings, projections, meta-learned initial memory states)."""
+        groups: dict[str, Level] = {}
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if len(parts) > 4 and parts[2] == "cms" and parts[3] == "levels":
+                key = ".".join(parts[:5])
+                period = self.blocks[int(parts[1])].cms.levels[int(parts[4])].period
+                if period is None:
+                    key = "base"
+            else:
+                key, period = "base", None
+            groups.setdefault(key, Level(key, period, {})).params[name] = p
+        return sorted(groups.values(), key=lambda lv: (lv.period is None, lv.period or 0, lv.name))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- checkpoints ---
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors into the folder `path`, each atomically."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(self.config.to_json()))
+        _atomic_write(path / WEIGHTS_FILE, lambda f: save_model(self, f, metadata={"format": "pt"}))
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build(config: ModelConfig) -> LanguageModel:
+    """The model of a config: `build(presets.hope("tiny"))`."""
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"build needs a ModelConfig (see nestlearn.presets); got {type(config).__name__}")
+    return LanguageModel(config)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LanguageModel:
+    """A model saved by `save_pretrained`."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} does not exist: is {path} a folder written by save_pretrained?")
+    try:
+        config = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path / CONFIG_FILE} is not a valid nestlearn config: {e}") from e
+    model = LanguageModel(config)
+    load_model(model, path / WEIGHTS_FILE, device=str(device))
+    return model.to(device)

@@ -1,0 +1,68 @@
+"""The paper's models as functions returning a `ModelConfig`; variants derive by changing fields.
+
+    build(presets.transformer("tiny"))        # Transformer++: attention + one SwiGLU level
+    build(presets.titans("170m"))             # the Titans memory as the token mixer
+
+Sizes: `debug` (seconds on CPU), `tiny` (about 10M parameters, minutes on CPU), and `170m`, `340m`, `760m`,
+`1.3b` with blocks, width and heads after Titans Table 5 (vocabulary 32K, the Llama-2 tokenizer's size). At a
+named size every preset has the same parameter count within 1%: the CMS hidden width is solved for it, so that
+comparisons between architectures are at equal size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import AttentionConfig, CMSConfig, ModelConfig, TitansConfig
+
+__all__ = ["SIZES", "transformer", "titans", "PRESETS"]
+
+# name: (num_layers, dim, num_heads, vocab_size, seq_len, target parameters or None)
+SIZES: dict[str, tuple[int, int, int, int, int, float | None]] = {
+    "debug": (2, 64, 4, 256, 256, None),
+    "tiny": (6, 384, 6, 256, 512, 10e6),
+    "170m": (12, 768, 16, 32000, 4096, 170e6),
+    "340m": (24, 1024, 16, 32000, 4096, 340e6),
+    "760m": (24, 1536, 16, 32000, 4096, 760e6),
+    "1.3b": (18, 2048, 8, 32000, 4096, 1.3e9),
+}
+
+
+def _sized(size: str, name: str, **fields) -> ModelConfig:
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not known; expected one of {list(SIZES)}")
+    num_layers, dim, num_heads, vocab, seq_len, target = SIZES[size]
+    config = ModelConfig(vocab_size=vocab, dim=dim, num_layers=num_layers, num_heads=num_heads, seq_len=seq_len,
+                         name=f"{name}-{size}", **fields)  # fmt: skip
+    return _fit_cms_width(config, target) if target else config
+
+
+def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
+    """Solve the CMS hidden width (a multiple of 32) so that the model has `target` parameters."""
+    from .model import LanguageModel
+
+    def count(hidden: int) -> int:
+        config.cms.hidden_mult = hidden / config.dim
+        with torch.device("meta"):
+            return LanguageModel(config).num_parameters()
+
+    base, per32 = count(32), count(64) - count(32)
+    hidden = 32 * max(1, round((target - base) / per32) + 1)
+    config.cms.hidden_mult = hidden / config.dim
+    if abs(count(hidden) - target) > 0.1 * target:
+        raise ValueError(f"{config.name}: cannot reach {target:.3g} parameters by the CMS width alone")
+    return config
+
+
+def transformer(size: str = "debug") -> ModelConfig:
+    """Transformer++ (Llama-style): causal softmax attention with RoPE + one SwiGLU MLP, RMSNorm, tied embeddings.
+    In Nested Learning terms: attention (period 1, non-parametric) plus one outer level (paper §7)."""
+    return _sized(size, "transformer", mixer="attention", attention=AttentionConfig(), cms=CMSConfig())
+
+
+def titans(size: str = "debug") -> ModelConfig:
+    """Titans (LMM): the neural long-term memory as token mixer (Titans §3) + one SwiGLU MLP."""
+    return _sized(size, "titans", mixer="titans", titans=TitansConfig(), cms=CMSConfig())
+
+
+PRESETS = {"transformer": transformer, "titans": titans}

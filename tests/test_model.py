@@ -1,0 +1,163 @@
+"""The language model's contract, for every preset at debug size: causality, batch isolation, streaming,
+generation, gradients to every parameter, sizes, checkpoints, levels and config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nestlearn import AttentionConfig, CMSConfig, ModelConfig, TitansConfig, build, load, presets
+from nestlearn.model import tree_map
+
+PRESETS = sorted(presets.PRESETS)
+VARIANTS = {
+    **{name: presets.PRESETS[name]("debug") for name in PRESETS},
+    "transformer-window": ModelConfig(attention=AttentionConfig(window=5), name="window"),
+    "titans-dgd-snapshot": ModelConfig(mixer="titans", titans=TitansConfig(rule="dgd", read="snapshot", chunk_size=4)),
+    "titans-no-momentum": ModelConfig(mixer="titans", titans=TitansConfig(momentum=False, chunk_size=4)),
+}
+
+
+def model_of(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build(VARIANTS[name]).double()
+
+
+def tokens(b=2, t=37, seed=0, vocab=256):
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("t", [0, 5, 21])  # 5 and 21 sit inside chunks of 16 (and of 4)
+def test_logits_at_t_ignore_later_tokens(name, t):
+    model = model_of(name)
+    x = tokens()
+    y, _ = model(x)
+    x2 = x.clone()
+    x2[:, t + 1 :] = tokens(seed=1)[:, t + 1 :]
+    y2, _ = model(x2)
+    torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-10)
+    assert not torch.allclose(y2[:, t + 1 :], y[:, t + 1 :])
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_sequences_in_a_batch_do_not_interact(name):
+    model = model_of(name)
+    x = tokens(b=3)
+    y, _ = model(x)
+    x2 = x.clone()
+    x2[1] = tokens(b=1, seed=2)[0]
+    y2, _ = model(x2)
+    torch.testing.assert_close(y2[[0, 2]], y[[0, 2]], rtol=0, atol=1e-10)
+    assert not torch.allclose(y2[1], y[1])
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_streaming_with_carried_state_equals_one_call(name):
+    model = model_of(name)
+    x = tokens()
+    y, _ = model(x)
+    pieces, state = [], None
+    for lo, hi in [(0, 7), (7, 8), (8, 30), (30, 37)]:
+        y_part, state = model(x[:, lo:hi], state)
+        pieces.append(y_part)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), y, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_greedy_generate_equals_argmax_of_parallel_forward(name):
+    model = model_of(name)
+    prompt = tokens(t=6)
+    out = model.generate(prompt, max_new_tokens=20, temperature=0.0)
+    assert out.shape == (2, 26) and torch.equal(out[:, :6], prompt)
+    logits, _ = model(out[:, :-1])
+    torch.testing.assert_close(out[:, 6:], logits[:, 5:].argmax(-1))
+
+
+def state_numel(state) -> int:
+    total = []
+    tree_map(lambda x: total.append(x.numel()), state.layers)
+    return sum(total)
+
+
+@pytest.mark.parametrize(("name", "constant"), [("titans", True), ("transformer-window", True), ("transformer", False)])
+def test_decoding_state_is_constant_for_recurrent_mixers(name, constant):
+    model = model_of(name)
+    _, state = model(tokens(b=1, t=8))
+    sizes = []
+    for _ in range(3):
+        for _ in range(10):
+            _, state = model(tokens(b=1, t=1), state)
+        sizes.append(state_numel(state))
+    assert (len(set(sizes)) == 1) == constant, sizes
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_parameter_gets_a_finite_nonzero_gradient(name):
+    model = model_of(name)
+    loss, _ = model.loss(tokens(t=40))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} has a zero gradient"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("size", ["tiny", "170m", "340m", "760m", "1.3b"])
+def test_named_sizes_are_within_ten_percent(preset, size):
+    target = presets.SIZES[size][-1]
+    with torch.device("meta"):
+        n = build(presets.PRESETS[preset](size)).num_parameters()
+    assert abs(n - target) <= 0.1 * target, f"{preset}({size!r}) has {n / 1e6:.1f}M parameters"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_save_then_load_gives_identical_logits(name, tmp_path):
+    model = build(presets.PRESETS[name]("debug"))
+    x = tokens()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+def test_loading_a_missing_checkpoint_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        load(tmp_path)
+
+
+def test_levels_cover_every_parameter_once():
+    model = build(ModelConfig(cms=CMSConfig(update_periods=(1024, 4096, None)), seq_len=512))
+    levels = model.levels()
+    names = [n for lv in levels for n in lv.params]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert [lv.period for lv in levels] == [1024, 1024, 4096, 4096, None]  # 2 blocks × 2 outer levels, then base
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: ModelConfig(dim=65), r"ModelConfig.dim=65: must be divisible by num_heads=4"),
+        (lambda: ModelConfig(num_layers=0), r"ModelConfig.num_layers=0: must be a positive int"),
+        (lambda: ModelConfig(mixer="mamba"), r"ModelConfig.mixer='mamba': expected one of"),
+        (lambda: ModelConfig(cms=CMSConfig(update_periods=(64,)), seq_len=512), r"in-context CMS levels"),
+        (lambda: CMSConfig(update_periods=(4096, 1024)), r"fastest first"),
+        (lambda: TitansConfig(chunk_size=0), r"TitansConfig.chunk_size=0: must be a positive int"),
+        (lambda: TitansConfig(rule="adam"), r"TitansConfig.rule='adam'"),
+        (lambda: AttentionConfig(window=0), r"AttentionConfig.window=0"),
+        (lambda: presets.transformer("huge"), r"size='huge' is not known"),
+        (lambda: ModelConfig.from_dict({"dims": 3}), r"unknown ModelConfig fields \['dims'\]"),
+    ],
+)
+def test_invalid_configs_raise_errors_naming_the_field(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_tokens_are_refused():
+    model = build(presets.transformer("debug"))
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=256\)"):
+        model(torch.tensor([[1, 300]]))
+    with pytest.raises(ValueError, match=r"tokens must be an int64 tensor of shape \(batch, time\)"):
+        model(torch.zeros(3))
