@@ -9,12 +9,12 @@ The associative memory (`nestlearn.memory.scan`) is the primitive the models are
 """
 
 from . import memory, presets
-from .config import AttentionConfig, CMSConfig, ModelConfig, TitansConfig
+from .config import AttentionConfig, CMSConfig, ModelConfig, SelfModConfig, TitansConfig
 from .memory import MemoryState, init_state, scan
 from .model import LanguageModel, ModelState, build, load
 
 __all__ = [
     "memory", "presets", "build", "load", "LanguageModel", "ModelState", "ModelConfig", "AttentionConfig",
-    "TitansConfig", "CMSConfig", "MemoryState", "init_state", "scan",
+    "TitansConfig", "SelfModConfig", "CMSConfig", "MemoryState", "init_state", "scan",
 ]  # fmt: skip
 __version__ = "0.1.0"

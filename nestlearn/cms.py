@@ -2,22 +2,33 @@
 
     y = MLP^(f_k)( … MLP^(f_1)(x))            eq. 70, sequential variant (eq. 73), fastest level first
 
-Each level is a SwiGLU MLP (Llama-style) with a residual connection inside the chain, so that the CMS output
-h_k − h_0 with h_ℓ = h_{ℓ−1} + MLP^(ℓ)(h_{ℓ−1}) reduces, for one level, to the Transformer's MLP. A level whose
-period is at least the training context is an **outer level**: its weights are ordinary parameters that carry
-their period (`period` attribute, listed by `LanguageModel.levels()`), for the optimizer that honours it (eq. 71).
+Levels are chained with a residual connection each, h_ℓ = h_{ℓ−1} + MLP^(ℓ)(h_{ℓ−1}), and the CMS returns
+h_k − h_0, so that for one level it is the Transformer's MLP.
+
+- An **outer level** (period None, or at least the training context) is a SwiGLU MLP whose weights are ordinary
+  parameters carrying their period (`period`, listed by `LanguageModel.levels()`) for the optimizer that honours
+  it (eq. 71).
+- An **in-context level** (period C < context) is an MLP whose weights live in the per-sequence state: per head,
+  the residual MLP memory M(x) = x + W1 σ(W2 x) of eq. 89, read at its input and written with the chunk's summed
+  gradients every C tokens (`scan` with `chunk_size=C, read="snapshot"`: eq. 71 with GD). Its learning signal is
+  the level's own L2 objective ½‖M(k_t) − v_t‖² with k_t the (normalised) input and v_t = h_t W_v a learned target,
+  not the task loss; why: docs/deviations.md. Its initial weights are parameters, meta-learned through every
+  write (eq. 73).
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CMSConfig
+from .memory import scan
+from .state import MemoryState
 
-__all__ = ["SwiGLU", "CMS"]
+__all__ = ["SwiGLU", "InContextLevel", "CMS"]
 
 
 class SwiGLU(nn.Module):
@@ -33,22 +44,65 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class CMS(nn.Module):
-    """Stateless for outer levels: forward(x, state) returns the state it was given (None)."""
+class InContextLevel(nn.Module):
+    """An MLP whose weights are per-sequence fast state, written every `period` tokens. State: a MemoryState."""
 
-    def __init__(self, dim: int, config: CMSConfig):
+    def __init__(self, dim: int, num_heads: int, period: int, config: CMSConfig):
+        super().__init__()
+        self.period, self.num_heads, self.head_dim, self.max_lr = period, num_heads, dim // num_heads, config.max_lr
+        d, f = self.head_dim, config.memory_hidden_mult * self.head_dim
+        self.value = nn.Linear(dim, dim, bias=False)  # v_t = h_t W_v: what the level learns to store
+        self.gates = nn.Linear(dim, 2 * num_heads)  # η_t and α_t per head
+        with torch.no_grad():
+            self.gates.weight.mul_(0.1)
+            self.gates.bias.view(2, num_heads)[1].fill_(4.0)  # α ≈ 0.98 at first
+        self.W1 = nn.Parameter(torch.randn(num_heads, d, f) / math.sqrt(f))  # M_0, meta-learned (eq. 73)
+        self.W2 = nn.Parameter(torch.randn(num_heads, f, d) / math.sqrt(d))
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def init_state(self, batch_size: int) -> MemoryState:
+        return MemoryState({"W1": self.W1, "W2": self.W2})
+
+    def forward(self, h: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        b, t, dim = h.shape
+        H, d = self.num_heads, self.head_dim
+        k = F.normalize(h.view(b, t, H, d).transpose(1, 2), dim=-1)  # (b, H, t, d): read and written here
+        v = self.value(h).view(b, t, H, d).transpose(1, 2)
+        g = self.gates(h).view(b, t, 2, H).permute(2, 0, 3, 1)  # (2, b, H, t)
+        lr, retention = self.max_lr * torch.sigmoid(g[0]), torch.sigmoid(g[1])
+        y, state = scan(k, k, v, lr, retention, memory="mlp", objective="l2", rule="gd", chunk_size=self.period,
+                        read="snapshot", state=state)  # fmt: skip
+        y = (y - k).transpose(1, 2).reshape(b, t, dim)  # the MLP part of M(k) = k + W1 σ(W2 k)
+        return self.out(y), state
+
+
+class CMS(nn.Module):
+    """State: one entry per level, a MemoryState for in-context levels and None for outer levels."""
+
+    def __init__(self, dim: int, num_heads: int, seq_len: int, config: CMSConfig):
         super().__init__()
         self.config = config
         hidden = 32 * math.ceil(config.hidden_mult * dim / 32)
-        self.levels = nn.ModuleList(SwiGLU(dim, hidden) for _ in config.update_periods)
-        for level, period in zip(self.levels, config.update_periods, strict=True):
-            level.period = period  # C^(ℓ), read by LanguageModel.levels()
+        levels = []
+        for period in config.update_periods:
+            if period is not None and period < seq_len:
+                levels.append(InContextLevel(dim, num_heads, period, config))
+            else:
+                level = SwiGLU(dim, hidden)
+                level.period = period  # C^(ℓ), read by LanguageModel.levels()
+                levels.append(level)
+        self.levels = nn.ModuleList(levels)
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> None:
-        return None
+    def init_state(self, batch_size: int) -> list:
+        return [lv.init_state(batch_size) if isinstance(lv, InContextLevel) else None for lv in self.levels]
 
-    def forward(self, x: Tensor, state: None) -> tuple[Tensor, None]:
-        h = x
-        for level in self.levels:
-            h = h + level(h)
-        return h - x, state
+    def forward(self, x: Tensor, state: list) -> tuple[Tensor, list]:
+        h, new_state = x, []
+        for level, level_state in zip(self.levels, state, strict=True):
+            if isinstance(level, InContextLevel):
+                y, level_state = level(h, level_state)
+            else:
+                y = level(h)
+            h = h + y
+            new_state.append(level_state)
+        return h - x, new_state

@@ -12,9 +12,9 @@ from typing import Any
 
 from .ops.common import ACTIVATIONS
 
-__all__ = ["AttentionConfig", "TitansConfig", "CMSConfig", "ModelConfig", "MIXERS"]
+__all__ = ["AttentionConfig", "TitansConfig", "SelfModConfig", "CMSConfig", "ModelConfig", "MIXERS"]
 
-MIXERS = ("attention", "titans")
+MIXERS = ("attention", "titans", "sm_titans")
 
 
 def _fail(cls: str, name: str, value: Any, rule: str) -> None:
@@ -64,6 +64,40 @@ class TitansConfig:
 
 
 @dataclass
+class SelfModConfig:
+    """Self-modifying Titans (paper §8, eqs. 83–93): memories for k, v, η, α and the main memory, each writing its
+    own target v̂_□ = M_□(v_t) with DGD. Open points of the paper are flags here; docs/deviations.md."""
+
+    chunk_size: int = 16  # C for M_k, M_v, M_η, M_α (Titans App. E: 16)
+    memory_chunk_size: int = 16  # C for M_memory; a multiple of chunk_size (ambiguity #5)
+    hidden_mult: int = 4  # hidden width of every memory MLP = hidden_mult × head_dim
+    activation: str = "gelu"
+    rule: str = "dgd"  # eq. 88; "gd" is the Table 6 ablation "w/o DGD"
+    momentum: bool = True  # Table 6 ablates "w/o Momentum", so Hope has one (ambiguity #3)
+    adaptive_q: bool = False  # "q_t = x_t W_q, the only non-adaptive projection" (ambiguity #4)
+    read: str = "dual"  # how the main memory is read inside a chunk
+    conv_width: int = 4  # "local convolutions with window size of 4"
+    max_lr: float = 0.1  # η_t = max_lr · sigmoid(readout of M_η(x_t)) (ambiguity #2)
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "memory_chunk_size", "hidden_mult", "conv_width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail("SelfModConfig", name, v, "must be a positive int")
+        if self.memory_chunk_size % self.chunk_size:
+            _fail("SelfModConfig", "memory_chunk_size", self.memory_chunk_size,
+                  f"must be a multiple of chunk_size={self.chunk_size}")  # fmt: skip
+        if self.activation not in ACTIVATIONS:
+            _fail("SelfModConfig", "activation", self.activation, f"expected one of {sorted(ACTIVATIONS)}")
+        if self.rule not in ("gd", "dgd"):
+            _fail("SelfModConfig", "rule", self.rule, "expected 'gd' or 'dgd'")
+        if self.read not in ("dual", "snapshot"):
+            _fail("SelfModConfig", "read", self.read, "expected 'dual' or 'snapshot'")
+        if not 0 < self.max_lr:
+            _fail("SelfModConfig", "max_lr", self.max_lr, "must be positive")
+
+
+@dataclass
 class CMSConfig:
     """Continuum Memory System: a chain of MLP levels, level ℓ updated every update_periods[ℓ] tokens (§7).
 
@@ -75,6 +109,9 @@ class CMSConfig:
     # model (the Transformer's MLP, "frequency 1 in pre-training", paper Fig. 5). The default is one such level.
     update_periods: tuple[int | None, ...] = (None,)
     hidden_mult: float = 8 / 3  # SwiGLU hidden width = hidden_mult × dim, rounded up to a multiple of 32
+    # in-context levels (period < seq_len): an MLP memory per head, written every C^(ℓ) tokens (docs/deviations.md)
+    memory_hidden_mult: int = 4  # hidden width of an in-context level's MLP = memory_hidden_mult × head_dim
+    max_lr: float = 0.1  # η_t of an in-context level = max_lr · sigmoid(h_t W_η)
 
     def __post_init__(self) -> None:
         self.update_periods = tuple(self.update_periods)
@@ -101,6 +138,7 @@ class ModelConfig:
     mixer: str = "attention"
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     titans: TitansConfig = field(default_factory=TitansConfig)
+    sm_titans: SelfModConfig = field(default_factory=SelfModConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
@@ -117,17 +155,18 @@ class ModelConfig:
             _fail("ModelConfig", "dim", self.dim, "dim / num_heads must be even for RoPE; change dim or num_heads")
         if self.mixer not in MIXERS:
             _fail("ModelConfig", "mixer", self.mixer, f"expected one of {list(MIXERS)}")
-        for name, cls in (("attention", AttentionConfig), ("titans", TitansConfig), ("cms", CMSConfig)):
+        subs = (
+            ("attention", AttentionConfig),
+            ("titans", TitansConfig),
+            ("sm_titans", SelfModConfig),
+            ("cms", CMSConfig),
+        )
+        for name, cls in subs:
             v = getattr(self, name)
             if isinstance(v, dict):
                 setattr(self, name, cls(**v))
             elif not isinstance(v, cls):
                 _fail("ModelConfig", name, v, f"must be a {cls.__name__}")
-        in_context = [p for p in self.cms.update_periods if p is not None and p < self.seq_len]
-        if in_context:
-            _fail("ModelConfig", "cms.update_periods", self.cms.update_periods,
-                  f"periods {in_context} are shorter than seq_len={self.seq_len}, i.e. in-context CMS levels, which "
-                  "this version does not build yet; use periods >= seq_len (outer levels)")  # fmt: skip
 
     @property
     def head_dim(self) -> int:

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention
-from .cms import CMS
+from .cms import CMS, SwiGLU
 from .config import ModelConfig
+from .sm_titans import SelfModifyingTitans
 from .state import MemoryState
 from .titans import TitansMixer
 
@@ -75,10 +76,12 @@ class Block(nn.Module):
         self.norm1 = nn.RMSNorm(config.dim, eps=config.norm_eps)
         if config.mixer == "attention":
             self.mixer = Attention(config.dim, config.num_heads, config.attention)
-        else:
+        elif config.mixer == "titans":
             self.mixer = TitansMixer(config.dim, config.num_heads, config.titans)
+        else:
+            self.mixer = SelfModifyingTitans(config.dim, config.num_heads, config.sm_titans)
         self.norm2 = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.cms = CMS(config.dim, config.cms)
+        self.cms = CMS(config.dim, config.num_heads, config.seq_len, config.cms)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         return {"mixer": self.mixer.init_state(batch_size, device, dtype), "cms": self.cms.init_state(batch_size)}
@@ -101,8 +104,8 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         for name, p in self.named_parameters():
-            # Linear and embedding weights: N(0, 0.02); the Titans memory, conv and gates keep their own init
-            if p.dim() == 2 and not any(s in name for s in (".conv.", ".gates.")):
+            # Linear and embedding weights: N(0, 0.02); memories, convs, gates and read-outs keep their own init
+            if p.dim() == 2 and not any(s in name for s in (".conv.", ".gates.", "readout")):
                 nn.init.normal_(p, std=0.02)
 
     # --- state ---
@@ -184,16 +187,15 @@ class LanguageModel(nn.Module):
     # --- levels ---
 
     def levels(self) -> list[Level]:
-        """Every parameter in exactly one group, with its update period (paper §3.2, eq. 71): the CMS levels of each
-        block, and `base` for everything else (embeddings, projections, meta-learned initial memory states)."""
+        """Every parameter in exactly one group, with its update period (paper §3.2, eq. 71): the outer CMS levels of
+        each block, and `base` for everything stepped every optimizer step (embeddings, projections, the
+        meta-learned initial states of in-context memories and levels, and CMS levels of period None)."""
         groups: dict[str, Level] = {}
         for name, p in self.named_parameters():
             parts = name.split(".")
-            if len(parts) > 4 and parts[2] == "cms" and parts[3] == "levels":
-                key = ".".join(parts[:5])
-                period = self.blocks[int(parts[1])].cms.levels[int(parts[4])].period
-                if period is None:
-                    key = "base"
+            level = self.blocks[int(parts[1])].cms.levels[int(parts[4])] if parts[2:4] == ["cms", "levels"] else None
+            if isinstance(level, SwiGLU) and level.period is not None:
+                key, period = ".".join(parts[:5]), level.period  # an outer CMS level, stepped every `period` tokens
             else:
                 key, period = "base", None
             groups.setdefault(key, Level(key, period, {})).params[name] = p

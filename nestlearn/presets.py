@@ -6,16 +6,22 @@
 Sizes: `debug` (seconds on CPU), `tiny` (about 10M parameters, minutes on CPU), and `170m`, `340m`, `760m`,
 `1.3b` with blocks, width and heads after Titans Table 5 (vocabulary 32K, the Llama-2 tokenizer's size). At a
 named size every preset has the same parameter count within 1%: the CMS hidden width is solved for it, so that
-comparisons between architectures are at equal size.
+comparisons between architectures are at equal size (Hope at `tiny` also has fewer blocks: its memories alone
+exceed 10M parameters in 6).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .config import AttentionConfig, CMSConfig, ModelConfig, TitansConfig
+from .config import AttentionConfig, CMSConfig, ModelConfig, SelfModConfig, TitansConfig
 
-__all__ = ["SIZES", "transformer", "titans", "PRESETS"]
+__all__ = ["SIZES", "transformer", "titans", "hope", "hope_attention", "PRESETS", "HOPE_PERIODS"]
+
+# CMS levels of Hope and Hope-Attention, fastest first: two in-context levels written every 16 and 128 tokens
+# (the paper's high-frequency FFN has chunk length 16, Fig. 5; its mid and low periods are not given for LMs) and
+# one SwiGLU level stepped with the optimizer. docs/deviations.md.
+HOPE_PERIODS = (16, 128, None)
 
 # name: (num_layers, dim, num_heads, vocab_size, seq_len, target parameters or None)
 SIZES: dict[str, tuple[int, int, int, int, int, float | None]] = {
@@ -38,7 +44,8 @@ def _sized(size: str, name: str, **fields) -> ModelConfig:
 
 
 def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
-    """Solve the CMS hidden width (a multiple of 32) so that the model has `target` parameters."""
+    """Solve the CMS hidden width (a multiple of 32) so that the model has `target` parameters. Where even the
+    narrowest CMS is too large (Hope's memories at `tiny`), drop blocks until it fits."""
     from .model import LanguageModel
 
     def count(hidden: int) -> int:
@@ -46,11 +53,12 @@ def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
         with torch.device("meta"):
             return LanguageModel(config).num_parameters()
 
+    while count(32) > target and config.num_layers > 1:
+        config.num_layers -= 1
     base, per32 = count(32), count(64) - count(32)
     hidden = 32 * max(1, round((target - base) / per32) + 1)
-    config.cms.hidden_mult = hidden / config.dim
     if abs(count(hidden) - target) > 0.1 * target:
-        raise ValueError(f"{config.name}: cannot reach {target:.3g} parameters by the CMS width alone")
+        raise ValueError(f"{config.name}: cannot reach {target:.3g} parameters by the CMS width and depth")
     return config
 
 
@@ -65,4 +73,17 @@ def titans(size: str = "debug") -> ModelConfig:
     return _sized(size, "titans", mixer="titans", titans=TitansConfig(), cms=CMSConfig())
 
 
-PRESETS = {"transformer": transformer, "titans": titans}
+def hope(size: str = "debug") -> ModelConfig:
+    """Hope: self-modifying Titans followed by a Continuum Memory System (paper §8.3, eqs. 94–97)."""
+    return _sized(
+        size, "hope", mixer="sm_titans", sm_titans=SelfModConfig(), cms=CMSConfig(update_periods=HOPE_PERIODS)
+    )
+
+
+def hope_attention(size: str = "debug") -> ModelConfig:
+    """Hope-Attention: softmax attention followed by a Continuum Memory System (paper §8.3)."""
+    return _sized(size, "hope_attention", mixer="attention", attention=AttentionConfig(),
+                  cms=CMSConfig(update_periods=HOPE_PERIODS))  # fmt: skip
+
+
+PRESETS = {"transformer": transformer, "titans": titans, "hope": hope, "hope_attention": hope_attention}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nestlearn import AttentionConfig, CMSConfig, ModelConfig, TitansConfig, build, load, presets
+from nestlearn import AttentionConfig, CMSConfig, ModelConfig, SelfModConfig, TitansConfig, build, load, presets
 from nestlearn.model import tree_map
 
 PRESETS = sorted(presets.PRESETS)
@@ -80,7 +80,10 @@ def state_numel(state) -> int:
     return sum(total)
 
 
-@pytest.mark.parametrize(("name", "constant"), [("titans", True), ("transformer-window", True), ("transformer", False)])
+@pytest.mark.parametrize(
+    ("name", "constant"),
+    [("titans", True), ("hope", True), ("transformer-window", True), ("transformer", False), ("hope_attention", False)],
+)
 def test_decoding_state_is_constant_for_recurrent_mixers(name, constant):
     model = model_of(name)
     _, state = model(tokens(b=1, t=8))
@@ -95,7 +98,9 @@ def test_decoding_state_is_constant_for_recurrent_mixers(name, constant):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_parameter_gets_a_finite_nonzero_gradient(name):
     model = model_of(name)
-    loss, _ = model.loss(tokens(t=40))
+    # an in-context level's writes are read only from its next period on: run past the slowest one
+    periods = [p for p in model.config.cms.update_periods if p is not None and p < model.config.seq_len]
+    loss, _ = model.loss(tokens(t=max([40, *periods]) + 9))
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{pname} got no gradient"
@@ -141,7 +146,7 @@ def test_levels_cover_every_parameter_once():
         (lambda: ModelConfig(dim=65), r"ModelConfig.dim=65: must be divisible by num_heads=4"),
         (lambda: ModelConfig(num_layers=0), r"ModelConfig.num_layers=0: must be a positive int"),
         (lambda: ModelConfig(mixer="mamba"), r"ModelConfig.mixer='mamba': expected one of"),
-        (lambda: ModelConfig(cms=CMSConfig(update_periods=(64,)), seq_len=512), r"in-context CMS levels"),
+        (lambda: SelfModConfig(chunk_size=8, memory_chunk_size=12), r"memory_chunk_size=12: must be a multiple"),
         (lambda: CMSConfig(update_periods=(4096, 1024)), r"fastest first"),
         (lambda: TitansConfig(chunk_size=0), r"TitansConfig.chunk_size=0: must be a positive int"),
         (lambda: TitansConfig(rule="adam"), r"TitansConfig.rule='adam'"),
@@ -161,3 +166,15 @@ def test_bad_tokens_are_refused():
         model(torch.tensor([[1, 300]]))
     with pytest.raises(ValueError, match=r"tokens must be an int64 tensor of shape \(batch, time\)"):
         model(torch.zeros(3))
+
+
+def test_in_context_level_changes_exactly_at_its_period():
+    model = model_of("hope_attention")  # CMS levels written every 16 and 128 tokens, then one outer level
+    x = tokens(b=1, t=40)
+    state, seen = None, []
+    for t in range(40):
+        _, state = model(x[:, t : t + 1], state)
+        level = state.layers[0]["cms"][0]  # the level of period 16
+        seen.append((level.snapshot if level.offset else level.weights)["W1"].clone())  # what its reads use
+    changed = [t for t in range(1, 40) if not torch.equal(seen[t], seen[t - 1])]
+    assert changed == [15, 31]  # after the 16th and 32nd token: the next token reads the new weights
