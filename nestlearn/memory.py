@@ -105,6 +105,7 @@ def scan(
     state: MemoryState | None = None,
     impl: str = "chunked",
     activation: str = "gelu",
+    check_values: bool = True,
 ) -> tuple[Tensor, MemoryState]:
     """Write (k_t, v_t) for every token into the memory and read M(q_t), in one causal pass.
 
@@ -117,6 +118,9 @@ def scan(
         state: the weights (and momentum) to start from; None starts a linear memory at zero. Gradients flow into it.
         impl: `chunked` (fast, the default) or `reference` (token by token, the ground truth).
         activation: σ of the MLP memory, one of gelu, silu, tanh, relu, identity.
+        check_values: check that the gates are finite and in range (a reduction and, on GPU, a synchronisation
+            per gate). Layers whose gates are in range by construction (sigmoids) pass False; shapes and options
+            are always checked.
 
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
@@ -135,10 +139,10 @@ def scan(
     _check_qkv("v", v, bh, T, d if memory == "mlp" else None, like=q)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    lr = _check_gate("lr", lr, q, low=0.0, high=None)
-    retention = _check_gate("retention", retention, q, low=0.0, high=1.0)
+    lr = _check_gate("lr", lr, q, low=0.0, high=None, values=check_values)
+    retention = _check_gate("retention", retention, q, low=0.0, high=1.0, values=check_values)
     if momentum is not None:
-        momentum = _check_gate("momentum", momentum, q, low=0.0, high=1.0)
+        momentum = _check_gate("momentum", momentum, q, low=0.0, high=1.0, values=check_values)
     state = _batched_state(state, memory, q, d, v.shape[-1], momentum)
     if T == 0:
         return v.new_zeros(*bh, 0, v.shape[-1]), state
@@ -175,7 +179,7 @@ def _check_qkv(name: str, x, bh, T, d, like: Tensor | None = None) -> None:
         raise ValueError(f"{name} has feature dim {x.shape[3]}, expected {d}: {what}")
 
 
-def _check_gate(name: str, x, q: Tensor, low: float, high: float | None) -> Tensor:
+def _check_gate(name: str, x, q: Tensor, low: float, high: float | None, values: bool = True) -> Tensor:
     want = tuple(q.shape[:3])
     if not isinstance(x, Tensor) or tuple(x.shape) != want:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -183,6 +187,8 @@ def _check_gate(name: str, x, q: Tensor, low: float, high: float | None) -> Tens
             f"{name} must have shape (batch, heads, time) = {want}, one value per token and head; got {got}"
         )
     x = x.to(q.dtype)
+    if not values:
+        return x
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf; it must be finite (check what produces it)")
     if (x < low).any() or (high is not None and (x > high).any()):
