@@ -1,0 +1,146 @@
+"""Training and decoding speed and memory of the presets at the same size (issue #3, §5).
+
+    python benchmarks/bench_models.py                          # the table in docs/benchmarks.md (~20 min, 2 cores)
+    python benchmarks/bench_models.py --presets transformer hope --lengths 512 --size debug
+
+Training: one forward + backward of the LM loss on a batch of --batch sequences of T tokens, in a fresh process
+per measurement, so that its peak resident memory (VmHWM) belongs to it alone; we report the peak minus the
+resident memory before the step. Time: the faster of two steps for T <= 512, else one step. Decoding: prefill
+--context tokens without gradients, then time --decode single-token steps, and report the size of the state
+(KV caches, memories) before and after. Each process runs under an address-space limit (--mem-limit-gb), so that
+a measurement that does not fit fails with an allocation error instead of bringing the machine down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def state_mb(state) -> float:
+    from nestlearn.model import tree_map
+
+    sizes = []
+    tree_map(lambda x: sizes.append(x.numel() * x.element_size()), state.layers)
+    return sum(sizes) / 2**20
+
+
+def train_one(preset: str, size: str, T: int, batch: int) -> dict:
+    from nestlearn import build, presets
+
+    torch.manual_seed(0)
+    model = build(presets.PRESETS[preset](size))
+    x = torch.randint(0, model.config.vocab_size, (batch, T + 1))
+    base = _rss_mb("VmRSS")
+    times = []
+    for _ in range(2 if T <= 512 else 1):
+        t0 = time.perf_counter()
+        loss, _ = model.loss(x)
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
+            "peak_mb": _rss_mb("VmHWM") - base, "params": model.num_parameters()}  # fmt: skip
+
+
+@torch.no_grad()
+def decode_one(preset: str, size: str, context: int, steps: int) -> dict:
+    from nestlearn import build, presets
+
+    torch.manual_seed(0)
+    model = build(presets.PRESETS[preset](size)).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, context))
+    base = _rss_mb("VmRSS")
+    _, state = model(x)
+    before = state_mb(state)
+    tok = x[:, -1:]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, state = model(tok, state)
+        tok = logits[:, -1:].argmax(-1)
+    seconds = time.perf_counter() - t0
+    peak = _rss_mb("VmHWM") - base
+    return {"kind": "decode", "preset": preset, "T": context, "tokens_per_s": steps / seconds,
+            "state_mb_before": before, "state_mb_after": state_mb(state), "peak_mb": peak}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["transformer", "titans", "hope_attention", "hope"])
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192], help="training lengths T")
+    p.add_argument("--batch", type=int, default=1, help="sequences per training step")
+    p.add_argument("--context", type=int, default=8192, help="decoding: tokens of context before timing")
+    p.add_argument("--decode", type=int, default=32, help="decoding: timed single-token steps")
+    p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each measurement")
+    p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        limit = int(args.mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        torch.set_flush_denormal(True)
+        kind, preset, T = args.one
+        row = train_one(preset, args.size, int(T), args.batch) if kind == "train" else (
+            decode_one(preset, args.size, int(T), args.decode))  # fmt: skip
+        print(json.dumps(row))
+        return
+
+    machine = platform.processor() or platform.machine()
+    print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, size {args.size}, "
+          f"batch {args.batch}")  # fmt: skip
+    jobs = [("train", pr, T) for T in args.lengths for pr in args.presets]
+    jobs += [("decode", pr, args.context) for pr in args.presets]
+    rows = []
+    for kind, preset, T in jobs:
+        cmd = [sys.executable, __file__, "--one", kind, preset, str(T), "--size", args.size, "--batch",
+               str(args.batch), "--decode", str(args.decode), "--mem-limit-gb", str(args.mem_limit_gb)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            err = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            print(f"  {kind:6s} {preset:15s} T={T:5d}  FAILED: {err[:160]}", flush=True)
+            rows.append({"kind": kind, "preset": preset, "T": T, "failed": err[:160]})
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB",
+              flush=True)  # fmt: skip
+
+    print("\n| preset | T | train tokens/s | vs transformer | peak extra memory (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    ref = {r["T"]: r for r in rows if r["kind"] == "train" and r["preset"] == "transformer" and "failed" not in r}
+    for r in rows:
+        if r["kind"] != "train":
+            continue
+        if "failed" in r:
+            print(f"| {r['preset']} | {r['T']} | failed: {r['failed']} | | |")
+            continue
+        rel = f"{r['tokens_per_s'] / ref[r['T']]['tokens_per_s']:.2f}x" if r["T"] in ref else "n/a"
+        print(f"| {r['preset']} | {r['T']} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_mb']:,.0f} |")
+    print(f"\n| preset | decode tokens/s at {args.context} context | state (MiB) after {args.context} | "
+          f"after {args.decode} more tokens | peak extra memory (MiB) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if r["kind"] == "decode" and "failed" not in r:
+            print(f"| {r['preset']} | {r['tokens_per_s']:.1f} | {r['state_mb_before']:.2f} | {r['state_mb_after']:.2f} "
+                  f"| {r['peak_mb']:,.0f} |")  # fmt: skip
+        elif r["kind"] == "decode":
+            print(f"| {r['preset']} | failed: {r['failed']} | | | |")
+
+
+if __name__ == "__main__":
+    main()
