@@ -47,6 +47,7 @@ class TitansConfig:
     read: str = "dual"
     conv_width: int = 4  # causal depthwise convolution after the q, k, v projections (Titans §3.3)
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(x W_η)
+    checkpoint: bool = False  # recompute each chunk in backward: less memory, more time (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "hidden_mult", "conv_width"):
@@ -78,6 +79,7 @@ class SelfModConfig:
     read: str = "dual"  # how the main memory is read inside a chunk
     conv_width: int = 4  # "local convolutions with window size of 4"
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(readout of M_η(x_t)) (ambiguity #2)
+    checkpoint: bool = False  # recompute each chunk in backward: less memory, more time (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "memory_chunk_size", "hidden_mult", "conv_width"):
@@ -112,6 +114,7 @@ class CMSConfig:
     # in-context levels (period < seq_len): an MLP memory per head, written every C^(ℓ) tokens (docs/deviations.md)
     memory_hidden_mult: int = 4  # hidden width of an in-context level's MLP = memory_hidden_mult × head_dim
     max_lr: float = 0.1  # η_t of an in-context level = max_lr · sigmoid(h_t W_η)
+    checkpoint: bool = False  # recompute each chunk of an in-context level in backward (less memory)
 
     def __post_init__(self) -> None:
         self.update_periods = tuple(self.update_periods)

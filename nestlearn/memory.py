@@ -106,6 +106,7 @@ def scan(
     impl: str = "chunked",
     activation: str = "gelu",
     check_values: bool = True,
+    checkpoint: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Write (k_t, v_t) for every token into the memory and read M(q_t), in one causal pass.
 
@@ -121,6 +122,8 @@ def scan(
         check_values: check that the gates are finite and in range (a reduction and, on GPU, a synchronisation
             per gate). Layers whose gates are in range by construction (sigmoids) pass False; shapes and options
             are always checked.
+        checkpoint: `chunked` only: keep just each chunk's starting weights for the backward pass and recompute
+            the rest (torch.utils.checkpoint), trading time for memory (docs/benchmarks.md).
 
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
@@ -151,11 +154,10 @@ def scan(
             f"state.offset={state.offset} tokens into a chunk, but chunk_size={chunk_size}: continue a stream with "
             "the chunk_size that wrote it"
         )
-    fn = naive_scan if impl == "reference" else chunked_scan
-    return fn(
-        q, k, v, lr, retention, momentum, state,
-        memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read, activation=activation,
-    )  # fmt: skip
+    opts = dict(memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read, activation=activation)
+    if impl == "reference":
+        return naive_scan(q, k, v, lr, retention, momentum, state, **opts)
+    return chunked_scan(q, k, v, lr, retention, momentum, state, **opts, checkpoint=checkpoint)
 
 
 # --- validation: every error names the argument, what it expected and what it got ---

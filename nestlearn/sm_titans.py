@@ -107,10 +107,12 @@ class SelfModifyingTitans(nn.Module):
             km = k.repeat(1, m, 1, 1)  # every memory writes at the shared key k_t, with the shared η_t, α_t, β_t
             lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
             _, gen = scan(km, km, v_hat, lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule, chunk_size=C,
-                          read="snapshot", state=gen, activation=cfg.activation, check_values=False)  # fmt: skip
+                          read="snapshot", state=gen, activation=cfg.activation, check_values=False,
+                          checkpoint=cfg.checkpoint)  # fmt: skip
             y, mem = scan(qc, k, v_hat_mem, lr, retention, bc, memory="mlp", objective="l2", rule=cfg.rule,
                           chunk_size=cfg.memory_chunk_size, read=cfg.read, state=mem,
-                          activation=cfg.activation, check_values=False)  # fmt: skip
+                          activation=cfg.activation, check_values=False,
+                          checkpoint=cfg.checkpoint)  # fmt: skip
             ys.append(y)
             lo = hi
         o = torch.cat(ys, dim=2) if ys else x.new_zeros(b, h, 0, d)  # (b, h, t, d)

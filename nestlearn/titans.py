@@ -90,7 +90,8 @@ class TitansMixer(nn.Module):
         retention, momentum = torch.sigmoid(g[1]), torch.sigmoid(g[2]) if cfg.momentum else None
         o, memory = scan(q, k, v, lr, retention, momentum, memory="mlp", objective="l2", rule=cfg.rule,
                          chunk_size=cfg.chunk_size, read=cfg.read, state=state["memory"],
-                         activation=cfg.activation, check_values=False)  # fmt: skip
+                         activation=cfg.activation, check_values=False,
+                          checkpoint=cfg.checkpoint)  # fmt: skip
         o = self.out_norm(o).transpose(1, 2).reshape(b, t, dim)  # (b, t, h·d)
         y = self.proj(o * F.silu(self.gate(x)))
         return y, {"conv": conv, "memory": memory}

@@ -131,3 +131,20 @@ def test_chunked_matches_reference_on_a_longer_stream(memory):
         assert_close(name, ref[name], out[name], 1e-4)
     for gr, gc in zip(ref_grads, grads, strict=True):
         assert_close("grad", gr, gc, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("memory", "rule", "momentum"), [("linear", "dgd", True), ("mlp", "dgd", True), ("mlp", "gd", False)]
+)
+def test_checkpointed_chunks_give_the_same_outputs_and_gradients(memory, rule, momentum):
+    inputs = make_inputs(memory, momentum, requires_grad=True)
+    opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=4)
+    results = []
+    for checkpoint in (False, True):
+        y, state = scan(**inputs, **opts, checkpoint=checkpoint)
+        outs = [y, *state_tensors(state).values()]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+        results.append((outs, torch.autograd.grad(loss, tensors_of(inputs))))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    for a, b in zip(outs_a + list(grads_a), outs_b + list(grads_b), strict=True):
+        assert_close("checkpointed", a, b, 1e-12)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from ..state import MemoryState
@@ -84,11 +85,12 @@ def chunked_scan(
     chunk_size: int,
     read: str,
     activation: str,
+    checkpoint: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract as `naive_scan`. A state that stopped part-way through a chunk (offset r > 0) first finishes
     that chunk, C − r tokens whose gradients use the saved snapshot, then continues in whole chunks."""
     T, C, r = q.shape[2], chunk_size, state.offset
-    opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation)
+    opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, checkpoint=checkpoint)
     W, S = state.weights, state.momentum
 
     def part(lo: int, hi: int) -> tuple[Tensor, ...]:
@@ -132,6 +134,7 @@ def _scan_chunks(
     rule: str,
     read: str,
     activation: str,
+    checkpoint: bool,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
     """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
     at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
@@ -189,13 +192,14 @@ def _scan_chunks(
 
     sigma, dsigma = get_activation(activation)
     key = KEY_SIDE[memory]
-    ys = []
-    for c in range(n):
+
+    def step(c: int, W: dict, S: dict | None, Wg: dict | None):
+        """Chunk c from weights W (momentum S); gradients at Wg (None: at W). Returns y, W and S after it."""
+        same = Wg is None
+        Wg = W if same else Wg
         qc, kc, vc = q[c], k[c], v[c]  # (b, h, C, ·)
         pa = P_a[c].unsqueeze(-1)  # (b, h, C, 1)
         end = C - 1 if c < n - 1 else (T - 1) % C  # the chunk's last real token
-        Wg = snapshot if (c == 0 and snapshot is not None) else W  # where this chunk's gradients are taken
-        start = Wg
 
         # gradient factors g_l = a_l b_lᵀ at the chunk's starting weights: a (b, h, C, out), b (b, h, C, in)
         zk = kc @ _t(Wg[key])  # (b, h, C, o) linear, (b, h, C, f) mlp
@@ -214,7 +218,7 @@ def _scan_chunks(
 
         if dgd:
             # u_i = M_{i−1} k_i by the unit lower-triangular solve (module docstring)
-            Mk = zk if Wg is W else kc @ _t(W[key])
+            Mk = zk if same else kc @ _t(W[key])
             rhs = P_a_prev[c] * Mk - R_grad[c] @ a_key
             if has_S:
                 rhs = rhs + dS_prev[c] * (kc @ _t(S[key]))
@@ -239,7 +243,6 @@ def _scan_chunks(
             y = qc @ _t(Wg[key])
         else:
             y = qc + sigma(qc @ _t(Wg[key])) @ _t(Wg["W1"])
-        ys.append(y)
 
         # state after the chunk's last real token: the formula for M_i at i = end
         wK = (K[c][..., end, :] * eta[c]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
@@ -254,8 +257,17 @@ def _scan_chunks(
             if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
                 left = left + u * (D_a[c][..., end, :] * eta[c]).unsqueeze(-1)
             new_W[name] = _minus_outer(base, left, bb)
-        W = new_W
-        S = new_S if has_S else None
+        return y, new_W, new_S if has_S else None
+
+    ys = []
+    for c in range(n):
+        Wg = snapshot if (c == 0 and snapshot is not None) else None  # where this chunk's gradients are taken
+        start = W if Wg is None else Wg
+        if checkpoint:  # keep only each chunk's inputs for backward and recompute the rest
+            y, W, S = torch.utils.checkpoint.checkpoint(step, c, W, S, Wg, use_reentrant=False)
+        else:
+            y, W, S = step(c, W, S, Wg)
+        ys.append(y)
 
     y = torch.stack(ys, dim=0).movedim(0, 2).reshape(b, h, n * C, -1)[:, :, :T]
     return y, W, S, start

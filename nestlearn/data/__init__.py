@@ -1,0 +1,1 @@
+"""Data: synthetic tasks generated locally (never downloaded)."""
