@@ -24,12 +24,12 @@ demo: setup
 	$(PY) -m nestlearn.demo
 
 test: setup
-	$(PY) -m ruff check nestlearn tests benchmarks
+	$(PY) -m ruff check nestlearn tests benchmarks experiments
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check nestlearn tests benchmarks
-	$(PY) -m ruff format --check nestlearn tests benchmarks
+	$(PY) -m ruff check nestlearn tests benchmarks experiments
+	$(PY) -m ruff format --check nestlearn tests benchmarks experiments
 
 bench: setup
 	$(PY) benchmarks/bench_memory.py
