@@ -23,16 +23,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import rss_mb
 
 RULES = {"gd": dict(rule="gd", momentum=False), "dgd+momentum": dict(rule="dgd", momentum=True)}
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure_one(impl: str, T: int, rule: str, device: str, repeats: int) -> dict:
@@ -72,7 +65,7 @@ def measure_one(impl: str, T: int, rule: str, device: str, repeats: int) -> dict
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
-        base = _rss_mb("VmRSS")
+        base = rss_mb("VmRSS")
     for _ in range(runs):
         sync()
         t0 = time.perf_counter()
@@ -84,7 +77,7 @@ def measure_one(impl: str, T: int, rule: str, device: str, repeats: int) -> dict
                 x.grad = None
     if impl == "chunked":
         times = times[1:]  # the first run warms up allocators and kernels
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mb("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM")
     return {"impl": impl, "T": T, "rule": rule, "seconds": statistics.median(times), "peak_mb": peak - base}
 
 

@@ -22,14 +22,7 @@ import sys
 import time
 
 import torch
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from common import rss_mb
 
 
 def state_mb(state) -> float:
@@ -46,7 +39,7 @@ def train_one(preset: str, size: str, T: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = build(presets.PRESETS[preset](size))
     x = torch.randint(0, model.config.vocab_size, (batch, T + 1))
-    base = _rss_mb("VmRSS")
+    base = rss_mb("VmRSS")
     times = []
     for _ in range(2 if T <= 512 else 1):
         t0 = time.perf_counter()
@@ -55,7 +48,7 @@ def train_one(preset: str, size: str, T: int, batch: int) -> dict:
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
-            "peak_mb": _rss_mb("VmHWM") - base, "params": model.num_parameters()}  # fmt: skip
+            "peak_mb": rss_mb("VmHWM") - base, "params": model.num_parameters()}  # fmt: skip
 
 
 @torch.no_grad()
@@ -65,7 +58,7 @@ def decode_one(preset: str, size: str, context: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = build(presets.PRESETS[preset](size)).eval()
     x = torch.randint(0, model.config.vocab_size, (1, context))
-    base = _rss_mb("VmRSS")
+    base = rss_mb("VmRSS")
     _, state = model(x)
     before = state_mb(state)
     tok = x[:, -1:]
@@ -74,7 +67,7 @@ def decode_one(preset: str, size: str, context: int, steps: int) -> dict:
         logits, state = model(tok, state)
         tok = logits[:, -1:].argmax(-1)
     seconds = time.perf_counter() - t0
-    peak = _rss_mb("VmHWM") - base
+    peak = rss_mb("VmHWM") - base
     return {"kind": "decode", "preset": preset, "T": context, "tokens_per_s": steps / seconds,
             "state_mb_before": before, "state_mb_after": state_mb(state), "peak_mb": peak}  # fmt: skip
 

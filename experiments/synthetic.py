@@ -36,7 +36,10 @@ def batch_of(task: str, batch: int, args, generator: torch.Generator, length: in
 
 def train(preset: str, task: str, args) -> dict:
     torch.manual_seed(args.seed)
-    model = build(presets.PRESETS[preset]("debug"))
+    config = presets.PRESETS[preset]("debug")
+    if args.max_lr is not None:  # the cap of every inner learning rate η_t (memories and in-context CMS levels)
+        config.titans.max_lr = config.sm_titans.max_lr = config.cms.max_lr = args.max_lr
+    model = build(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     t0, losses = time.perf_counter(), []
@@ -78,11 +81,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--pairs", type=int, default=8, help="MQAR: key/value pairs per sequence")
     p.add_argument("--length", type=int, default=32, help="parity: training length")
+    p.add_argument("--max-lr", type=float, default=None, help="override the inner learning-rate cap η_max (0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         p.error(f"--steps and --batch must be positive; got {args.steps}, {args.batch}")
+    if args.max_lr is not None and args.max_lr <= 0:
+        p.error(f"--max-lr must be positive; got {args.max_lr}")
 
     rows = [train(preset, task, args) for task in args.task for preset in args.presets]
     print("\n| task | preset | params | steps | first loss | final loss | accuracy | accuracy, longer | time (s) |")

@@ -3,7 +3,9 @@
     y = MLP^(f_k)( … MLP^(f_1)(x))            eq. 70, sequential variant (eq. 73), fastest level first
 
 Levels are chained with a residual connection each, h_ℓ = h_{ℓ−1} + MLP^(ℓ)(h_{ℓ−1}), and the CMS returns
-h_k − h_0, so that for one level it is the Transformer's MLP.
+h_k − h_0, so that for one level it is the Transformer's MLP (`variant="sequential"`, eq. 73). With
+`variant="independent"` (eq. 74) every level reads x and the CMS returns the learned weighted sum
+Σ_ℓ a_ℓ MLP^(ℓ)(x), a = softmax of one learned logit per level (uniform at first).
 
 - An **outer level** (period None, or at least the training context) is a SwiGLU MLP whose weights are ordinary
   parameters carrying their period (`period`, listed by `LanguageModel.levels()`) for the optimizer that honours
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from .config import CMSConfig
 from .memory import scan
 from .state import MemoryState
+from .titans import mlp_memory_parameters
 
 __all__ = ["SwiGLU", "InContextLevel", "CMS"]
 
@@ -43,6 +46,18 @@ class SwiGLU(nn.Module):
         gate, up = self.up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
+    @torch.no_grad()
+    def load_mlp(self, gate: Tensor, up: Tensor, down: Tensor) -> None:
+        """Start this level from an existing SwiGLU MLP (paper §7.3, ad-hoc level stacking): weights in
+        `nn.Linear` layout, gate and up (hidden, dim), down (dim, hidden), as in Llama's gate/up/down_proj."""
+        hidden, dim = self.down.in_features, self.down.out_features
+        for name, w, want in (("gate", gate, (hidden, dim)), ("up", up, (hidden, dim)), ("down", down, (dim, hidden))):
+            if tuple(w.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(w.shape)}; this level expects {want} (hidden={hidden}, "
+                                 f"dim={dim}): build the level with a matching CMSConfig.hidden_mult")  # fmt: skip
+        self.up.weight.copy_(torch.cat([gate, up], dim=0))
+        self.down.weight.copy_(down)
+
 
 class InContextLevel(nn.Module):
     """An MLP whose weights are per-sequence fast state, written every `period` tokens. State: a MemoryState."""
@@ -57,8 +72,7 @@ class InContextLevel(nn.Module):
         with torch.no_grad():
             self.gates.weight.mul_(0.1)
             self.gates.bias.view(2, num_heads)[1].fill_(4.0)  # α ≈ 0.98 at first
-        self.W1 = nn.Parameter(torch.randn(num_heads, d, f) / math.sqrt(f))  # M_0, meta-learned (eq. 73)
-        self.W2 = nn.Parameter(torch.randn(num_heads, f, d) / math.sqrt(d))
+        self.W1, self.W2 = mlp_memory_parameters(num_heads, d, f)  # M_0, meta-learned (eq. 73)
         self.out = nn.Linear(dim, dim, bias=False)
 
     def init_state(self, batch_size: int) -> MemoryState:
@@ -94,17 +108,25 @@ class CMS(nn.Module):
                 level.period = period  # C^(ℓ), read by LanguageModel.levels()
                 levels.append(level)
         self.levels = nn.ModuleList(levels)
+        if config.variant == "independent":
+            self.agg_logits = nn.Parameter(torch.zeros(len(levels)))  # Agg of eq. 74: a learned weighted sum
 
     def init_state(self, batch_size: int) -> list:
         return [lv.init_state(batch_size) if isinstance(lv, InContextLevel) else None for lv in self.levels]
 
     def forward(self, x: Tensor, state: list) -> tuple[Tensor, list]:
-        h, new_state = x, []
+        sequential = self.config.variant == "sequential"
+        h, outs, new_state = x, [], []
         for level, level_state in zip(self.levels, state, strict=True):
+            inp = h if sequential else x
             if isinstance(level, InContextLevel):
-                y, level_state = level(h, level_state)
+                y, level_state = level(inp, level_state)
             else:
-                y = level(h)
+                y = level(inp)
             h = h + y
+            outs.append(y)
             new_state.append(level_state)
-        return h - x, new_state
+        if sequential:
+            return h - x, new_state
+        a = self.agg_logits.softmax(0)  # (levels,)
+        return sum(a[i] * y for i, y in enumerate(outs)), new_state

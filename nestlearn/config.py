@@ -21,6 +21,26 @@ def _fail(cls: str, name: str, value: Any, rule: str) -> None:
     raise ValueError(f"{cls}.{name}={value!r}: {rule}")
 
 
+def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _fail(type(config).__name__, name, v, "must be a positive int")
+
+
+def _check_memory_options(config: Any) -> None:
+    """The options every memory mixer shares: activation, rule, read mode, max_lr."""
+    cls = type(config).__name__
+    if config.activation not in ACTIVATIONS:
+        _fail(cls, "activation", config.activation, f"expected one of {sorted(ACTIVATIONS)}")
+    if config.rule not in ("gd", "dgd"):
+        _fail(cls, "rule", config.rule, "expected 'gd' or 'dgd'")
+    if config.read not in ("dual", "snapshot"):
+        _fail(cls, "read", config.read, "expected 'dual' or 'snapshot'")
+    if not 0 < config.max_lr:
+        _fail(cls, "max_lr", config.max_lr, "must be positive")
+
+
 @dataclass
 class AttentionConfig:
     """Causal softmax attention with RoPE (Transformer++)."""
@@ -50,18 +70,8 @@ class TitansConfig:
     checkpoint: bool = False  # recompute each chunk in backward: less memory, more time (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "hidden_mult", "conv_width"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail("TitansConfig", name, v, "must be a positive int")
-        if self.activation not in ACTIVATIONS:
-            _fail("TitansConfig", "activation", self.activation, f"expected one of {sorted(ACTIVATIONS)}")
-        if self.rule not in ("gd", "dgd"):
-            _fail("TitansConfig", "rule", self.rule, "expected 'gd' or 'dgd'")
-        if self.read not in ("dual", "snapshot"):
-            _fail("TitansConfig", "read", self.read, "expected 'dual' or 'snapshot'")
-        if not 0 < self.max_lr:
-            _fail("TitansConfig", "max_lr", self.max_lr, "must be positive")
+        _check_positive_ints(self, ("chunk_size", "hidden_mult", "conv_width"))
+        _check_memory_options(self)
 
 
 @dataclass
@@ -82,21 +92,11 @@ class SelfModConfig:
     checkpoint: bool = False  # recompute each chunk in backward: less memory, more time (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "memory_chunk_size", "hidden_mult", "conv_width"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail("SelfModConfig", name, v, "must be a positive int")
+        _check_positive_ints(self, ("chunk_size", "memory_chunk_size", "hidden_mult", "conv_width"))
+        _check_memory_options(self)
         if self.memory_chunk_size % self.chunk_size:
             _fail("SelfModConfig", "memory_chunk_size", self.memory_chunk_size,
                   f"must be a multiple of chunk_size={self.chunk_size}")  # fmt: skip
-        if self.activation not in ACTIVATIONS:
-            _fail("SelfModConfig", "activation", self.activation, f"expected one of {sorted(ACTIVATIONS)}")
-        if self.rule not in ("gd", "dgd"):
-            _fail("SelfModConfig", "rule", self.rule, "expected 'gd' or 'dgd'")
-        if self.read not in ("dual", "snapshot"):
-            _fail("SelfModConfig", "read", self.read, "expected 'dual' or 'snapshot'")
-        if not 0 < self.max_lr:
-            _fail("SelfModConfig", "max_lr", self.max_lr, "must be positive")
 
 
 @dataclass
@@ -112,6 +112,7 @@ class CMSConfig:
     update_periods: tuple[int | None, ...] = (None,)
     hidden_mult: float = 8 / 3  # SwiGLU hidden width = hidden_mult × dim, rounded up to a multiple of 32
     # in-context levels (period < seq_len): an MLP memory per head, written every C^(ℓ) tokens (docs/deviations.md)
+    variant: str = "sequential"  # "sequential" chain (eq. 73, Hope's eq. 97) or "independent" weighted sum (eq. 74)
     memory_hidden_mult: int = 4  # hidden width of an in-context level's MLP = memory_hidden_mult × head_dim
     max_lr: float = 0.1  # η_t of an in-context level = max_lr · sigmoid(h_t W_η)
     checkpoint: bool = False  # recompute each chunk of an in-context level in backward (less memory)
@@ -127,6 +128,8 @@ class CMSConfig:
             _fail("CMSConfig", "update_periods", self.update_periods, "list the levels fastest first (ascending)")
         if self.hidden_mult <= 0:
             _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
+        if self.variant not in ("sequential", "independent"):
+            _fail("CMSConfig", "variant", self.variant, "expected 'sequential' (eq. 73) or 'independent' (eq. 74)")
 
 
 @dataclass
@@ -148,10 +151,7 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail("ModelConfig", name, v, "must be a positive int")
+        _check_positive_ints(self, ("vocab_size", "dim", "num_layers", "num_heads", "seq_len"))
         if self.dim % self.num_heads:
             _fail("ModelConfig", "dim", self.dim, f"must be divisible by num_heads={self.num_heads}")
         if (self.dim // self.num_heads) % 2:

@@ -24,8 +24,6 @@ projected as in Titans.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,7 +32,7 @@ from .config import SelfModConfig
 from .memory import scan
 from .ops.common import apply_memory
 from .state import MemoryState
-from .titans import CausalConv
+from .titans import CausalConv, MemoryOutput, mlp_memory_parameters
 
 __all__ = ["SelfModifyingTitans"]
 
@@ -57,18 +55,14 @@ class SelfModifyingTitans(nn.Module):
         self.conv = CausalConv(2 * dim, config.conv_width)
         # M_□,0 for the generating memories (stacked: names × heads) and for M_memory, meta-learned (eq. 73)
         m = len(self.names)
-        self.gen_W1 = nn.Parameter(torch.randn(m * h, d, f) / math.sqrt(f))
-        self.gen_W2 = nn.Parameter(torch.randn(m * h, f, d) / math.sqrt(d))
-        self.mem_W1 = nn.Parameter(torch.randn(h, d, f) / math.sqrt(f))
-        self.mem_W2 = nn.Parameter(torch.randn(h, f, d) / math.sqrt(d))
+        self.gen_W1, self.gen_W2 = mlp_memory_parameters(m * h, d, f)
+        self.mem_W1, self.mem_W2 = mlp_memory_parameters(h, d, f)
         # g_η, g_α: a linear read-out per head of M_η(x_t), M_α(x_t), then a sigmoid
         self.readout = nn.Parameter(torch.randn(2, h, d) * 0.02)
         self.readout_bias = nn.Parameter(torch.tensor([[0.0] * h, [4.0] * h]))  # η ≈ max_lr/2, α ≈ 0.98 at first
         if config.momentum:
             self.beta = nn.Linear(dim, h)  # β_t per head from x_t, as in Titans
-        self.out_norm = nn.RMSNorm(d, eps=1e-6)
-        self.gate = nn.Linear(dim, dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.out = MemoryOutput(dim, d)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         return {
@@ -116,5 +110,4 @@ class SelfModifyingTitans(nn.Module):
             ys.append(y)
             lo = hi
         o = torch.cat(ys, dim=2) if ys else x.new_zeros(b, h, 0, d)  # (b, h, t, d)
-        o = self.out_norm(o).transpose(1, 2).reshape(b, t, dim)
-        return self.proj(o * F.silu(self.gate(x))), {"conv": conv, "gen": gen, "memory": mem}
+        return self.out(o, x), {"conv": conv, "gen": gen, "memory": mem}

@@ -12,17 +12,37 @@ The memory's initial weights W1, W2 are parameters, meta-learned by the outer lo
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TitansConfig
-from .memory import scan
+from .memory import init_state, scan
 from .state import MemoryState
 
-__all__ = ["CausalConv", "TitansMixer"]
+__all__ = ["CausalConv", "MemoryOutput", "TitansMixer", "mlp_memory_parameters"]
+
+
+def mlp_memory_parameters(num_heads: int, dim: int, hidden: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """W1 (h, d, f), W2 (h, f, d): a meta-learned initial MLP memory per head (eq. 73), drawn as `init_state`."""
+    w = init_state(num_heads, dim, memory="mlp", hidden=hidden).weights
+    return nn.Parameter(w["W1"]), nn.Parameter(w["W2"])
+
+
+class MemoryOutput(nn.Module):
+    """Titans' output: RMSNorm per head, a SiLU gate computed from the layer's input, the output projection."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, o: Tensor, x: Tensor) -> Tensor:
+        """o: (b, h, t, d) memory reads; x: (b, t, dim) the layer's input. Returns (b, t, dim)."""
+        b, h, t, d = o.shape
+        o = self.norm(o).transpose(1, 2).reshape(b, t, h * d)  # (b, t, h·d)
+        return self.proj(o * F.silu(self.gate(x)))
 
 
 class CausalConv(nn.Module):
@@ -65,12 +85,8 @@ class TitansMixer(nn.Module):
             bias[1].fill_(4.0)  # α ≈ 0.98: retain most of the memory at first
             if config.momentum:
                 bias[2].fill_(0.0)  # β ≈ 0.5
-        # M_0: the meta-learned initial memory (eq. 73), one per head
-        self.W1 = nn.Parameter(torch.randn(num_heads, d, f) / math.sqrt(f))
-        self.W2 = nn.Parameter(torch.randn(num_heads, f, d) / math.sqrt(d))
-        self.out_norm = nn.RMSNorm(d, eps=1e-6)
-        self.gate = nn.Linear(dim, dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.W1, self.W2 = mlp_memory_parameters(num_heads, d, f)  # M_0, one per head
+        self.out = MemoryOutput(dim, d)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         # the initial weights are the parameters themselves, so the LM loss reaches them through every write
@@ -92,6 +108,4 @@ class TitansMixer(nn.Module):
                          chunk_size=cfg.chunk_size, read=cfg.read, state=state["memory"],
                          activation=cfg.activation, check_values=False,
                           checkpoint=cfg.checkpoint)  # fmt: skip
-        o = self.out_norm(o).transpose(1, 2).reshape(b, t, dim)  # (b, t, h·d)
-        y = self.proj(o * F.silu(self.gate(x)))
-        return y, {"conv": conv, "memory": memory}
+        return self.out(o, x), {"conv": conv, "memory": memory}

@@ -15,6 +15,12 @@ VARIANTS = {
     "transformer-window": ModelConfig(attention=AttentionConfig(window=5), name="window"),
     "titans-dgd-snapshot": ModelConfig(mixer="titans", titans=TitansConfig(rule="dgd", read="snapshot", chunk_size=4)),
     "titans-no-momentum": ModelConfig(mixer="titans", titans=TitansConfig(momentum=False, chunk_size=4)),
+    "cms-independent": ModelConfig(cms=CMSConfig(update_periods=(8, 32, None), variant="independent")),
+    "hope-adaptive-q-gd": ModelConfig(
+        mixer="sm_titans",
+        sm_titans=SelfModConfig(adaptive_q=True, rule="gd", chunk_size=4, memory_chunk_size=8),
+        cms=CMSConfig(update_periods=(4, None)),
+    ),
 }
 
 
@@ -148,6 +154,7 @@ def test_levels_cover_every_parameter_once():
         (lambda: ModelConfig(mixer="mamba"), r"ModelConfig.mixer='mamba': expected one of"),
         (lambda: SelfModConfig(chunk_size=8, memory_chunk_size=12), r"memory_chunk_size=12: must be a multiple"),
         (lambda: CMSConfig(update_periods=(4096, 1024)), r"fastest first"),
+        (lambda: CMSConfig(variant="nested"), r"CMSConfig.variant='nested'"),
         (lambda: TitansConfig(chunk_size=0), r"TitansConfig.chunk_size=0: must be a positive int"),
         (lambda: TitansConfig(rule="adam"), r"TitansConfig.rule='adam'"),
         (lambda: AttentionConfig(window=0), r"AttentionConfig.window=0"),
@@ -178,3 +185,17 @@ def test_in_context_level_changes_exactly_at_its_period():
         seen.append((level.snapshot if level.offset else level.weights)["W1"].clone())  # what its reads use
     changed = [t for t in range(1, 40) if not torch.equal(seen[t], seen[t - 1])]
     assert changed == [15, 31]  # after the 16th and 32nd token: the next token reads the new weights
+
+
+def test_an_outer_level_started_from_an_mlp_computes_that_mlp():
+    # paper §7.3: MLP_0^(f_i) = a pre-trained MLP; η → 0 then recovers the pre-trained model
+    model = build(ModelConfig(cms=CMSConfig(update_periods=(None,))))
+    level = model.blocks[0].cms.levels[0]
+    hidden, dim = level.down.in_features, level.down.out_features
+    gate, up, down = torch.randn(hidden, dim), torch.randn(hidden, dim), torch.randn(dim, hidden)
+    level.load_mlp(gate, up, down)
+    x = torch.randn(3, dim)
+    want = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    torch.testing.assert_close(level(x), want)
+    with pytest.raises(ValueError, match=r"gate has shape \(3, 64\); this level expects"):
+        level.load_mlp(torch.randn(3, dim), up, down)
