@@ -139,7 +139,7 @@ def scan(
     _check_qkv("q", q, None, None, None)
     bh, T, d = q.shape[:2], q.shape[2], q.shape[3]
     _check_qkv("k", k, bh, T, d)
-    _check_qkv("v", v, bh, T, d if memory == "mlp" else None, like=q)
+    _check_qkv("v", v, bh, T, d if memory == "mlp" else None)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     lr = _check_gate("lr", lr, q, low=0.0, high=None, values=check_values)
@@ -168,7 +168,7 @@ def _check_option(name: str, value, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not known; expected one of {list(allowed)}")
 
 
-def _check_qkv(name: str, x, bh, T, d, like: Tensor | None = None) -> None:
+def _check_qkv(name: str, x, bh, T, d) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a 4-D tensor (batch, heads, time, dim); got {got}")
