@@ -55,7 +55,8 @@ def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
 
     while count(32) > target and config.num_layers > 1:
         config.num_layers -= 1
-    base, per32 = count(32), count(64) - count(32)
+    base = count(32)
+    per32 = count(64) - base
     hidden = 32 * max(1, round((target - base) / per32) + 1)
     if abs(count(hidden) - target) > 0.1 * target:
         raise ValueError(f"{config.name}: cannot reach {target:.3g} parameters by the CMS width and depth")

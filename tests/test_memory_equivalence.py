@@ -23,6 +23,16 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) ->
     assert err <= tol * scale, f"{name}: max abs error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
+def assert_both_match(inputs: dict, opts: dict, tol: float) -> None:
+    """Reference and chunked agree on outputs, final state and the gradient of every argument."""
+    (ref, ref_grads, _), (out, grads, _) = run_both(inputs, opts)
+    for name in ref:
+        assert_close(name, ref[name], out[name], tol)
+    for i, (gr, gc) in enumerate(zip(ref_grads, grads, strict=True)):
+        assert gr is not None and gc is not None, f"argument {i} received no gradient"
+        assert_close(f"grad of argument {i}", gr, gc, tol)
+
+
 def run_both(inputs: dict, opts: dict, seed: int = 1):
     """Forward and backward through both implementations with the same random cotangents."""
     results = []
@@ -61,11 +71,7 @@ def test_chunked_matches_reference(memory, objective, rule, momentum, read, chun
 def test_chunked_matches_reference_for_every_activation(activation):
     inputs = make_inputs("mlp", True, requires_grad=True)
     opts = dict(memory="mlp", objective="l2", rule="dgd", chunk_size=4, read="dual", activation=activation)
-    (ref, ref_grads, _), (out, grads, _) = run_both(inputs, opts)
-    for name in ref:
-        assert_close(name, ref[name], out[name], 1e-8)
-    for gr, gc in zip(ref_grads, grads, strict=True):
-        assert_close("grad", gr, gc, 1e-8)
+    assert_both_match(inputs, opts, 1e-8)
 
 
 @pytest.mark.parametrize(
@@ -81,12 +87,7 @@ def test_chunked_matches_reference_from_mid_chunk_state(memory, rule, momentum):
     inputs["state"] = mid.detach()
     for x in tensors_of(inputs):
         x.requires_grad_(True)
-    (ref, ref_grads, _), (out, grads, _) = run_both(inputs, opts)
-    for name in ref:
-        assert_close(name, ref[name], out[name], 1e-8)
-    for gr, gc in zip(ref_grads, grads, strict=True):
-        assert gr is not None and gc is not None
-        assert_close("grad", gr, gc, 1e-8)
+    assert_both_match(inputs, opts, 1e-8)
 
 
 def test_chunked_passes_gradcheck():
@@ -126,11 +127,7 @@ def test_chunked_matches_reference_on_a_longer_stream(memory):
     # 70 tokens in chunks of 16 (a partial last chunk), wider heads, float32 as in training
     inputs = make_inputs(memory, True, dtype=torch.float32, T=70, d=16, hidden=32, requires_grad=True)
     opts = dict(memory=memory, objective="l2", rule="dgd", chunk_size=16, read="dual")
-    (ref, ref_grads, _), (out, grads, _) = run_both(inputs, opts)
-    for name in ref:
-        assert_close(name, ref[name], out[name], 1e-4)
-    for gr, gc in zip(ref_grads, grads, strict=True):
-        assert_close("grad", gr, gc, 1e-4)
+    assert_both_match(inputs, opts, 1e-4)
 
 
 @pytest.mark.parametrize(
