@@ -67,7 +67,7 @@ class TitansConfig:
     read: str = "dual"
     conv_width: int = 4  # causal depthwise convolution after the q, k, v projections (Titans §3.3)
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(x W_η)
-    checkpoint: bool = False  # recompute each chunk in backward: less memory, more time (docs/benchmarks.md)
+    checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("chunk_size", "hidden_mult", "conv_width"))
@@ -89,7 +89,7 @@ class SelfModConfig:
     read: str = "dual"  # how the main memory is read inside a chunk
     conv_width: int = 4  # "local convolutions with window size of 4"
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(readout of M_η(x_t)) (ambiguity #2)
-    checkpoint: bool = False  # recompute each chunk in backward: less memory, more time (docs/benchmarks.md)
+    checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("chunk_size", "memory_chunk_size", "hidden_mult", "conv_width"))
@@ -115,7 +115,7 @@ class CMSConfig:
     variant: str = "sequential"  # "sequential" chain (eq. 73, Hope's eq. 97) or "independent" weighted sum (eq. 74)
     memory_hidden_mult: int = 4  # hidden width of an in-context level's MLP = memory_hidden_mult × head_dim
     max_lr: float = 0.1  # η_t of an in-context level = max_lr · sigmoid(h_t W_η)
-    checkpoint: bool = False  # recompute each chunk of an in-context level in backward (less memory)
+    checkpoint: bool = False  # the same for in-context levels: keep every ⌈√n⌉-th chunk's weights, recompute the rest
 
     def __post_init__(self) -> None:
         self.update_periods = tuple(self.update_periods)

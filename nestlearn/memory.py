@@ -122,8 +122,9 @@ def scan(
         check_values: check that the gates are finite and in range (a reduction and, on GPU, a synchronisation
             per gate). Layers whose gates are in range by construction (sigmoids) pass False; shapes and options
             are always checked.
-        checkpoint: `chunked` only: keep just each chunk's starting weights for the backward pass and recompute
-            the rest (torch.utils.checkpoint), trading time for memory (docs/benchmarks.md).
+        checkpoint: `chunked` only: run the n chunks in groups of ⌈√n⌉ under torch.utils.checkpoint, so that the
+            backward pass keeps the weights only at group boundaries and recomputes one group at a time: O(√n)
+            weight-sized tensors instead of O(n), for one more forward pass (docs/benchmarks.md).
 
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).

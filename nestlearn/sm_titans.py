@@ -24,8 +24,12 @@ projected as in Titans.
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import SelfModConfig
@@ -74,40 +78,59 @@ class SelfModifyingTitans(nn.Module):
     def forward(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
         b, t, dim = x.shape
         h, d, cfg = self.num_heads, self.head_dim, self.config
-        m = len(self.names)
         u, conv = self.conv(self.inp(x), state["conv"])  # (b, t, 2·dim)
         xs, q = F.silu(u).view(b, t, 2, h, d).permute(2, 0, 3, 1, 4)  # (b, h, t, d) each
         beta = torch.sigmoid(self.beta(x)).transpose(1, 2) if cfg.momentum else None  # (b, h, t)
 
         gen, mem = state["gen"], state["memory"]
         C = cfg.chunk_size
-        ys, lo = [], 0
-        while lo < t:
-            hi = min(t, lo + C - gen.offset)  # pieces follow the global grid of C-token chunks
-            xc = xs[:, :, lo:hi]
-            # eq. 90: this chunk's k, v, η, α (and q) come from the memories as they were when it started
-            W = gen.snapshot if gen.offset else gen.weights
-            out = apply_memory(W, xc.repeat(1, m, 1, 1), "mlp", cfg.activation).view(b, m, h, hi - lo, d)
-            k = F.normalize(out[:, 0], dim=-1)  # (b, h, c, d)
-            v = out[:, 1]
-            ro = (out[:, 2:4] * self.readout[None, :, :, None, :]).sum(-1) + self.readout_bias[None, :, :, None]
-            lr, retention = cfg.max_lr * torch.sigmoid(ro[:, 0]), torch.sigmoid(ro[:, 1])  # (b, h, c)
-            qc = F.normalize(out[:, 4] if cfg.adaptive_q else q[:, :, lo:hi], dim=-1)
-            # eq. 87: every memory's own target v̂_□ = M_□(v_t), read at the chunk's starting weights
-            v_hat = apply_memory(W, v.repeat(1, m, 1, 1), "mlp", cfg.activation)  # (b, m·h, c, d)
-            Wm = mem.snapshot if mem.offset else mem.weights
-            v_hat_mem = apply_memory(Wm, v, "mlp", cfg.activation)  # (b, h, c, d)
-            bc = None if beta is None else beta[:, :, lo:hi]
-            km = k.repeat(1, m, 1, 1)  # every memory writes at the shared key k_t, with the shared η_t, α_t, β_t
-            lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
-            _, gen = scan(km, km, v_hat, lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule, chunk_size=C,
-                          read="snapshot", state=gen, activation=cfg.activation, check_values=False,
-                          checkpoint=cfg.checkpoint)  # fmt: skip
-            y, mem = scan(qc, k, v_hat_mem, lr, retention, bc, memory="mlp", objective="l2", rule=cfg.rule,
-                          chunk_size=cfg.memory_chunk_size, read=cfg.read, state=mem,
-                          activation=cfg.activation, check_values=False,
-                          checkpoint=cfg.checkpoint)  # fmt: skip
+        bounds = [0, *range(min(t, C - gen.offset), t, C), t] if t else [0]  # pieces on the global grid of chunks
+        pieces = list(itertools.pairwise(bounds))
+
+        def run(group: list, gen: MemoryState, mem: MemoryState) -> tuple[Tensor, MemoryState, MemoryState]:
+            ys = []
+            for lo, hi in group:
+                bc = None if beta is None else beta[:, :, lo:hi]
+                y, gen, mem = self._chunk(xs[:, :, lo:hi], q[:, :, lo:hi], bc, gen, mem)
+                ys.append(y)
+            return torch.cat(ys, dim=2), gen, mem
+
+        # checkpoint: groups of ⌈√n⌉ chunks; backward keeps the memories only at group boundaries and recomputes
+        # one group at a time (the memories of every chunk would be O(n) weight-sized tensors).
+        group = math.isqrt(len(pieces) - 1) + 1 if cfg.checkpoint and pieces else max(1, len(pieces))
+        ys = []
+        for i in range(0, len(pieces), group):
+            if cfg.checkpoint:
+                y, gen, mem = torch.utils.checkpoint.checkpoint(run, pieces[i : i + group], gen, mem,
+                                                                use_reentrant=False)  # fmt: skip
+            else:
+                y, gen, mem = run(pieces[i : i + group], gen, mem)
             ys.append(y)
-            lo = hi
         o = torch.cat(ys, dim=2) if ys else x.new_zeros(b, h, 0, d)  # (b, h, t, d)
         return self.out(o, x), {"conv": conv, "gen": gen, "memory": mem}
+
+    def _chunk(self, xc: Tensor, qc: Tensor, bc: Tensor | None, gen: MemoryState, mem: MemoryState):
+        """One chunk (or the rest of one): generate k, v, η, α and the targets, then write every memory."""
+        cfg, m = self.config, len(self.names)
+        b, h, c, d = xc.shape
+        # eq. 90: this chunk's k, v, η, α (and q) come from the memories as they were when it started
+        W = gen.snapshot if gen.offset else gen.weights
+        out = apply_memory(W, xc.repeat(1, m, 1, 1), "mlp", cfg.activation).view(b, m, h, c, d)
+        k = F.normalize(out[:, 0], dim=-1)  # (b, h, c, d)
+        v = out[:, 1]
+        ro = (out[:, 2:4] * self.readout[None, :, :, None, :]).sum(-1) + self.readout_bias[None, :, :, None]
+        lr, retention = cfg.max_lr * torch.sigmoid(ro[:, 0]), torch.sigmoid(ro[:, 1])  # (b, h, c)
+        qc = F.normalize(out[:, 4] if cfg.adaptive_q else qc, dim=-1)
+        # eq. 87: every memory's own target v̂_□ = M_□(v_t), read at the chunk's starting weights
+        v_hat = apply_memory(W, v.repeat(1, m, 1, 1), "mlp", cfg.activation)  # (b, m·h, c, d)
+        Wm = mem.snapshot if mem.offset else mem.weights
+        v_hat_mem = apply_memory(Wm, v, "mlp", cfg.activation)  # (b, h, c, d)
+        km = k.repeat(1, m, 1, 1)  # every memory writes at the shared key k_t, with the shared η_t, α_t, β_t
+        lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
+        _, gen = scan(km, km, v_hat, lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule,
+                      chunk_size=cfg.chunk_size, read="snapshot", state=gen, activation=cfg.activation,
+                      check_values=False)  # fmt: skip
+        y, mem = scan(qc, k, v_hat_mem, lr, retention, bc, memory="mlp", objective="l2", rule=cfg.rule,
+                      chunk_size=cfg.memory_chunk_size, read=cfg.read, state=mem, activation=cfg.activation,
+                      check_values=False)  # fmt: skip
+        return y, gen, mem

@@ -134,7 +134,8 @@ def test_chunked_matches_reference_on_a_longer_stream(memory):
     ("memory", "rule", "momentum"), [("linear", "dgd", True), ("mlp", "dgd", True), ("mlp", "gd", False)]
 )
 def test_checkpointed_chunks_give_the_same_outputs_and_gradients(memory, rule, momentum):
-    inputs = make_inputs(memory, momentum, requires_grad=True)
+    # 10 chunks: checkpoint groups of 4, 4 and 2, the last one partial
+    inputs = make_inputs(memory, momentum, T=37, requires_grad=True)
     opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=4)
     results = []
     for checkpoint in (False, True):
@@ -145,3 +146,13 @@ def test_checkpointed_chunks_give_the_same_outputs_and_gradients(memory, rule, m
     (outs_a, grads_a), (outs_b, grads_b) = results
     for a, b in zip(outs_a + list(grads_a), outs_b + list(grads_b), strict=True):
         assert_close("checkpointed", a, b, 1e-12)
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("rule", ["gd", "dgd"])
+def test_snapshot_read_at_the_keys_matches_reference(memory, rule):
+    # q is k (CMS levels, Hope's generating memories): the chunked path reuses the gradient's forward pass as the read
+    inputs = make_inputs(memory, True, requires_grad=True)
+    inputs["q"] = inputs["k"]
+    opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=4, read="snapshot")
+    assert_both_match(inputs, opts, 1e-8)

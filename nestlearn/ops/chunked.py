@@ -27,6 +27,8 @@ A length that C does not divide is padded, and the last chunk's state is read at
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -91,6 +93,7 @@ def chunked_scan(
     that chunk, C − r tokens whose gradients use the saved snapshot, then continues in whole chunks."""
     T, C, r = q.shape[2], chunk_size, state.offset
     opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, checkpoint=checkpoint)
+    opts["q_is_k"] = q is k  # a snapshot read at the keys reuses the gradient's forward pass
     W, S = state.weights, state.momentum
 
     def part(lo: int, hi: int) -> tuple[Tensor, ...]:
@@ -135,6 +138,7 @@ def _scan_chunks(
     read: str,
     activation: str,
     checkpoint: bool,
+    q_is_k: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
     """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
     at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
@@ -239,6 +243,8 @@ def _scan_chunks(
                 if has_S:
                     y1 = y1 + dS[c].unsqueeze(-1) * (hq @ _t(S["W1"]))
                 y = qc + y1
+        elif q_is_k:  # snapshot read at the keys (CMS levels, generating memories): the prediction already is M_0(q)
+            y = pred
         elif memory == "linear":  # snapshot: y_i = M_0(q_i)
             y = qc @ _t(Wg[key])
         else:
@@ -259,15 +265,27 @@ def _scan_chunks(
             new_W[name] = _minus_outer(base, left, bb)
         return y, new_W, new_S if has_S else None
 
-    ys = []
-    for c in range(n):
-        Wg = snapshot if (c == 0 and snapshot is not None) else None  # where this chunk's gradients are taken
-        start = W if Wg is None else Wg
-        if checkpoint:  # keep only each chunk's inputs for backward and recompute the rest
-            y, W, S = torch.utils.checkpoint.checkpoint(step, c, W, S, Wg, use_reentrant=False)
-        else:
+    def run(c0: int, c1: int, W: dict, S: dict | None):
+        """Chunks c0..c1−1; also returns the weights the last of them started from (where its gradients were)."""
+        ys = []
+        for c in range(c0, c1):
+            Wg = snapshot if (c == 0 and snapshot is not None) else None  # where this chunk's gradients are taken
+            start = W if Wg is None else Wg
             y, W, S = step(c, W, S, Wg)
+            ys.append(y)
+        return torch.stack(ys, dim=0), W, S, start
+
+    # checkpoint: groups of ⌈√n⌉ chunks, of which backward keeps only the boundary weights and recomputes one group
+    # at a time: O(√n) weight-sized tensors alive instead of O(n), for one extra forward pass.
+    group = math.isqrt(n - 1) + 1 if checkpoint else n
+    ys = []
+    for c0 in range(0, n, group):
+        c1 = min(n, c0 + group)
+        if checkpoint:
+            y, W, S, start = torch.utils.checkpoint.checkpoint(run, c0, c1, W, S, use_reentrant=False)
+        else:
+            y, W, S, start = run(c0, c1, W, S)
         ys.append(y)
 
-    y = torch.stack(ys, dim=0).movedim(0, 2).reshape(b, h, n * C, -1)[:, :, :T]
+    y = torch.cat(ys, dim=0).movedim(0, 2).reshape(b, h, n * C, -1)[:, :, :T]
     return y, W, S, start
