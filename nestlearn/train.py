@@ -1,0 +1,700 @@
+"""Training on token shards: one loop for every preset, on one process or many (torchrun: DDP or FSDP2).
+
+    nestlearn train --preset hope --size tiny --data wiki --steps 2000 --out-dir runs/hope-tiny
+    torchrun --nproc_per_node 2 -m nestlearn.cli train --preset hope --parallel fsdp ...
+
+Every field of `TrainConfig` is a flag (`nestlearn train --help`); `--config FILE` reads a saved one
+(`out_dir/train_config.json`), flags given after it override it.
+
+Data. A step reads `batch_size` windows of `seq_len + 1` tokens from the train shard. The windows of step s are a
+pure function of (seed, s), so that a run resumed at step s reads exactly what an uninterrupted run would have,
+and the global batch is the same whatever the number of processes and micro-batches it is cut into: process r
+of W takes rows r, r + W, ... of each micro-batch's slice. With `carry_state`, row j instead walks through its own
+contiguous stretch of the token stream, segment after segment, and the model's state is carried (detached:
+truncated backprop through time) from one step to the next; it starts afresh when the stretch wraps around.
+
+Checkpoints. `out_dir/checkpoints/step-XXXXXXXX/` holds the model (config.json, model.safetensors: `load` reads
+it), the tokenizer, and trainer.pt (optimizer, schedule, RNG, step, carried state). A checkpoint is written into
+a temporary folder and renamed into place, and older ones are deleted only after that, so an interrupted save
+never destroys the last good checkpoint. A run restarted with the same out_dir resumes from its newest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import presets
+from .config import ModelConfig
+from .data.corpora import data_dir, load_split
+from .data.shards import ShardMeta, open_shard, prepare
+from .data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
+from .model import LanguageModel, ModelState, build, load
+from .state import MemoryState
+
+__all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "latest_checkpoint", "prepare_data"]
+
+TRAINER_FILE, TRAIN_CONFIG_FILE, CHECKPOINTS = "trainer.pt", "train_config.json", "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as out_dir/train_config.json."""
+
+    # model
+    preset: str = _help("model: transformer, titans, hope or hope_attention", default="hope")
+    size: str = _help("model size: debug, tiny, 170m, 340m, 760m, 1.3b", default="tiny")
+    model_config: str | None = _help("a config.json to build the model from instead of --preset/--size", default=None)
+    seq_len: int | None = _help("tokens per training window (default: the preset's seq_len)", default=None)
+    # data
+    data: str = _help("corpus name (nestlearn fetch-data --list) or a folder with train/validation/test.txt",
+                      default="wiki")  # fmt: skip
+    tokenizer: str = _help("'bytes', 'bpe:VOCAB' (trained on the train split) or a folder with tokenizer.json",
+                           default="bytes")  # fmt: skip
+    data_root: str | None = _help("corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)", default=None)
+    shards: str | None = _help("folder of token shards (default: under the corpus cache)", default=None)
+    # optimisation
+    steps: int = _help("optimizer steps in all (a resumed run continues up to this)", default=1000)
+    stop_at: int | None = _help("stop after this step with a checkpoint, to resume later (jobs with time limits)",
+                                default=None)  # fmt: skip
+    batch_size: int = _help("sequences per optimizer step, over all processes and micro-batches", default=16)
+    grad_accum: int = _help("micro-batches per optimizer step (per process)", default=1)
+    optimizer: str = _help("adamw (the paper's optimizers plug in with nestlearn.optim)", default="adamw")
+    lr: float = _help("peak learning rate", default=1e-3)
+    min_lr_ratio: float = _help("final learning rate of the cosine schedule, as a fraction of --lr", default=0.1)
+    warmup_steps: int = _help("linear warm-up steps", default=100)
+    weight_decay: float = _help("AdamW weight decay, on matrices only (not norms, biases, gates)", default=0.1)
+    beta1: float = _help("AdamW β1", default=0.9)
+    beta2: float = _help("AdamW β2", default=0.95)
+    grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
+    carry_state: bool = _help("carry the model state across consecutive segments (truncated BPTT)", default=False)
+    # speed
+    device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
+    precision: str = _help("auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", default="auto")
+    compile: bool = _help("torch.compile the model", default=False)
+    parallel: str = _help("under torchrun: ddp or fsdp (FSDP2, one shard per block)", default="ddp")
+    # evaluation, logging, checkpoints
+    out_dir: str = _help("run folder: metrics.jsonl, TensorBoard events, checkpoints/", default="runs/default")
+    eval_every: int = _help("validate every N steps (0: only at the end)", default=200)
+    eval_tokens: int = _help("validation tokens per evaluation (0: the whole split)", default=65536)
+    log_every: int = _help("write training metrics every N steps", default=10)
+    save_every: int = _help("checkpoint every N steps (0: only at the end)", default=500)
+    keep_last: int = _help("checkpoints to keep", default=2)
+    tensorboard: str = _help("auto (if the tensorboard package is installed), on or off", default="auto")
+    progress: bool = _help("show a progress bar", default=True)
+    seed: int = _help("seed of the initial weights and of the data order", default=0)
+    resume: str = _help("auto (resume if out_dir has a checkpoint), never, or a checkpoint folder", default="auto")
+
+    def __post_init__(self) -> None:
+        choices = {"preset": list(presets.PRESETS), "size": list(presets.SIZES), "optimizer": ["adamw"],
+                   "precision": ["auto", "fp32", "bf16"], "parallel": ["ddp", "fsdp"],
+                   "tensorboard": ["auto", "on", "off"]}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("steps", "batch_size", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_tokens", "log_every", "save_every", "grad_clip", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at={self.stop_at} must lie in [1, steps={self.steps}]")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+
+    # --- files and flags ---
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {sorted(unknown)}; valid fields: `nestlearn train --help`")
+        return cls(**data)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, named after it (--out-dir for out_dir), with the field's help and default."""
+        parser.add_argument("--config", help="a saved train_config.json; flags given with it override it")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
+            text = f"{f.metadata['help']} (default: {f.default})"
+            if typ is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            else:
+                base = next(t for t in typing.get_args(typ) if t is not type(None)) if _is_optional(typ) else typ
+                parser.add_argument(flag, type=base, default=None, help=text)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        base = dataclasses.asdict(cls.from_file(args.config)) if args.config else {}
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+        return cls(**{**base, **given})
+
+
+def _is_optional(typ: Any) -> bool:
+    return isinstance(typ, types.UnionType) and type(None) in typing.get_args(typ)
+
+
+# --- data ---
+
+
+def shard_dir_of(config: TrainConfig) -> Path:
+    """Where the shards of (data, tokenizer) live: --shards, or <corpus cache>/shards/<corpus>-<tokenizer>."""
+    if config.shards:
+        return Path(config.shards)
+    source = Path(config.data)
+    if source.is_dir():  # a local corpus: its folder name and a digest of its path
+        full = str(source.resolve())
+        name = f"{source.resolve().name}-{hashlib.sha256(full.encode()).hexdigest()[:10]}"
+    else:
+        name = config.data
+    if config.tokenizer == "bytes":
+        tag = "bytes"
+    elif config.tokenizer.startswith("bpe:"):
+        tag = "bpe" + config.tokenizer.removeprefix("bpe:")
+    else:
+        tag = "tok-" + hashlib.sha256(str(Path(config.tokenizer).resolve()).encode()).hexdigest()[:10]
+    return data_dir_of(config) / "shards" / f"{name}-{tag}"
+
+
+def prepare_data(config: TrainConfig, *, progress: bool = True) -> tuple[Path, Tokenizer]:
+    """Token shards of config.data with config.tokenizer, made once and found afterwards. Returns their folder."""
+    out = shard_dir_of(config)
+    if config.tokenizer == "bytes":
+        tokenizer: Tokenizer = ByteTokenizer()
+    elif config.tokenizer.startswith("bpe:"):
+        vocab = config.tokenizer.removeprefix("bpe:")
+        if not vocab.isdigit():
+            raise ValueError(f"tokenizer={config.tokenizer!r}: expected bpe:VOCAB with an integer, e.g. bpe:8192")
+        if (out / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(out)  # trained before on this corpus (training again gives the same file)
+        else:
+            train_docs = load_split(config.data, "train", config.data_root)
+            tokenizer = train_bpe(train_docs, int(vocab), length=len(train_docs), progress=progress)
+    else:
+        tokenizer = load_tokenizer(config.tokenizer)
+    prepare(config.data, tokenizer, out, root=config.data_root, progress=progress)
+    return out, tokenizer
+
+
+def shards_for(data: str, tokenizer: Tokenizer, data_root: str | None = None, splits=("test",),
+               progress: bool = True) -> Path:  # fmt: skip
+    """Shards of `data` made with a given tokenizer (a checkpoint's), under a folder named by its fingerprint."""
+    source = Path(data)
+    name = f"{source.resolve().name}-local" if source.is_dir() else data
+    root = Path(data_root) if data_root else data_dir()
+    out = root / "shards" / f"{name}-{tokenizer.kind}-{tokenizer.fingerprint[:12]}"
+    prepare(data, tokenizer, out, splits, root=data_root, progress=progress)
+    return out
+
+
+def data_dir_of(config: TrainConfig) -> Path:
+    return Path(config.data_root) if config.data_root else data_dir()
+
+
+def window_starts(seed: int, step: int, batch_size: int, num_tokens: int, length: int) -> np.ndarray:
+    """Start positions of step `step`'s `batch_size` random windows of `length` tokens: a pure function."""
+    if num_tokens <= length:
+        raise ValueError(f"the shard has {num_tokens} tokens, fewer than a window of {length}: use a smaller --seq-len")
+    return np.random.default_rng([seed, step]).integers(0, num_tokens - length, size=batch_size)
+
+
+def lane_starts(step: int, batch_size: int, num_tokens: int, seq_len: int) -> tuple[np.ndarray, bool]:
+    """carry_state: row j reads segment (step mod n) of its own stretch [j L, (j+1) L) of the stream. Returns the
+    start positions and whether this step begins the stretches again (the state must be reset)."""
+    lane = num_tokens // batch_size
+    segments = (lane - 1) // seq_len
+    if segments < 1:
+        raise ValueError(f"{num_tokens} tokens cannot give {batch_size} rows a segment of {seq_len + 1} tokens each: "
+                         "use a smaller --batch-size or --seq-len, or more data")  # fmt: skip
+    seg = step % segments
+    return np.arange(batch_size) * lane + seg * seq_len, seg == 0
+
+
+def gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> Tensor:
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
+
+
+# --- distributed ---
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        dist.init_process_group("nccl" if gpu else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no GPU is visible to torch; use --device cpu or auto")
+    return device
+
+
+def wrap(model: LanguageModel, config: TrainConfig, env: Dist, device: torch.device) -> nn.Module:
+    if env.world == 1:
+        return model
+    if config.parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (env.world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+# --- model, optimizer, schedule ---
+
+
+def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
+    if config.model_config:
+        model_config = ModelConfig.from_dict(json.loads(Path(config.model_config).read_text()))
+    else:
+        model_config = presets.PRESETS[config.preset](config.size)
+    model_config.vocab_size = vocab_size  # the tokenizer decides
+    if config.seq_len is not None:
+        model_config.seq_len = config.seq_len
+    return model_config
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only: norms, biases, gates and 1-D read-outs are not decayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to --lr, then cosine down to min_lr_ratio · lr at the last step. step counts from 0."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.min_lr_ratio * config.lr
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# --- state carried across segments, saved with plain containers only (weights_only loading) ---
+
+
+def _encode_state(x: Any) -> Any:
+    if isinstance(x, ModelState):
+        return {"__model_state__": _encode_state(x.layers)}
+    if isinstance(x, MemoryState):
+        return {"__memory_state__": {f.name: _encode_state(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+    if isinstance(x, dict):
+        return {k: _encode_state(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode_state(v) for v in x]
+    return x
+
+
+def _decode_state(x: Any) -> Any:
+    if isinstance(x, dict) and "__model_state__" in x:
+        return ModelState(_decode_state(x["__model_state__"]))
+    if isinstance(x, dict) and "__memory_state__" in x:
+        return MemoryState(**{k: _decode_state(v) for k, v in x["__memory_state__"].items()})
+    if isinstance(x, dict):
+        return {k: _decode_state(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode_state(v) for v in x]
+    return x
+
+
+# --- checkpoints ---
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / TRAINER_FILE).is_file())
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder (its newest checkpoint). Errors say what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a checkpoint folder or a run's --out-dir")
+    if (path / "config.json").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (no config.json, no {CHECKPOINTS}/step-*/ with "
+                                f"{TRAINER_FILE}): is it a folder written by nestlearn train?")  # fmt: skip
+    return found
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LanguageModel, Tokenizer]:
+    """The model and tokenizer of a checkpoint folder or of a run folder's newest checkpoint."""
+    path = resolve_checkpoint(path)
+    try:
+        model = load(path, device=device)
+    except Exception as e:  # safetensors and json raise many kinds; say which file is bad
+        raise ValueError(f"cannot load the model in {path}: {e}. The checkpoint is corrupt or incomplete; "
+                         "use an earlier one (checkpoints/step-*)") from e  # fmt: skip
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path / 'tokenizer.json'} is missing: every nestlearn checkpoint saves its tokenizer")
+    return model, load_tokenizer(path)
+
+
+def save_checkpoint(
+    out_dir: Path, step: int, model: LanguageModel, model_sd: dict, optim_sd: dict, tokenizer: Tokenizer,
+    config: TrainConfig, carried: Any,
+) -> Path:  # fmt: skip
+    """Write checkpoints/step-XXXXXXXX atomically (a temporary folder renamed into place), then prune old ones."""
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    for stale in root.glob(".tmp-step-*"):  # left by a save that was interrupted
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    plain = LanguageModel(model.config)  # unwrapped (DDP/FSDP) weights in an ordinary module for save_pretrained
+    plain.load_state_dict(model_sd)
+    plain.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    (tmp / TRAIN_CONFIG_FILE).write_text(config.to_json())
+    trainer = {"step": step, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
+               "python_rng": random.getstate(), "carried": _encode_state(carried)}  # fmt: skip
+    torch.save(trainer, tmp / TRAINER_FILE)
+    if final.exists():  # the same step saved again (a rerun): replace it only now that the new one is complete
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    kept = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
+    for old in kept[: -config.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read_trainer(path: Path) -> dict:
+    try:
+        return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read {path / TRAINER_FILE} ({first}): the checkpoint is corrupt; delete {path} to "
+                         "resume from the one before it") from e  # fmt: skip
+
+
+# --- evaluation ---
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, tokens: np.ndarray, meta: ShardMeta, seq_len: int, batch_size: int = 8, max_tokens: int = 0,
+    device: torch.device | str = "cpu", precision: str = "fp32", progress: bool = False,
+) -> dict:  # fmt: skip
+    """Loss, perplexity and bits per byte on consecutive non-overlapping windows of seq_len + 1 tokens, each read
+    from a fresh state, from the start of the split (the first max_tokens predictions; 0: the whole split).
+
+    Bits per byte = Σ NLL / (ln 2 · bytes), with bytes the split's UTF-8 bytes times the fraction of its tokens
+    that were predicted: comparable across tokenizers (eos separators add loss but no bytes)."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    n = (len(tokens) - 1) // seq_len
+    if max_tokens:
+        n = min(n, max(1, max_tokens // seq_len))
+    if n < 1:
+        raise ValueError(f"the split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    total, count, t0 = 0.0, 0, time.perf_counter()
+    was_training = model.training
+    model.eval()
+    for lo in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
+        starts = np.arange(lo, min(n, lo + batch_size)) * seq_len
+        x = gather(tokens, starts, seq_len + 1).to(device)
+        with autocast(device, precision):
+            logits, _ = model(x[:, :-1])
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total += nll.item()
+        count += x[:, 1:].numel()
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    loss = total / count
+    bytes_covered = meta.num_bytes * count / max(1, meta.num_tokens - 1)
+    bpb = total / (math.log(2) * bytes_covered)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bpb, "tokens": count,
+            "tokens_per_s": count / seconds}  # fmt: skip
+
+
+# --- the loop ---
+
+
+class Metrics:
+    """JSONL lines in out_dir/metrics.jsonl, and the same scalars to TensorBoard when it is on."""
+
+    def __init__(self, out_dir: Path, mode: str, enabled: bool):
+        self.enabled, self.writer = enabled, None
+        if not enabled:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
+        if mode != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError as e:
+                if mode == "on":
+                    raise ValueError("--tensorboard on needs the tensorboard package: pip install tensorboard") from e
+
+    def log(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _check_run_folder(out_dir: Path, config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, after checking that the folder's run is this run."""
+    if config.resume not in ("auto", "never"):
+        return resolve_checkpoint(config.resume)
+    found = latest_checkpoint(out_dir)
+    if found is None:
+        return None
+    if config.resume == "never":
+        raise ValueError(f"{out_dir} already holds checkpoints ({found.name}); pass --resume auto to continue that run "
+                         "or choose another --out-dir")  # fmt: skip
+    saved = TrainConfig.from_file(found / TRAIN_CONFIG_FILE)
+    fixed = ("preset", "size", "model_config", "seq_len", "data", "tokenizer", "batch_size", "seed", "carry_state")
+    diff = {k: (getattr(saved, k), getattr(config, k)) for k in fixed if getattr(saved, k) != getattr(config, k)}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"{out_dir} holds a different run ({detail}); choose another --out-dir or match it")
+    return found
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) a training run. Returns the final validation metrics and the training speed."""
+    from tqdm import tqdm
+
+    env = setup_distributed(config.device)
+    device = resolve_device(config.device, env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    micro = config.batch_size // (env.world * config.grad_accum)
+    if micro * env.world * config.grad_accum != config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of processes × grad_accum = "
+                         f"{env.world} × {config.grad_accum}")  # fmt: skip
+    out_dir = Path(config.out_dir)
+    resume_from = _check_run_folder(out_dir, config)
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shard_dir, tokenizer = prepare_data(config, progress=config.progress)
+    if env.world > 1:
+        dist.barrier()  # rank 0 made the shards; the others only read them
+        if not env.main:
+            shard_dir = shard_dir_of(config)
+            tokenizer = load_tokenizer(shard_dir)
+    train_tokens, _ = open_shard(shard_dir / "train", tokenizer)
+    val_tokens, val_meta = open_shard(shard_dir / "validation", tokenizer)
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model_config = model_config_of(config, tokenizer.vocab_size)
+    model = build(model_config).to(device)
+    T = model_config.seq_len
+    step, carried = 0, None
+    optimizer_sd = None
+    if resume_from is not None:
+        from safetensors.torch import load_model
+
+        trainer = _read_trainer(resume_from)
+        load_model(model, resume_from / "model.safetensors", device=str(device))
+        step, optimizer_sd = trainer["step"], trainer["optimizer"]
+        torch.set_rng_state(trainer["torch_rng"])
+        random.setstate(trainer["python_rng"])
+        carried = _decode_state(trainer["carried"])  # one list of micro-batch states per process
+        if len(carried) != env.world:
+            raise ValueError(f"{resume_from} was saved by {len(carried)} processes; resume with as many "
+                             f"(now {env.world}), or restart without --carry-state")  # fmt: skip
+        carried = [None if s is None else s.to(device) for s in carried[env.rank]]
+    net = wrap(model, config, env, device)
+    if config.compile:
+        net = torch.compile(net)
+    optimizer = make_optimizer(net, config)
+    if optimizer_sd is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(net, optimizer, optimizer_sd, options=StateDictOptions(full_state_dict=True))
+    metrics = Metrics(out_dir, config.tensorboard, env.main)
+    if env.main:
+        (out_dir / TRAIN_CONFIG_FILE).write_text(config.to_json())
+    if carried is None or not config.carry_state:
+        carried = [None] * config.grad_accum
+
+    def state_dicts() -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(step: int) -> None:
+        model_sd, optim_sd = state_dicts()  # a collective under FSDP: every rank takes part
+        every = [carried]
+        if env.world > 1:  # the carried states of every process (small: one memory state per row)
+            every = [None] * env.world if env.main else None
+            dist.gather_object(carried, every, dst=0)
+        if env.main:
+            save_checkpoint(out_dir, step, model, model_sd, optim_sd, tokenizer, config, every)
+        if env.world > 1:
+            dist.barrier()
+
+    def validate(step: int) -> dict:
+        result = evaluate(model, val_tokens, val_meta, T, micro, config.eval_tokens, device, config.precision)
+        metrics.log(step, "validation", result)
+        return result
+
+    bar = tqdm(total=config.steps, initial=step, desc=model_config.name, unit="step",
+               disable=not (config.progress and env.main), dynamic_ncols=True)  # fmt: skip
+    seen, t_start, window_t0, window_tokens = 0, time.perf_counter(), time.perf_counter(), 0
+    net.train()
+    last = config.stop_at or config.steps
+    while step < last:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        if config.carry_state:
+            starts, fresh = lane_starts(step, config.batch_size, len(train_tokens), T)
+            if fresh:
+                carried = [None] * config.grad_accum
+        else:
+            starts = window_starts(config.seed, step, config.batch_size, len(train_tokens), T + 1)
+        loss_sum = 0.0
+        for m in range(config.grad_accum):
+            rows = starts[m * micro * env.world : (m + 1) * micro * env.world][env.rank :: env.world]
+            x = gather(train_tokens, rows, T + 1).to(device)
+            sync = m == config.grad_accum - 1 or env.world == 1 or config.parallel != "ddp"
+            with contextlib.nullcontext() if sync else net.no_sync(), autocast(device, config.precision):
+                logits, state = net(x[:, :-1], carried[m])
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+                (loss / config.grad_accum).backward()
+            if config.carry_state:
+                carried[m] = state.detach()
+            loss_sum += loss.item()
+        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += config.batch_size * T
+        window_tokens += config.batch_size * T
+        loss_value = loss_sum / config.grad_accum
+        if env.world > 1:
+            t = torch.tensor([loss_value], dtype=torch.float64)
+            dist.all_reduce(t)
+            loss_value = t.item() / env.world
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss is {loss_value} at step {step}: lower --lr or raise "
+                                     "--warmup-steps")  # fmt: skip
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            now = time.perf_counter()
+            tps = window_tokens / (now - window_t0)
+            values = {"loss": loss_value, "lr": lr_at(step - 1, config), "grad_norm": float(grad_norm),
+                      "tokens_per_s": tps, "tokens": seen}  # fmt: skip
+            metrics.log(step, "train", values)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
+            window_t0, window_tokens = now, 0
+        if config.eval_every and step % config.eval_every == 0 and step < last:
+            validate(step)
+        if config.save_every and step % config.save_every == 0 and step < last:
+            save(step)
+    bar.close()
+    train_seconds = time.perf_counter() - t_start
+    result = validate(step)
+    save(step)
+    metrics.close()
+    result["train_tokens_per_s"] = seen / train_seconds if seen else float("nan")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nestlearn train", description=__doc__.split("\n\n")[0])
+    TrainConfig.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = TrainConfig.from_args(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(str(e))
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Training, evaluation and the command line, on a small generated corpus: exact resume, DDP = one process,
+FSDP2 runs, checkpoints that fail loudly and survive interrupted saves, bits per byte, and every subcommand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nestlearn import build, presets
+from nestlearn.cli import COMMANDS
+from nestlearn.cli import main as cli
+from nestlearn.data.corpora import write_documents
+from nestlearn.data.shards import open_shard, prepare
+from nestlearn.data.tokenizer import ByteTokenizer
+from nestlearn.train import (
+    TrainConfig,
+    evaluate,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+    window_starts,
+)
+
+WORDS = "the river memory learns fast and slow levels update at their own rate while a cat sat on the mat".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("corpus")
+    for split, n in (("train", 120), ("validation", 12), ("test", 12)):
+        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60))) for _ in range(n)]
+        write_documents(root / f"{split}.txt", docs)
+    return root
+
+
+def config(corpus: Path, out: Path, **fields) -> TrainConfig:
+    base = dict(preset="transformer", size="debug", data=str(corpus), data_root=str(out.parent / "cache"),
+                seq_len=32, steps=6, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0, eval_tokens=256,
+                log_every=1, save_every=0, progress=False, tensorboard="off", out_dir=str(out))  # fmt: skip
+    return TrainConfig(**{**base, **fields})
+
+
+def losses(out: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {x["step"]: x["loss"] for x in lines if x["kind"] == "train"}
+
+
+@pytest.mark.parametrize(("preset", "carry"), [("transformer", False), ("titans", True)])
+def test_resume_is_exact(corpus, tmp_path, preset, carry):
+    # 6 steps in one go == 3 steps, a stop with a checkpoint, a restart that resumes, 3 more
+    whole = config(corpus, tmp_path / "whole", preset=preset, carry_state=carry)
+    train(whole)
+    split = config(corpus, tmp_path / "split", preset=preset, carry_state=carry, stop_at=3)
+    train(split)
+    assert latest_checkpoint(split.out_dir).name == "step-00000003"
+    train(dataclasses.replace(split, stop_at=None))
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    a, _ = load_checkpoint(whole.out_dir)
+    b, _ = load_checkpoint(split.out_dir)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_micro_batches_give_the_same_steps_as_one_batch(corpus, tmp_path):
+    train(config(corpus, tmp_path / "one"))
+    train(config(corpus, tmp_path / "accum", grad_accum=2))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "accum")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def torchrun(args: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "nestlearn.cli", "train", *args]  # fmt: skip
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def flags(c: TrainConfig) -> list[str]:
+    out = []
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        out += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(corpus, tmp_path, parallel):
+    # global batch 4: two processes of 2 rows each take the same optimizer steps as one process of 4 rows
+    one = config(corpus, tmp_path / "one", steps=4)
+    train(one)
+    two = config(corpus, tmp_path / "two", steps=4, parallel=parallel)
+    torchrun(flags(two), tmp_path)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (parallel, step, a[step], b[step])
+    model, _ = load_checkpoint(two.out_dir)  # rank 0 gathered and saved whole weights
+    ref, _ = load_checkpoint(one.out_dir)
+    for (name, p), q in zip(ref.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_missing_or_corrupt_checkpoint_says_so(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        load_checkpoint(tmp_path / "empty")
+    c = config(corpus, tmp_path / "run", steps=2)
+    train(c)
+    ckpt = latest_checkpoint(c.out_dir)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        load_checkpoint(c.out_dir)
+    (ckpt / "trainer.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="trainer.pt.*corrupt"):
+        train(dataclasses.replace(c, steps=4))
+
+
+def test_an_interrupted_save_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    c = config(corpus, tmp_path / "run", steps=2, keep_last=1)
+    train(c)
+    good = latest_checkpoint(c.out_dir)
+    model, tokenizer = load_checkpoint(good)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while trainer.pt is being written
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(Path(c.out_dir), 3, model, model.state_dict(), {}, tokenizer, c, None)
+    assert latest_checkpoint(c.out_dir) == good
+    reloaded, _ = load_checkpoint(c.out_dir)
+    for name, p in reloaded.state_dict().items():
+        assert torch.equal(p, before[name]), name
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte(corpus, tmp_path):
+    tok = ByteTokenizer()
+    prepare(corpus, tok, tmp_path / "shards", ("test",), progress=False)
+    tokens, meta = open_shard(tmp_path / "shards" / "test", tok)
+    model = build(dataclasses.replace(presets.transformer("debug"), vocab_size=tok.vocab_size, seq_len=32))
+    torch.nn.init.zeros_(model.embed.weight)  # tied head: every logit is 0, p = 1/V everywhere
+    result = evaluate(model, tokens, meta, seq_len=32)
+    n = (len(tokens) - 1) // 32 * 32
+    assert result["tokens"] == n
+    assert result["loss"] == pytest.approx(math.log(tok.vocab_size), rel=1e-6)
+    bytes_covered = meta.num_bytes * n / (meta.num_tokens - 1)
+    assert result["bits_per_byte"] == pytest.approx(n * math.log2(tok.vocab_size) / bytes_covered, rel=1e-6)
+
+
+def test_windows_are_a_function_of_seed_and_step():
+    a = window_starts(0, 5, 8, 1000, 33)
+    assert np.array_equal(a, window_starts(0, 5, 8, 1000, 33))
+    assert not np.array_equal(a, window_starts(0, 6, 8, 1000, 33))
+    assert a.min() >= 0 and a.max() <= 1000 - 33
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_subcommand_answers_help(command, capsys):
+    argv = ["--help"] if command is None else [command, "--help"]
+    try:
+        code = cli(argv)
+    except SystemExit as e:  # argparse exits after printing help
+        code = e.code
+    assert code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_train_config_flags_and_files_round_trip(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    saved = TrainConfig(preset="titans", steps=7, carry_state=True)
+    (tmp_path / "c.json").write_text(saved.to_json())
+    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--steps", "9", "--no-progress"])
+    loaded = TrainConfig.from_args(args)
+    assert dataclasses.replace(saved, steps=9, progress=False) == loaded
+    with pytest.raises(ValueError, match="preset='nope' is not one of"):
+        TrainConfig(preset="nope")
+    with pytest.raises(ValueError, match="stop_at=9 must lie in"):
+        TrainConfig(steps=5, stop_at=9)
+    with pytest.raises(ValueError, match="batch_size=6 must be a multiple of processes × grad_accum = 1 × 4"):
+        train(TrainConfig(batch_size=6, grad_accum=4, out_dir=str(tmp_path / "x")))
+
+
+def test_a_run_folder_holding_another_run_is_refused(corpus, tmp_path):
+    c = config(corpus, tmp_path / "run", steps=2)
+    train(c)
+    with pytest.raises(ValueError, match="holds a different run .*preset: 'transformer' there, 'titans' now"):
+        train(dataclasses.replace(c, preset="titans"))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(dataclasses.replace(c, resume="never"))
+
+
+def test_train_eval_generate_from_the_command_line(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    c = config(corpus, out, preset="hope", steps=3, tokenizer="bpe:300")
+    assert cli(["train", *flags(c)]) == 0
+    capsys.readouterr()
+    assert cli(["eval", str(out), "--data-root", c.data_root, "--tokens", "256", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and math.isfinite(result["bits_per_byte"]) and result["tokens"] >= 32
+    assert cli(["generate", str(out), "--prompt", "the river", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the river") and len(text) > len("the river")
+    assert cli(["eval", str(tmp_path / "nothing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
