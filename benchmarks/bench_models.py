@@ -33,11 +33,15 @@ def state_mb(state) -> float:
     return sum(sizes) / 2**20
 
 
-def train_one(preset: str, size: str, T: int, batch: int) -> dict:
+def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = False) -> dict:
     from nestlearn import build, presets
 
     torch.manual_seed(0)
-    model = build(presets.PRESETS[preset](size))
+    config = presets.PRESETS[preset](size)
+    for sub in (config.titans, config.sm_titans, config.cms):
+        if sub is not None:
+            sub.checkpoint = checkpoint
+    model = build(config)
     x = torch.randint(0, model.config.vocab_size, (batch, T + 1))
     base = rss_mb("VmRSS")
     times = []
@@ -81,6 +85,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=8192, help="decoding: tokens of context before timing")
     p.add_argument("--decode", type=int, default=32, help="decoding: timed single-token steps")
     p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each measurement")
+    p.add_argument("--checkpoint", action="store_true", help="training: recompute the memories' chunks in backward")
+    p.add_argument("--skip-decode", action="store_true", help="measure training only")
     p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -88,20 +94,21 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         torch.set_flush_denormal(True)
         kind, preset, T = args.one
-        row = train_one(preset, args.size, int(T), args.batch) if kind == "train" else (
+        row = train_one(preset, args.size, int(T), args.batch, args.checkpoint) if kind == "train" else (
             decode_one(preset, args.size, int(T), args.decode))  # fmt: skip
         print(json.dumps(row))
         return
 
     machine = platform.processor() or platform.machine()
     print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, size {args.size}, "
-          f"batch {args.batch}")  # fmt: skip
+          f"batch {args.batch}{', memory checkpointing' if args.checkpoint else ''}")  # fmt: skip
     jobs = [("train", pr, T) for T in args.lengths for pr in args.presets]
-    jobs += [("decode", pr, args.context) for pr in args.presets]
+    jobs += [] if args.skip_decode else [("decode", pr, args.context) for pr in args.presets]
     rows = []
     for kind, preset, T in jobs:
         cmd = [sys.executable, __file__, "--one", kind, preset, str(T), "--size", args.size, "--batch",
                str(args.batch), "--decode", str(args.decode), "--mem-limit-gb", str(args.mem_limit_gb)]  # fmt: skip
+        cmd += ["--checkpoint"] if args.checkpoint else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             err = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"

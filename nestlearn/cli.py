@@ -35,9 +35,10 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from .train import evaluate, resolve_checkpoint, resolve_device, shards_for
+    from .train import evaluate, flush_subnormals, resolve_checkpoint, resolve_device, shards_for
 
     device = resolve_device(args.device)
+    flush_subnormals(device)
     path = resolve_checkpoint(args.checkpoint)
     model, tokenizer = _load(path, device)
     data = args.data or _trained_on(path)
@@ -80,11 +81,12 @@ def _generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from .train import resolve_checkpoint, resolve_device
+    from .train import flush_subnormals, resolve_checkpoint, resolve_device
 
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 1:
         p.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
     device = resolve_device(args.device)
+    flush_subnormals(device)
     model, tokenizer = _load(resolve_checkpoint(args.checkpoint), device)
     model.eval()
     ids = tokenizer.encode(args.prompt)

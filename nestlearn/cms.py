@@ -5,7 +5,9 @@
 Levels are chained with a residual connection each, h_ℓ = h_{ℓ−1} + MLP^(ℓ)(h_{ℓ−1}), and the CMS returns
 h_k − h_0, so that for one level it is the Transformer's MLP (`variant="sequential"`, eq. 73). With
 `variant="independent"` (eq. 74) every level reads x and the CMS returns the learned weighted sum
-Σ_ℓ a_ℓ MLP^(ℓ)(x), a = softmax of one learned logit per level (uniform at first).
+Σ_ℓ a_ℓ MLP^(ℓ)(x), a = softmax of one learned logit per level (uniform at first). With `variant="nested"`
+(eq. 72) the levels are chained as in the sequential variant, and an in-context level goes back to its initial
+state θ_0 whenever the next slower level updates; the state then also counts the stream position.
 
 - An **outer level** (period None, or at least the training context) is a SwiGLU MLP whose weights are ordinary
   parameters carrying their period (`period`, listed by `LanguageModel.levels()`) for the optimizer that honours
@@ -20,6 +22,7 @@ h_k − h_0, so that for one level it is the Transformer's MLP (`variant="sequen
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -108,25 +111,57 @@ class CMS(nn.Module):
                 level.period = period  # C^(ℓ), read by LanguageModel.levels()
                 levels.append(level)
         self.levels = nn.ModuleList(levels)
+        # nested (eq. 72): an in-context level returns to its initial state whenever the next slower level updates,
+        # every `reset` tokens of the stream (None: the next level is stepped by the optimizer, not in context)
+        periods = list(config.update_periods)
+        self.resets = [
+            next((q for q in periods[i + 1 :] if q is not None), None) if isinstance(lv, InContextLevel) else None
+            for i, lv in enumerate(levels)
+        ]
         if config.variant == "independent":
             self.agg_logits = nn.Parameter(torch.zeros(len(levels)))  # Agg of eq. 74: a learned weighted sum
 
-    def init_state(self, batch_size: int) -> list:
-        return [lv.init_state(batch_size) if isinstance(lv, InContextLevel) else None for lv in self.levels]
+    def init_state(self, batch_size: int) -> list | dict:
+        levels = [lv.init_state(batch_size) if isinstance(lv, InContextLevel) else None for lv in self.levels]
+        # nested: the stream position too, because resets follow the global grid of the slower periods
+        return {"levels": levels, "position": 0} if self.config.variant == "nested" else levels
 
-    def forward(self, x: Tensor, state: list) -> tuple[Tensor, list]:
-        sequential = self.config.variant == "sequential"
+    def forward(self, x: Tensor, state: list | dict) -> tuple[Tensor, list | dict]:
+        nested = self.config.variant == "nested"
+        chained = self.config.variant in ("sequential", "nested")
+        states, position = (state["levels"], state["position"]) if nested else (state, 0)
         h, outs, new_state = x, [], []
-        for level, level_state in zip(self.levels, state, strict=True):
-            inp = h if sequential else x
-            if isinstance(level, InContextLevel):
-                y, level_state = level(inp, level_state)
-            else:
+        for level, level_state, reset in zip(self.levels, states, self.resets, strict=True):
+            inp = h if chained else x
+            if not isinstance(level, InContextLevel):
                 y = level(inp)
+            elif nested and reset is not None:
+                y, level_state = self._nested(level, inp, level_state, position, reset)
+            else:
+                y, level_state = level(inp, level_state)
             h = h + y
             outs.append(y)
             new_state.append(level_state)
-        if sequential:
+        if nested:
+            return h - x, {"levels": new_state, "position": position + x.shape[1]}
+        if chained:
             return h - x, new_state
         a = self.agg_logits.softmax(0)  # (levels,)
         return sum(a[i] * y for i, y in enumerate(outs)), new_state
+
+    @staticmethod
+    def _nested(level: InContextLevel, h: Tensor, state: MemoryState, position: int, reset: int):
+        """Run `level` over h, which starts at stream `position`, going back to the level's initial state at every
+        multiple of `reset` (a multiple of the level's period, so resets fall on chunk boundaries)."""
+        t = h.shape[1]
+        first = (reset - position % reset) % reset
+        bounds = [0, *range(first, t, reset), t]
+        ys = []
+        for lo, hi in itertools.pairwise(bounds):
+            if hi == lo:
+                continue
+            if (position + lo) % reset == 0 and position + lo > 0:
+                state = level.init_state(h.shape[0])  # θ_0 again: the slower level has just updated
+            y, state = level(h[:, lo:hi], state)
+            ys.append(y)
+        return torch.cat(ys, dim=1) if ys else h.new_zeros(h.shape), state

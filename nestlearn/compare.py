@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="nestlearn compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["hope", "transformer"], help="(default: hope transformer)")
-    p.add_argument("--test-tokens", type=int, default=65536, help="test predictions per model (0: the whole split)")
-    defaults = dict(size="mini", data="wiki", steps=60, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=6,
-                    eval_every=20, eval_tokens=32768, save_every=0, log_every=2,
+    p.add_argument("--test-tokens", type=int, default=32768, help="test predictions per model (0: the whole split)")
+    defaults = dict(size="mini", data="wiki", steps=48, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=6,
+                    eval_every=16, eval_tokens=16384, save_every=0, log_every=2,
                     out_dir=time.strftime("runs/compare/%Y%m%d-%H%M%S"))  # fmt: skip
     TrainConfig.add_arguments(p)
     args = p.parse_args(argv)

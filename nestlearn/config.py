@@ -6,6 +6,7 @@ presets in `nestlearn.presets` are functions returning these. Symbols: docs/nota
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -86,6 +87,9 @@ class SelfModConfig:
     rule: str = "dgd"  # eq. 88; "gd" is the Table 6 ablation "w/o DGD"
     momentum: bool = True  # Table 6 ablates "w/o Momentum", so Hope has one (ambiguity #3)
     adaptive_q: bool = False  # "q_t = x_t W_q, the only non-adaptive projection" (ambiguity #4)
+    # ℓ2-normalise the generated values v_t, as q and k are: the targets v̂ = M_□(v_t) otherwise feed back into
+    # the memories that generate v_t and can diverge (docs/deviations.md)
+    normalize_values: bool = True
     read: str = "dual"  # how the main memory is read inside a chunk
     conv_width: int = 4  # "local convolutions with window size of 4"
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(readout of M_η(x_t)) (ambiguity #2)
@@ -112,9 +116,14 @@ class CMSConfig:
     update_periods: tuple[int | None, ...] = (None,)
     hidden_mult: float = 8 / 3  # SwiGLU hidden width = hidden_mult × dim, rounded up to a multiple of 32
     # in-context levels (period < seq_len): an MLP memory per head, written every C^(ℓ) tokens (docs/deviations.md)
-    variant: str = "sequential"  # "sequential" chain (eq. 73, Hope's eq. 97) or "independent" weighted sum (eq. 74)
+    # "sequential" chain (eq. 73, Hope's eq. 97), "independent" weighted sum (eq. 74), or "nested" (eq. 72): the
+    # sequential chain in which a level's fast weights go back to their meta-learned initial state every time the
+    # next slower level updates
+    variant: str = "sequential"
     memory_hidden_mult: int = 4  # hidden width of an in-context level's MLP = memory_hidden_mult × head_dim
-    max_lr: float = 0.1  # η_t of an in-context level = max_lr · sigmoid(h_t W_η)
+    # η_t of an in-context level = max_lr · sigmoid(h_t W_η). 0.1 (the memories' bound) let the sum of a 16-token
+    # chunk's steps outgrow the MLP's curvature and diverge in training (docs/deviations.md)
+    max_lr: float = 0.02
     checkpoint: bool = False  # the same for in-context levels: keep every ⌈√n⌉-th chunk's weights, recompute the rest
 
     def __post_init__(self) -> None:
@@ -128,8 +137,15 @@ class CMSConfig:
             _fail("CMSConfig", "update_periods", self.update_periods, "list the levels fastest first (ascending)")
         if self.hidden_mult <= 0:
             _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
-        if self.variant not in ("sequential", "independent"):
-            _fail("CMSConfig", "variant", self.variant, "expected 'sequential' (eq. 73) or 'independent' (eq. 74)")
+        if self.variant not in ("sequential", "independent", "nested"):
+            _fail("CMSConfig", "variant", self.variant,
+                  "expected 'sequential' (eq. 73), 'independent' (eq. 74) or 'nested' (eq. 72)")  # fmt: skip
+        if self.variant == "nested":
+            for fast, slow in itertools.pairwise(periods):
+                if slow % fast:
+                    _fail("CMSConfig", "update_periods", self.update_periods,
+                          f"nested levels reset at the next slower level's updates, so each period must divide the "
+                          f"next one ({fast} does not divide {slow})")  # fmt: skip
 
 
 @dataclass

@@ -16,8 +16,8 @@ and carries its mid-chunk state across pieces. Every M_□,0 is a meta-learned p
 
 Open points (docs/deviations.md): g_η, g_α are learned linear read-outs of the memory's output followed by a
 sigmoid (ambiguity #2); momentum is Titans' (ambiguity #3); a causal depthwise conv of width 4 acts on x_t and q_t
-before the memories, and q, k are ℓ2-normalised (paper §8.3); the output is normalised per head, gated and
-projected as in Titans.
+before the memories, and q, k are ℓ2-normalised (paper §8.3), and so is v_t by default (`normalize_values`: the
+self-generated targets diverge without it); the output is normalised per head, gated and projected as in Titans.
 
     b batch, t tokens, h heads, d head width, f memory hidden width, m generating memories (4, or 5 with q)
 """
@@ -117,7 +117,7 @@ class SelfModifyingTitans(nn.Module):
         W = gen.snapshot if gen.offset else gen.weights
         out = apply_memory(W, xc.repeat(1, m, 1, 1), "mlp", cfg.activation).view(b, m, h, c, d)
         k = F.normalize(out[:, 0], dim=-1)  # (b, h, c, d)
-        v = out[:, 1]
+        v = F.normalize(out[:, 1], dim=-1) if cfg.normalize_values else out[:, 1]  # docs/deviations.md
         ro = (out[:, 2:4] * self.readout[None, :, :, None, :]).sum(-1) + self.readout_bias[None, :, :, None]
         lr, retention = cfg.max_lr * torch.sigmoid(ro[:, 0]), torch.sigmoid(ro[:, 1])  # (b, h, c)
         qc = F.normalize(out[:, 4] if cfg.adaptive_q else qc, dim=-1)

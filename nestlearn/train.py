@@ -69,9 +69,11 @@ class TrainConfig:
 
     # model
     preset: str = _help("model: transformer, titans, hope or hope_attention", default="hope")
-    size: str = _help("model size: debug, tiny, 170m, 340m, 760m, 1.3b", default="tiny")
+    size: str = _help("model size (nestlearn.presets.SIZES)", default="tiny")
     model_config: str | None = _help("a config.json to build the model from instead of --preset/--size", default=None)
     seq_len: int | None = _help("tokens per training window (default: the preset's seq_len)", default=None)
+    memory_checkpoint: bool = _help("recompute the memories' chunks in backward (in groups of √n): much less memory "
+                                    "for titans/hope, a little more time", default=False)  # fmt: skip
     # data
     data: str = _help("corpus name (nestlearn fetch-data --list) or a folder with train/validation/test.txt",
                       default="wiki")  # fmt: skip
@@ -85,7 +87,8 @@ class TrainConfig:
                                 default=None)  # fmt: skip
     batch_size: int = _help("sequences per optimizer step, over all processes and micro-batches", default=16)
     grad_accum: int = _help("micro-batches per optimizer step (per process)", default=1)
-    optimizer: str = _help("adamw (the paper's optimizers plug in with nestlearn.optim)", default="adamw")
+    optimizer: str = _help("the outer optimizer; AdamW for now (the paper's deep optimizers are not wired in yet)",
+                           default="adamw")  # fmt: skip
     lr: float = _help("peak learning rate", default=1e-3)
     min_lr_ratio: float = _help("final learning rate of the cosine schedule, as a fraction of --lr", default=0.1)
     warmup_steps: int = _help("linear warm-up steps", default=100)
@@ -111,11 +114,14 @@ class TrainConfig:
     seed: int = _help("seed of the initial weights and of the data order", default=0)
     resume: str = _help("auto (resume if out_dir has a checkpoint), never, or a checkpoint folder", default="auto")
 
+    @staticmethod
+    def choices() -> dict[str, list[str]]:
+        return {"preset": list(presets.PRESETS), "size": list(presets.SIZES), "optimizer": ["adamw"],
+                "precision": ["auto", "fp32", "bf16"], "parallel": ["ddp", "fsdp"],
+                "tensorboard": ["auto", "on", "off"]}  # fmt: skip
+
     def __post_init__(self) -> None:
-        choices = {"preset": list(presets.PRESETS), "size": list(presets.SIZES), "optimizer": ["adamw"],
-                   "precision": ["auto", "fp32", "bf16"], "parallel": ["ddp", "fsdp"],
-                   "tensorboard": ["auto", "on", "off"]}  # fmt: skip
-        for name, allowed in choices.items():
+        for name, allowed in self.choices().items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("steps", "batch_size", "grad_accum", "keep_last"):
@@ -148,15 +154,16 @@ class TrainConfig:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """One flag per field, named after it (--out-dir for out_dir), with the field's help and default."""
         parser.add_argument("--config", help="a saved train_config.json; flags given with it override it")
-        hints = typing.get_type_hints(cls)
+        hints, choices = typing.get_type_hints(cls), cls.choices()
         for f in dataclasses.fields(cls):
-            flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
-            text = f"{f.metadata['help']} (default: {f.default})"
+            flag, typ, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
+            if "default" not in text:
+                text += f" (default: {f.default})"
             if typ is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
                 base = next(t for t in typing.get_args(typ) if t is not type(None)) if _is_optional(typ) else typ
-                parser.add_argument(flag, type=base, default=None, help=text)
+                parser.add_argument(flag, type=base, default=None, choices=choices.get(f.name), help=text)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
@@ -274,6 +281,14 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def flush_subnormals(device: torch.device) -> None:
+    """On CPU, treat subnormal floats as zero. Momentum and retention decay fast weights geometrically, into the
+    subnormal range within a few hundred tokens, where x86 arithmetic is many times slower (docs/benchmarks.md);
+    values that small change nothing, so the whole process flushes them."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -309,6 +324,10 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
     model_config.vocab_size = vocab_size  # the tokenizer decides
     if config.seq_len is not None:
         model_config.seq_len = config.seq_len
+    if config.memory_checkpoint:
+        for sub in (model_config.titans, model_config.sm_titans, model_config.cms):
+            if sub is not None:
+                sub.checkpoint = True
     return model_config
 
 
@@ -460,7 +479,7 @@ def evaluate(
         n = min(n, max(1, max_tokens // seq_len))
     if n < 1:
         raise ValueError(f"the split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
-    total, count, t0 = 0.0, 0, time.perf_counter()
+    total, count, bad, t0 = 0.0, 0, 0, time.perf_counter()
     was_training = model.training
     model.eval()
     for lo in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
@@ -468,16 +487,18 @@ def evaluate(
         x = gather(tokens, starts, seq_len + 1).to(device)
         with autocast(device, precision):
             logits, _ = model(x[:, :-1])
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += nll.item()
+        nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none").sum(1)  # (windows,)
+        bad += int((~torch.isfinite(nll)).sum())
+        total += nll.sum().item()
         count += x[:, 1:].numel()
     seconds = time.perf_counter() - t0
     model.train(was_training)
     loss = total / count
     bytes_covered = meta.num_bytes * count / max(1, meta.num_tokens - 1)
     bpb = total / (math.log(2) * bytes_covered)
+    # non-finite windows are counted, not dropped: a model whose memories diverge on some input must show it
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bpb, "tokens": count,
-            "tokens_per_s": count / seconds}  # fmt: skip
+            "tokens_per_s": count / seconds, "nonfinite_windows": bad, "windows": n}  # fmt: skip
 
 
 # --- the loop ---
@@ -517,6 +538,15 @@ class Metrics:
                 self.writer.close()
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(x + "\n" for x in lines))
+    os.replace(tmp, path)
+
+
 def _check_run_folder(out_dir: Path, config: TrainConfig) -> Path | None:
     """The checkpoint to resume from, after checking that the folder's run is this run."""
     if config.resume not in ("auto", "never"):
@@ -544,6 +574,7 @@ def train(config: TrainConfig) -> dict:
     device = resolve_device(config.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    flush_subnormals(device)
     micro = config.batch_size // (env.world * config.grad_accum)
     if micro * env.world * config.grad_accum != config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of processes × grad_accum = "
@@ -589,6 +620,8 @@ def train(config: TrainConfig) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(net, optimizer, optimizer_sd, options=StateDictOptions(full_state_dict=True))
+    if env.main and resume_from is not None:
+        _drop_metrics_after(out_dir / "metrics.jsonl", step)  # lines an interrupted run wrote after its checkpoint
     metrics = Metrics(out_dir, config.tensorboard, env.main)
     if env.main:
         (out_dir / TRAIN_CONFIG_FILE).write_text(config.to_json())
@@ -635,7 +668,8 @@ def train(config: TrainConfig) -> dict:
             rows = starts[m * micro * env.world : (m + 1) * micro * env.world][env.rank :: env.world]
             x = gather(train_tokens, rows, T + 1).to(device)
             sync = m == config.grad_accum - 1 or env.world == 1 or config.parallel != "ddp"
-            with contextlib.nullcontext() if sync else net.no_sync(), autocast(device, config.precision):
+            ddp = getattr(net, "_orig_mod", net)  # under torch.compile, no_sync lives on the wrapped DDP module
+            with contextlib.nullcontext() if sync else ddp.no_sync(), autocast(device, config.precision):
                 logits, state = net(x[:, :-1], carried[m])
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
                 (loss / config.grad_accum).backward()
@@ -659,7 +693,7 @@ def train(config: TrainConfig) -> dict:
             raise FloatingPointError(f"training loss is {loss_value} at step {step}: lower --lr or raise "
                                      "--warmup-steps")  # fmt: skip
         bar.update(1)
-        if step % config.log_every == 0 or step == config.steps:
+        if step % config.log_every == 0 or step == last:
             now = time.perf_counter()
             tps = window_tokens / (now - window_t0)
             values = {"loss": loss_value, "lr": lr_at(step - 1, config), "grad_norm": float(grad_norm),
@@ -676,6 +710,7 @@ def train(config: TrainConfig) -> dict:
     result = validate(step)
     save(step)
     metrics.close()
+    # tokens over the wall time of the loop, periodic validation and checkpoints included
     result["train_tokens_per_s"] = seen / train_seconds if seen else float("nan")
     return result
 

@@ -16,6 +16,7 @@ VARIANTS = {
     "titans-dgd-snapshot": ModelConfig(mixer="titans", titans=TitansConfig(rule="dgd", read="snapshot", chunk_size=4)),
     "titans-no-momentum": ModelConfig(mixer="titans", titans=TitansConfig(momentum=False, chunk_size=4)),
     "cms-independent": ModelConfig(cms=CMSConfig(update_periods=(8, 32, None), variant="independent")),
+    "cms-nested": ModelConfig(cms=CMSConfig(update_periods=(4, 8, None), variant="nested")),
     "hope-adaptive-q-gd": ModelConfig(
         mixer="sm_titans",
         sm_titans=SelfModConfig(adaptive_q=True, rule="gd", chunk_size=4, memory_chunk_size=8),
@@ -154,7 +155,7 @@ def test_levels_cover_every_parameter_once():
         (lambda: ModelConfig(mixer="mamba"), r"ModelConfig.mixer='mamba': expected one of"),
         (lambda: SelfModConfig(chunk_size=8, memory_chunk_size=12), r"memory_chunk_size=12: must be a multiple"),
         (lambda: CMSConfig(update_periods=(4096, 1024)), r"fastest first"),
-        (lambda: CMSConfig(variant="nested"), r"CMSConfig.variant='nested'"),
+        (lambda: CMSConfig(variant="stacked"), r"CMSConfig.variant='stacked'.*'nested' \(eq. 72\)"),
         (lambda: TitansConfig(chunk_size=0), r"TitansConfig.chunk_size=0: must be a positive int"),
         (lambda: TitansConfig(rule="adam"), r"TitansConfig.rule='adam'"),
         (lambda: AttentionConfig(window=0), r"AttentionConfig.window=0"),
@@ -185,6 +186,29 @@ def test_in_context_level_changes_exactly_at_its_period():
         seen.append((level.snapshot if level.offset else level.weights)["W1"].clone())  # what its reads use
     changed = [t for t in range(1, 40) if not torch.equal(seen[t], seen[t - 1])]
     assert changed == [15, 31]  # after the 16th and 32nd token: the next token reads the new weights
+
+
+def test_a_nested_level_returns_to_its_initial_state_when_the_slower_level_updates():
+    # eq. 72: periods 4 and 16; the fast level restarts from θ_0 at tokens 16, 32, ... of the stream
+    torch.manual_seed(0)
+    cms = build(ModelConfig(cms=CMSConfig(update_periods=(4, 16, None), variant="nested"))).blocks[0].cms.double()
+    fast = cms.levels[0]
+    x = torch.randn(2, 23, 64, dtype=torch.float64)
+    state = cms.init_state(2)
+    y_a, state = cms(x[:, :10], state)  # a cut inside the first reset period, and inside a chunk
+    y_b, state = cms(x[:, 10:], state)
+    assert state["position"] == 23
+    _, restarted = fast(x[:, 16:], fast.init_state(2))  # the fast level's input is x itself: it comes first
+    for name, w in restarted.weights.items():
+        torch.testing.assert_close(state["levels"][0].weights[name], w, rtol=0, atol=1e-12)
+    y, _ = cms(x, cms.init_state(2))
+    torch.testing.assert_close(torch.cat([y_a, y_b], dim=1), y, rtol=0, atol=1e-12)
+    sequential = build(ModelConfig(cms=CMSConfig(update_periods=(4, 16, None)))).blocks[0].cms.double()
+    sequential.load_state_dict(cms.state_dict())
+    y_seq, _ = sequential(x, sequential.init_state(2))
+    assert torch.equal(y_seq[:, :16], y[:, :16]) and not torch.allclose(y_seq[:, 16:], y[:, 16:])
+    with pytest.raises(ValueError, match="4 does not divide 6"):
+        CMSConfig(update_periods=(4, 6, None), variant="nested")
 
 
 def test_an_outer_level_started_from_an_mlp_computes_that_mlp():

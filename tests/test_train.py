@@ -65,6 +65,8 @@ def test_resume_is_exact(corpus, tmp_path, preset, carry):
     split = config(corpus, tmp_path / "split", preset=preset, carry_state=carry, stop_at=3)
     train(split)
     assert latest_checkpoint(split.out_dir).name == "step-00000003"
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a crash after step 4 had been logged, not saved
+        f.write(json.dumps({"step": 4, "kind": "train", "loss": 0.0}) + "\n")
     train(dataclasses.replace(split, stop_at=None))
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     a, _ = load_checkpoint(whole.out_dir)
