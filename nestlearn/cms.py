@@ -68,7 +68,7 @@ class InContextLevel(nn.Module):
     def __init__(self, dim: int, num_heads: int, period: int, config: CMSConfig):
         super().__init__()
         self.period, self.num_heads, self.head_dim = period, num_heads, dim // num_heads
-        self.max_lr, self.checkpoint = config.max_lr, config.checkpoint
+        self.max_lr, self.checkpoint, self.max_grad_norm = config.max_lr, config.checkpoint, config.max_grad_norm
         d, f = self.head_dim, config.memory_hidden_mult * self.head_dim
         self.value = nn.Linear(dim, dim, bias=False)  # v_t = h_t W_v: what the level learns to store
         self.gates = nn.Linear(dim, 2 * num_heads)  # η_t and α_t per head
@@ -89,8 +89,8 @@ class InContextLevel(nn.Module):
         g = self.gates(h).view(b, t, 2, H).permute(2, 0, 3, 1)  # (2, b, H, t)
         lr, retention = self.max_lr * torch.sigmoid(g[0]), torch.sigmoid(g[1])
         y, state = scan(k, k, v, lr, retention, memory="mlp", objective="l2", rule="gd", chunk_size=self.period,
-                        read="snapshot", state=state, check_values=False,
-                        checkpoint=self.checkpoint)  # fmt: skip
+                        read="snapshot", state=state, check_values=False, checkpoint=self.checkpoint,
+                        max_grad_norm=self.max_grad_norm)  # fmt: skip
         y = (y - k).transpose(1, 2).reshape(b, t, dim)  # the MLP part of M(k) = k + W1 σ(W2 k)
         return self.out(y), state
 

@@ -40,6 +40,12 @@ def _check_memory_options(config: Any) -> None:
         _fail(cls, "read", config.read, "expected 'dual' or 'snapshot'")
     if not 0 < config.max_lr:
         _fail(cls, "max_lr", config.max_lr, "must be positive")
+    _check_clip(config)
+
+
+def _check_clip(config: Any) -> None:
+    if config.max_grad_norm is not None and not config.max_grad_norm > 0:
+        _fail(type(config).__name__, "max_grad_norm", config.max_grad_norm, "must be positive, or None for no clip")
 
 
 @dataclass
@@ -68,6 +74,9 @@ class TitansConfig:
     read: str = "dual"
     conv_width: int = 4  # causal depthwise convolution after the q, k, v projections (Titans §3.3)
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(x W_η)
+    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm); None,
+    # the paper, does not clip (docs/deviations.md)
+    max_grad_norm: float | None = None
     checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
@@ -93,6 +102,9 @@ class SelfModConfig:
     read: str = "dual"  # how the main memory is read inside a chunk
     conv_width: int = 4  # "local convolutions with window size of 4"
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(readout of M_η(x_t)) (ambiguity #2)
+    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm); None,
+    # the paper, does not clip (docs/deviations.md)
+    max_grad_norm: float | None = None
     checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
@@ -124,6 +136,9 @@ class CMSConfig:
     # η_t of an in-context level = max_lr · sigmoid(h_t W_η). 0.1 (the memories' bound) let the sum of a 16-token
     # chunk's steps outgrow the MLP's curvature and diverge in training (docs/deviations.md)
     max_lr: float = 0.02
+    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm); None,
+    # the paper, does not clip (docs/deviations.md)
+    max_grad_norm: float | None = None
     checkpoint: bool = False  # the same for in-context levels: keep every ⌈√n⌉-th chunk's weights, recompute the rest
 
     def __post_init__(self) -> None:
@@ -137,6 +152,7 @@ class CMSConfig:
             _fail("CMSConfig", "update_periods", self.update_periods, "list the levels fastest first (ascending)")
         if self.hidden_mult <= 0:
             _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
+        _check_clip(self)
         if self.variant not in ("sequential", "independent", "nested"):
             _fail("CMSConfig", "variant", self.variant,
                   "expected 'sequential' (eq. 73), 'independent' (eq. 74) or 'nested' (eq. 72)")  # fmt: skip

@@ -107,6 +107,7 @@ def scan(
     activation: str = "gelu",
     check_values: bool = True,
     checkpoint: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Write (k_t, v_t) for every token into the memory and read M(q_t), in one causal pass.
 
@@ -125,6 +126,9 @@ def scan(
         checkpoint: `chunked` only: run the n chunks in groups of ⌈√n⌉ under torch.utils.checkpoint, so that the
             backward pass keeps the weights only at group boundaries and recomputes one group at a time: O(√n)
             weight-sized tensors instead of O(n), for one more forward pass (docs/benchmarks.md).
+
+        max_grad_norm: clip each token's inner gradient (all layers of the memory together) to this norm before it
+            is written, g_t ← g_t · min(1, c / ‖g_t‖), as titans-pytorch does; None (the paper) does not clip.
 
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
@@ -155,7 +159,10 @@ def scan(
             f"state.offset={state.offset} tokens into a chunk, but chunk_size={chunk_size}: continue a stream with "
             "the chunk_size that wrote it"
         )
-    opts = dict(memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read, activation=activation)
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a positive number, or None for no clipping")
+    opts = dict(memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read, activation=activation,
+                max_grad_norm=max_grad_norm)  # fmt: skip
     if impl == "reference":
         return naive_scan(q, k, v, lr, retention, momentum, state, **opts)
     return chunked_scan(q, k, v, lr, retention, momentum, state, **opts, checkpoint=checkpoint)

@@ -129,8 +129,8 @@ class SelfModifyingTitans(nn.Module):
         lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
         _, gen = scan(km, km, v_hat, lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule,
                       chunk_size=cfg.chunk_size, read="snapshot", state=gen, activation=cfg.activation,
-                      check_values=False)  # fmt: skip
+                      check_values=False, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
         y, mem = scan(qc, k, v_hat_mem, lr, retention, bc, memory="mlp", objective="l2", rule=cfg.rule,
                       chunk_size=cfg.memory_chunk_size, read=cfg.read, state=mem, activation=cfg.activation,
-                      check_values=False)  # fmt: skip
+                      check_values=False, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
         return y, gen, mem

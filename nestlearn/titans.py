@@ -106,6 +106,6 @@ class TitansMixer(nn.Module):
         retention, momentum = torch.sigmoid(g[1]), torch.sigmoid(g[2]) if cfg.momentum else None
         o, memory = scan(q, k, v, lr, retention, momentum, memory="mlp", objective="l2", rule=cfg.rule,
                          chunk_size=cfg.chunk_size, read=cfg.read, state=state["memory"],
-                         activation=cfg.activation, check_values=False,
-                          checkpoint=cfg.checkpoint)  # fmt: skip
+                         activation=cfg.activation, check_values=False, checkpoint=cfg.checkpoint,
+                         max_grad_norm=cfg.max_grad_norm)  # fmt: skip
         return self.out(o, x), {"conv": conv, "memory": memory}

@@ -156,3 +156,18 @@ def test_snapshot_read_at_the_keys_matches_reference(memory, rule):
     inputs["q"] = inputs["k"]
     opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=4, read="snapshot")
     assert_both_match(inputs, opts, 1e-8)
+
+
+@pytest.mark.parametrize(("memory", "objective"), [("linear", "l2"), ("mlp", "l2"), ("mlp", "dot")])
+@pytest.mark.parametrize("rule", ["gd", "dgd"])
+@pytest.mark.parametrize("read", ["dual", "snapshot"])
+def test_clipped_inner_gradients_match_reference(memory, objective, rule, read):
+    # a clip below the typical gradient norm, so that most tokens are clipped and some are not
+    inputs = make_inputs(memory, True, requires_grad=True)
+    opts = dict(memory=memory, objective=objective, rule=rule, chunk_size=4, read=read, max_grad_norm=0.5)
+    assert_both_match(inputs, opts, 1e-8)
+    y_clip, _ = scan(**inputs, **opts)
+    y_free, _ = scan(**inputs, **{**opts, "max_grad_norm": None})
+    assert not torch.allclose(y_clip, y_free)  # the clip is active on these inputs
+    with pytest.raises(ValueError, match="max_grad_norm=0 must be a positive number"):
+        scan(**inputs, **{**opts, "max_grad_norm": 0})

@@ -88,12 +88,14 @@ def chunked_scan(
     read: str,
     activation: str,
     checkpoint: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract as `naive_scan`. A state that stopped part-way through a chunk (offset r > 0) first finishes
     that chunk, C − r tokens whose gradients use the saved snapshot, then continues in whole chunks."""
     T, C, r = q.shape[2], chunk_size, state.offset
     opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, checkpoint=checkpoint)
     opts["q_is_k"] = q is k  # a snapshot read at the keys reuses the gradient's forward pass
+    opts["max_grad_norm"] = max_grad_norm
     W, S = state.weights, state.momentum
 
     def part(lo: int, hi: int) -> tuple[Tensor, ...]:
@@ -139,6 +141,7 @@ def _scan_chunks(
     activation: str,
     checkpoint: bool,
     q_is_k: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
     """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
     at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
@@ -218,6 +221,12 @@ def _scan_chunks(
         else:
             delta = (e @ Wg["W1"]) * dsigma(zk)  # (b, h, C, f): e backpropagated through W1 and σ
             factors = {"W1": (e, hk), "W2": (delta, kc)}
+        if max_grad_norm is not None:
+            # ‖a bᵀ‖_F = ‖a‖ ‖b‖ per token and layer; scaling e scales every layer's factor (δ is linear in e)
+            sq = sum((a * a).sum(-1, keepdim=True) * (bb * bb).sum(-1, keepdim=True) for a, bb in factors.values())
+            scale = max_grad_norm * torch.rsqrt(sq.clamp(min=max_grad_norm**2))  # (b, h, C, 1)
+            e = e * scale
+            factors = {name: (a * scale, bb) for name, (a, bb) in factors.items()}
         a_key = factors[key][0]
 
         if dgd:

@@ -11,6 +11,7 @@ not by hand, so the chunked path's hand-derived gradients are checked against an
     gd:   M_t = α_t M_{t−1} + U_t                               (eq. 5 / Titans eq. 13 with retention α_t)
     dgd:  M_t = M_{t−1}(α_t I − η_t k_t k_tᵀ) + U_t             (eq. 88) on the key-side weight; α_t on the rest
     dual:     y_t = M_t(q_t)        snapshot:  y_t = M_{t0−1}(q_t)   (eq. 90 as printed)
+    max_grad_norm c (optional): g_t ← g_t · min(1, c / ‖g_t‖), ‖·‖ over every layer of the memory
 
 Symbols: docs/notation.md.
 """
@@ -42,6 +43,7 @@ def naive_scan(
     chunk_size: int,
     read: str,
     activation: str,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Inputs already validated and batched: q, k (b, h, t, d), v (b, h, t, o), gates (b, h, t), state tensors
     (b, h, out, in). Returns y (b, h, t, o) and the final state."""
@@ -60,6 +62,10 @@ def naive_scan(
         eta = lr[:, :, t, None, None]  # (b, h, 1, 1)
         alpha = retention[:, :, t, None, None]
         g = grad(loss)(snapshot, k_t, v_t)  # {name: (b, h, out, in)}
+        if max_grad_norm is not None:  # clip this token's whole gradient (every layer) to norm max_grad_norm
+            sq = sum((x * x).sum((-2, -1), keepdim=True) for x in g.values())  # (b, h, 1, 1)
+            scale = max_grad_norm * torch.rsqrt(sq.clamp(min=max_grad_norm**2))
+            g = {name: scale * x for name, x in g.items()}
         if S is not None:
             beta = momentum[:, :, t, None, None]
             S = {name: beta * S[name] - eta * g[name] for name in weights}
