@@ -30,7 +30,11 @@ def compare(presets: list[str], base, out_dir: Path, test_tokens: int = 0) -> li
     for preset in presets:
         config = dataclasses.replace(base, preset=preset, out_dir=str(out_dir / preset))
         t0 = time.perf_counter()
-        result = train(config)
+        try:
+            result = train(config)
+        except FloatingPointError as e:  # one model diverging must not cost the others' results
+            rows.append({"preset": preset, "failed": str(e)})
+            continue
         minutes = (time.perf_counter() - t0) / 60
         model, tokenizer = load_checkpoint(config.out_dir)
         shard_dir, _ = prepare_data(config, progress=False)
@@ -46,6 +50,9 @@ def compare(presets: list[str], base, out_dir: Path, test_tokens: int = 0) -> li
 def table(rows: list[dict], tokens: int) -> str:
     lines = [f"{'preset':<16}{'params':>10}{'test bpb':>10}{'test ppl':>10}{'train tok/s':>13}{'minutes':>9}"]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"{r['preset']:<16}failed: {r['failed']}")
+            continue
         lines.append(f"{r['preset']:<16}{r['params'] / 1e6:>9.2f}M{r['test_bits_per_byte']:>10.3f}"
                      f"{r['test_perplexity']:>10.2f}{r['train_tokens_per_s']:>13.0f}{r['minutes']:>9.1f}")  # fmt: skip
     lines.append(f"(each trained on the same {tokens:,} tokens; bpb: bits per byte of UTF-8 text, lower is better)")

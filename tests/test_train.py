@@ -229,3 +229,21 @@ def test_train_eval_generate_from_the_command_line(corpus, tmp_path, capsys):
     assert text.startswith("the river") and len(text) > len("the river")
     assert cli(["eval", str(tmp_path / "nothing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_compare_keeps_going_when_one_model_diverges(corpus, tmp_path, monkeypatch):
+    import nestlearn.train as train_module
+    from nestlearn.compare import compare, table
+
+    real = train_module.train
+
+    def diverging(config):
+        if config.preset == "titans":
+            raise FloatingPointError("training loss is nan at step 2")
+        return real(config)
+
+    monkeypatch.setattr(train_module, "train", diverging)
+    rows = compare(["titans", "transformer"], config(corpus, tmp_path / "x", steps=2), tmp_path / "cmp", 64)
+    assert rows[0] == {"preset": "titans", "failed": "training loss is nan at step 2"}
+    assert rows[1]["preset"] == "transformer" and math.isfinite(rows[1]["test_bits_per_byte"])
+    assert "titans          failed: training loss is nan" in table(rows, 256)
