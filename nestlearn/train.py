@@ -620,8 +620,8 @@ def train(config: TrainConfig) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(net, optimizer, optimizer_sd, options=StateDictOptions(full_state_dict=True))
-    if env.main and resume_from is not None:
-        _drop_metrics_after(out_dir / "metrics.jsonl", step)  # lines an interrupted run wrote after its checkpoint
+    if env.main:  # lines an interrupted run wrote after its last checkpoint (all of them if it saved none)
+        _drop_metrics_after(out_dir / "metrics.jsonl", step)
     metrics = Metrics(out_dir, config.tensorboard, env.main)
     if env.main:
         (out_dir / TRAIN_CONFIG_FILE).write_text(config.to_json())

@@ -63,6 +63,8 @@ def test_resume_is_exact(corpus, tmp_path, preset, carry):
     whole = config(corpus, tmp_path / "whole", preset=preset, carry_state=carry)
     train(whole)
     split = config(corpus, tmp_path / "split", preset=preset, carry_state=carry, stop_at=3)
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 0.0}\n')  # no checkpoint
     train(split)
     assert latest_checkpoint(split.out_dir).name == "step-00000003"
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a crash after step 4 had been logged, not saved
