@@ -35,12 +35,12 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from .train import evaluate, flush_subnormals, resolve_checkpoint, resolve_device, shards_for
+    from .train import evaluate, flush_subnormals, load_checkpoint, resolve_checkpoint, resolve_device, shards_for
 
     device = resolve_device(args.device)
     flush_subnormals(device)
     path = resolve_checkpoint(args.checkpoint)
-    model, tokenizer = _load(path, device)
+    model, tokenizer = load_checkpoint(path, device)
     data = args.data or _trained_on(path)
     split_dir = shards_for(data, tokenizer, args.data_root, (args.split,), progress=not args.no_progress)
     from .data.shards import open_shard
@@ -51,12 +51,6 @@ def _eval(argv: list[str]) -> int:
                       progress=not args.no_progress)  # fmt: skip
     print(json.dumps({"checkpoint": str(path), "data": data, "split": args.split, **result}, indent=2))
     return 0
-
-
-def _load(path: Path, device):
-    from .train import load_checkpoint
-
-    return load_checkpoint(path, device)
 
 
 def _trained_on(path: Path) -> str:
@@ -81,13 +75,14 @@ def _generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from .train import flush_subnormals, resolve_checkpoint, resolve_device
+    from .model import sample_next
+    from .train import flush_subnormals, load_checkpoint, resolve_checkpoint, resolve_device
 
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 1:
         p.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
     device = resolve_device(args.device)
     flush_subnormals(device)
-    model, tokenizer = _load(resolve_checkpoint(args.checkpoint), device)
+    model, tokenizer = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
     model.eval()
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -99,13 +94,7 @@ def _generate(argv: list[str]) -> int:
     with torch.no_grad():
         logits, state = model(torch.tensor([ids], device=device))
         for _ in range(args.max_new_tokens):
-            last = logits[:, -1].float()
-            if args.temperature == 0:
-                nxt = last.argmax(-1, keepdim=True)
-            else:
-                last = last / args.temperature
-                kth = last.topk(min(args.top_k, last.shape[-1]), dim=-1).values[:, -1:]
-                nxt = torch.multinomial(last.masked_fill(last < kth, float("-inf")).softmax(-1), 1, generator=generator)
+            nxt = sample_next(logits, args.temperature, args.top_k, generator)
             produced.append(int(nxt))
             text = tokenizer.decode(produced)
             # hold back a trailing replacement character: it may be a multi-byte character still arriving

@@ -29,7 +29,7 @@ from .sm_titans import SelfModifyingTitans
 from .state import MemoryState
 from .titans import TitansMixer
 
-__all__ = ["LanguageModel", "ModelState", "Level", "build", "load", "tree_map"]
+__all__ = ["LanguageModel", "ModelState", "Level", "build", "load", "tree_map", "sample_next"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -169,15 +169,7 @@ class LanguageModel(nn.Module):
         out = [tokens]
         logits, state = self(tokens, state)
         for i in range(max_new_tokens):
-            last = logits[:, -1].float()  # (b, V)
-            if temperature == 0:
-                nxt = last.argmax(-1, keepdim=True)
-            else:
-                last = last / temperature
-                if top_k is not None:
-                    kth = last.topk(min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
-                    last = last.masked_fill(last < kth, float("-inf"))
-                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator)
+            nxt = sample_next(logits, temperature, top_k, generator)
             out.append(nxt)
             if i + 1 < max_new_tokens:
                 logits, state = self(nxt, state)
@@ -214,6 +206,20 @@ class LanguageModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(self.config.to_json()))
         _atomic_write(path / WEIGHTS_FILE, lambda f: save_model(self, f, metadata={"format": "pt"}))
+
+
+def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """The next token (b, 1) from the last position of logits (b, t, V): greedy at temperature 0, else sampled
+    from softmax(logits / temperature), restricted to the top_k likeliest when top_k is given."""
+    last = logits[:, -1].float()  # (b, V)
+    if temperature == 0:
+        return last.argmax(-1, keepdim=True)
+    last = last / temperature
+    if top_k is not None:
+        kth = last.topk(min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
+        last = last.masked_fill(last < kth, float("-inf"))
+    return torch.multinomial(last.softmax(-1), 1, generator=generator)
 
 
 def _atomic_write(target: Path, write) -> None:
