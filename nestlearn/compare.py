@@ -2,11 +2,12 @@
 
     nestlearn compare                                   # hope vs transformer, `mini` size, wiki, ~10 min on 2 cores
     nestlearn compare --presets hope titans hope_attention transformer --size tiny --steps 2000
+    nestlearn compare --presets transformer --optimizers adamw muon m3 --lrs m3=3e-3
 
-Each preset is trained by `nestlearn.train` with the same TrainConfig but its preset and out_dir, so the data
-order, schedule and budget are identical. Then every final checkpoint is evaluated on the test split, and the
-command prints a table (test bits per byte, perplexity, training tokens/s) and writes out_dir/results.json and
-out_dir/loss_curves.png.
+Each preset (and, with --optimizers, each optimizer) is trained by `nestlearn.train` with the same TrainConfig
+but its preset, optimizer and out_dir, so the data order, schedule and budget are identical. Then every final
+checkpoint is evaluated on the test split, and the command prints a table (test bits per byte, perplexity,
+training tokens/s, seconds per step) and writes out_dir/results.json and out_dir/loss_curves.png.
 """
 
 from __future__ import annotations
@@ -21,46 +22,63 @@ from pathlib import Path
 __all__ = ["compare", "main"]
 
 
-def compare(presets: list[str], base, out_dir: Path, test_tokens: int = 0) -> list[dict]:
-    """Train each preset with `base` (a TrainConfig) and evaluate it on the test split. Returns one row each."""
+def runs_of(presets: list[str], optimizers: list[str] | None = None) -> list[tuple[str, str | None, str]]:
+    """(run name, preset, optimizer): the name is the preset, or preset-optimizer when several are compared."""
+    if not optimizers:
+        return [(p, p, None) for p in presets]
+    several = len(optimizers) > 1
+    return [(f"{p}-{o}" if several else p, p, o) for p in presets for o in optimizers]
+
+
+def compare(presets: list[str], base, out_dir: Path, test_tokens: int = 0, optimizers: list[str] | None = None,
+            lrs: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
+    """Train each preset (× optimizer) with `base` (a TrainConfig) and evaluate it on the test split.
+    `lrs` gives an optimizer its own peak learning rate. Returns one row per run."""
     from .data.shards import open_shard
     from .train import evaluate, load_checkpoint, prepare_data, train
 
     rows = []
-    for preset in presets:
-        config = dataclasses.replace(base, preset=preset, out_dir=str(out_dir / preset))
+    for name, preset, optimizer in runs_of(presets, optimizers):
+        optimizer = optimizer or base.optimizer
+        lr = (lrs or {}).get(optimizer, base.lr)
+        config = dataclasses.replace(base, preset=preset, optimizer=optimizer, lr=lr, out_dir=str(out_dir / name))
         t0 = time.perf_counter()
         try:
             result = train(config)
         except FloatingPointError as e:  # one model diverging must not cost the others' results
-            rows.append({"preset": preset, "failed": str(e)})
+            rows.append({"preset": name, "optimizer": optimizer, "lr": lr, "failed": str(e)})
             continue
         minutes = (time.perf_counter() - t0) / 60
         model, tokenizer = load_checkpoint(config.out_dir)
         shard_dir, _ = prepare_data(config, progress=False)
         tokens, meta = open_shard(shard_dir / "test", tokenizer)
         test = evaluate(model, tokens, meta, model.config.seq_len, 16, test_tokens)
-        rows.append({"preset": preset, "params": model.num_parameters(), "test_bits_per_byte": test["bits_per_byte"],
-                     "test_perplexity": test["perplexity"], "test_tokens": test["tokens"],
-                     "validation_bits_per_byte": result["bits_per_byte"],
-                     "train_tokens_per_s": result["train_tokens_per_s"], "minutes": minutes})  # fmt: skip
+        step_tokens = config.batch_size * model.config.seq_len
+        rows.append({"preset": name, "optimizer": optimizer, "lr": lr, "params": model.num_parameters(),
+                     "test_bits_per_byte": test["bits_per_byte"], "test_perplexity": test["perplexity"],
+                     "test_tokens": test["tokens"], "validation_bits_per_byte": result["bits_per_byte"],
+                     "train_tokens_per_s": result["train_tokens_per_s"],
+                     "seconds_per_step": step_tokens / result["train_tokens_per_s"], "minutes": minutes})  # fmt: skip
     return rows
 
 
 def table(rows: list[dict], tokens: int) -> str:
-    lines = [f"{'preset':<16}{'params':>10}{'test bpb':>10}{'test ppl':>10}{'train tok/s':>13}{'minutes':>9}"]
+    w = max([16] + [len(r["preset"]) + 2 for r in rows])
+    lines = [f"{'run':<{w}}{'params':>10}{'test bpb':>10}{'test ppl':>10}{'train tok/s':>13}{'s/step':>8}"
+             f"{'minutes':>9}"]  # fmt: skip
     for r in rows:
         if "failed" in r:
-            lines.append(f"{r['preset']:<16}failed: {r['failed']}")
+            lines.append(f"{r['preset']:<{w}}failed: {r['failed']}")
             continue
-        lines.append(f"{r['preset']:<16}{r['params'] / 1e6:>9.2f}M{r['test_bits_per_byte']:>10.3f}"
-                     f"{r['test_perplexity']:>10.2f}{r['train_tokens_per_s']:>13.0f}{r['minutes']:>9.1f}")  # fmt: skip
+        lines.append(f"{r['preset']:<{w}}{r['params'] / 1e6:>9.2f}M{r['test_bits_per_byte']:>10.3f}"
+                     f"{r['test_perplexity']:>10.2f}{r['train_tokens_per_s']:>13.0f}{r['seconds_per_step']:>8.2f}"
+                     f"{r['minutes']:>9.1f}")  # fmt: skip
     lines.append(f"(each trained on the same {tokens:,} tokens; bpb: bits per byte of UTF-8 text, lower is better)")
     return "\n".join(lines)
 
 
 def plot(out_dir: Path, presets: list[str], path: Path) -> None:
-    """Training loss and validation bits per byte against tokens seen, one line per preset."""
+    """Training loss and validation bits per byte against tokens seen, one line per run (`presets`: run names)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -68,6 +86,8 @@ def plot(out_dir: Path, presets: list[str], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for preset in presets:
+        if not (out_dir / preset / "metrics.jsonl").exists():  # a run that failed before its first log
+            continue
         lines = [json.loads(x) for x in (out_dir / preset / "metrics.jsonl").read_text().splitlines()]
         train = [x for x in lines if x["kind"] == "train"]
         ax1.plot([x["tokens"] for x in train], [x["loss"] / math.log(2) for x in train], label=preset)
@@ -84,12 +104,31 @@ def plot(out_dir: Path, presets: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def parse_lrs(items: list[str], optimizers: list[str]) -> dict[str, float]:
+    lrs = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in optimizers:
+            raise ValueError(f"--lrs {item!r}: {name!r} is not one of the optimizers compared, {optimizers}")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--lrs {item!r}: write OPTIMIZER=LR, e.g. {name}=3e-3") from None
+        if not lrs[name] >= 0:
+            raise ValueError(f"--lrs {item!r}: the learning rate must be >= 0")
+    return lrs
+
+
 def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="nestlearn compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["hope", "transformer"], help="(default: hope transformer)")
     p.add_argument("--test-tokens", type=int, default=32768, help="test predictions per model (0: the whole split)")
+    p.add_argument("--optimizers", nargs="+", default=None, help="train each preset with each of these optimizers "
+                   "(default: --optimizer alone); runs are then named preset-optimizer")  # fmt: skip
+    p.add_argument("--lrs", nargs="+", default=[], metavar="OPTIMIZER=LR", help="a peak learning rate per optimizer, "
+                   "e.g. deep_momentum=0.05 (the others use --lr)")  # fmt: skip
     defaults = dict(size="mini", data="wiki", steps=48, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=6,
                     eval_every=16, eval_tokens=16384, save_every=0, log_every=2,
                     out_dir=time.strftime("runs/compare/%Y%m%d-%H%M%S"))  # fmt: skip
@@ -101,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     args.preset = args.presets[0]
     try:
         base = TrainConfig.from_args(args)
+        lrs = parse_lrs(args.lrs, args.optimizers or [base.optimizer])
+        for name in args.optimizers or []:  # each optimizer's arguments are checked before anything trains
+            dataclasses.replace(base, optimizer=name, lr=lrs.get(name, base.lr))
     except (ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))
     out_dir = Path(base.out_dir)
-    rows = compare(args.presets, base, out_dir, args.test_tokens)
+    rows = compare(args.presets, base, out_dir, args.test_tokens, args.optimizers, lrs)
     budget = base.steps * base.batch_size * (base.seq_len or 0)
     text = table(rows, budget)
     print(text)
     (out_dir / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rows": rows}, indent=2))
-    plot(out_dir, args.presets, out_dir / "loss_curves.png")
+    plot(out_dir, [name for name, _, _ in runs_of(args.presets, args.optimizers)], out_dir / "loss_curves.png")
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'loss_curves.png'}")
     return 0

@@ -74,9 +74,9 @@ class TitansConfig:
     read: str = "dual"
     conv_width: int = 4  # causal depthwise convolution after the q, k, v projections (Titans §3.3)
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(x W_η)
-    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm); None,
-    # the paper, does not clip (docs/deviations.md)
-    max_grad_norm: float | None = None
+    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
+    # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
+    max_grad_norm: float | None = 1.0
     checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
@@ -102,9 +102,9 @@ class SelfModConfig:
     read: str = "dual"  # how the main memory is read inside a chunk
     conv_width: int = 4  # "local convolutions with window size of 4"
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(readout of M_η(x_t)) (ambiguity #2)
-    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm); None,
-    # the paper, does not clip (docs/deviations.md)
-    max_grad_norm: float | None = None
+    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
+    # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
+    max_grad_norm: float | None = 1.0
     checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
@@ -136,9 +136,9 @@ class CMSConfig:
     # η_t of an in-context level = max_lr · sigmoid(h_t W_η). 0.1 (the memories' bound) let the sum of a 16-token
     # chunk's steps outgrow the MLP's curvature and diverge in training (docs/deviations.md)
     max_lr: float = 0.02
-    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm); None,
-    # the paper, does not clip (docs/deviations.md)
-    max_grad_norm: float | None = None
+    # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
+    # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
+    max_grad_norm: float | None = 1.0
     checkpoint: bool = False  # the same for in-context levels: keep every ⌈√n⌉-th chunk's weights, recompute the rest
 
     def __post_init__(self) -> None:

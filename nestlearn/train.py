@@ -51,6 +51,7 @@ from .data.corpora import data_dir, load_split
 from .data.shards import ShardMeta, open_shard, prepare
 from .data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 from .model import LanguageModel, ModelState, build, load
+from .optim import OPTIMIZERS
 from .state import MemoryState
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "latest_checkpoint", "prepare_data"]
@@ -87,14 +88,20 @@ class TrainConfig:
                                 default=None)  # fmt: skip
     batch_size: int = _help("sequences per optimizer step, over all processes and micro-batches", default=16)
     grad_accum: int = _help("micro-batches per optimizer step (per process)", default=1)
-    optimizer: str = _help("the outer optimizer; AdamW for now (the paper's deep optimizers are not wired in yet)",
-                           default="adamw")  # fmt: skip
+    optimizer: str = _help("the outer optimizer: adamw, muon, m3, deep_momentum, delta_momentum or "
+                           "preconditioned_momentum (docs/optimizers.md)", default="adamw")  # fmt: skip
+    optimizer_args: str = _help("more keyword arguments of the optimizer, as JSON, e.g. '{\"slow_period\": 4}' "
+                                "for m3 (docs/optimizers.md lists them)", default="{}")  # fmt: skip
+    update_periods: str | None = _help("the CMS update periods C^(ℓ) in tokens, fastest first, comma-separated, "
+                                       "'none' for every step (e.g. 16,128,1024,none); periods shorter than "
+                                       "--seq-len are in-context levels, the others outer levels stepped every "
+                                       "C/seq_len steps (default: the preset's)", default=None)  # fmt: skip
     lr: float = _help("peak learning rate", default=1e-3)
     min_lr_ratio: float = _help("final learning rate of the cosine schedule, as a fraction of --lr", default=0.1)
     warmup_steps: int = _help("linear warm-up steps", default=100)
     weight_decay: float = _help("AdamW weight decay, on matrices only (not norms, biases, gates)", default=0.1)
-    beta1: float = _help("AdamW β1", default=0.9)
-    beta2: float = _help("AdamW β2", default=0.95)
+    beta1: float = _help("AdamW β1 (also of the AdamW part of muon and m3)", default=0.9)
+    beta2: float = _help("AdamW β2 (also of the AdamW part of muon and m3)", default=0.95)
     grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
     carry_state: bool = _help("carry the model state across consecutive segments (truncated BPTT)", default=False)
     # speed
@@ -116,7 +123,7 @@ class TrainConfig:
 
     @staticmethod
     def choices() -> dict[str, list[str]]:
-        return {"preset": list(presets.PRESETS), "size": list(presets.SIZES), "optimizer": ["adamw"],
+        return {"preset": list(presets.PRESETS), "size": list(presets.SIZES), "optimizer": list(OPTIMIZERS),
                 "precision": ["auto", "fp32", "bf16"], "parallel": ["ddp", "fsdp"],
                 "tensorboard": ["auto", "on", "off"]}  # fmt: skip
 
@@ -136,6 +143,34 @@ class TrainConfig:
             raise ValueError(f"seq_len={self.seq_len} must be >= 1")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        self.periods()  # parse errors now, not after the data is prepared
+        _optimizer_class(self)([{"params": [nn.Parameter(torch.zeros(2, 2))], "weight_decay": 0.0}])
+
+    def periods(self) -> tuple[int | None, ...] | None:
+        """--update-periods as a tuple (None where 'none'), or None for the preset's."""
+        if self.update_periods is None:
+            return None
+        out = []
+        for item in str(self.update_periods).split(","):
+            item = item.strip().lower()
+            if item == "none":
+                out.append(None)
+            elif item.isdigit() and int(item) > 0:
+                out.append(int(item))
+            else:
+                raise ValueError(f"update_periods={self.update_periods!r}: {item!r} is not a positive number of "
+                                 "tokens or 'none'; write e.g. 16,128,1024,none")  # fmt: skip
+        return tuple(out)
+
+    def optimizer_kwargs(self) -> dict:
+        try:
+            extra = json.loads(self.optimizer_args)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"optimizer_args={self.optimizer_args!r} is not JSON ({e}); write e.g. "
+                             "'{\"slow_period\": 4}'") from e  # fmt: skip
+        if not isinstance(extra, dict):
+            raise ValueError(f"optimizer_args={self.optimizer_args!r} must be a JSON object of keyword arguments")
+        return extra
 
     # --- files and flags ---
 
@@ -324,6 +359,11 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
     model_config.vocab_size = vocab_size  # the tokenizer decides
     if config.seq_len is not None:
         model_config.seq_len = config.seq_len
+    if config.periods() is not None:
+        if model_config.cms is None:
+            raise ValueError(f"--update-periods: {model_config.name} has no Continuum Memory System to set")
+        cms = dataclasses.replace(model_config.cms, update_periods=config.periods())  # checks the periods
+        model_config = dataclasses.replace(model_config, cms=cms)
     if config.memory_checkpoint:
         for sub in (model_config.titans, model_config.sm_titans, model_config.cms):
             if sub is not None:
@@ -331,13 +371,59 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
     return model_config
 
 
+def _optimizer_class(config: TrainConfig):
+    """A constructor of config.optimizer taking param groups; bad arguments raise here, naming the optimizer."""
+    from . import optim
+
+    kwargs = dict(lr=config.lr)
+    if config.optimizer == "adamw":
+        cls, kwargs["betas"] = torch.optim.AdamW, (config.beta1, config.beta2)
+    elif config.optimizer == "muon":
+        cls, kwargs["betas"] = optim.Muon, (config.beta1, config.beta2)
+    elif config.optimizer == "m3":
+        cls, kwargs["adamw_betas"] = optim.M3, (config.beta1, config.beta2)
+    else:
+        cls = {"deep_momentum": optim.DeepMomentum, "delta_momentum": optim.DeltaMomentum,
+               "preconditioned_momentum": optim.PreconditionedMomentum}[config.optimizer]  # fmt: skip
+    kwargs.update(config.optimizer_kwargs())
+
+    def make(groups):
+        try:
+            return cls(groups, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"--optimizer-args for {config.optimizer}: {e} (docs/optimizers.md lists the "
+                             "arguments)") from e  # fmt: skip
+
+    return make
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only: norms, biases, gates and 1-D read-outs are not decayed."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    """config.optimizer over four groups: matrices (decayed; orthogonalised by muon and m3), the embedding and
+    the memories' ≥3-D initial states (decayed; AdamW inside muon and m3, which orthogonalise only plain
+    matrices, as Jordan et al. advise for embeddings), and vectors (norms, biases, gates: not decayed)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if p.dim() == 2 and "embed" not in n]
+    others = [p for n, p in named if p.dim() >= 2 and not (p.dim() == 2 and "embed" not in n)]
+    vectors = [p for n, p in named if p.dim() < 2]
+    wd = config.weight_decay
+    groups = [{"params": matrices, "weight_decay": wd}, {"params": others, "weight_decay": wd},
+              {"params": vectors, "weight_decay": 0.0}]  # fmt: skip
+    if config.optimizer in ("muon", "m3"):
+        groups[1]["muon"] = False
+    return _optimizer_class(config)([g for g in groups if g["params"]])
+
+
+def make_levels(model: LanguageModel, optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """Levels over `optimizer` when the model has outer CMS levels with a period (eq. 71), else None."""
+    from .optim import Levels
+
+    levels = model.levels()
+    if all(lv.period is None for lv in levels):
+        return None
+    if config.parallel == "fsdp" and dist.is_initialized():
+        raise ValueError("outer CMS levels with a period (--update-periods) are not supported with --parallel fsdp "
+                         "yet: use --parallel ddp")  # fmt: skip
+    return Levels(optimizer, levels)  # DDP and torch.compile keep the module's parameter objects
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -423,7 +509,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 def save_checkpoint(
     out_dir: Path, step: int, model: LanguageModel, model_sd: dict, optim_sd: dict, tokenizer: Tokenizer,
-    config: TrainConfig, carried: Any,
+    config: TrainConfig, carried: Any, extra: dict | None = None,
 ) -> Path:  # fmt: skip
     """Write checkpoints/step-XXXXXXXX atomically (a temporary folder renamed into place), then prune old ones."""
     root = out_dir / CHECKPOINTS
@@ -438,7 +524,7 @@ def save_checkpoint(
     tokenizer.save(tmp)
     (tmp / TRAIN_CONFIG_FILE).write_text(config.to_json())
     trainer = {"step": step, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
-               "python_rng": random.getstate(), "carried": _encode_state(carried)}  # fmt: skip
+               "python_rng": random.getstate(), "carried": _encode_state(carried), **(extra or {})}  # fmt: skip
     torch.save(trainer, tmp / TRAINER_FILE)
     if final.exists():  # the same step saved again (a rerun): replace it only now that the new one is complete
         shutil.rmtree(final)
@@ -558,7 +644,8 @@ def _check_run_folder(out_dir: Path, config: TrainConfig) -> Path | None:
         raise ValueError(f"{out_dir} already holds checkpoints ({found.name}); pass --resume auto to continue that run "
                          "or choose another --out-dir")  # fmt: skip
     saved = TrainConfig.from_file(found / TRAIN_CONFIG_FILE)
-    fixed = ("preset", "size", "model_config", "seq_len", "data", "tokenizer", "batch_size", "seed", "carry_state")
+    fixed = ("preset", "size", "model_config", "seq_len", "data", "tokenizer", "batch_size", "seed", "carry_state",
+             "optimizer", "update_periods")  # fmt: skip
     diff = {k: (getattr(saved, k), getattr(config, k)) for k in fixed if getattr(saved, k) != getattr(config, k)}
     if diff:
         detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -615,11 +702,27 @@ def train(config: TrainConfig) -> dict:
     net = wrap(model, config, env, device)
     if config.compile:
         net = torch.compile(net)
+    if config.parallel == "fsdp" and env.world > 1 and config.optimizer not in ("adamw",):
+        raise ValueError(f"--optimizer {config.optimizer} needs whole parameters and FSDP shards them: use --parallel "
+                         "ddp, or adamw with fsdp")  # fmt: skip
     optimizer = make_optimizer(net, config)
+    levels = make_levels(model, optimizer, config)  # steps outer CMS levels at their periods (eq. 71)
     if optimizer_sd is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(net, optimizer, optimizer_sd, options=StateDictOptions(full_state_dict=True))
+        # a level that has not been stepped yet rightly has no optimizer state: not strict then
+        options = StateDictOptions(full_state_dict=True, strict=levels is None)
+        set_optimizer_state_dict(net, optimizer, optimizer_sd, options=options)
+        if levels is not None:
+            if "levels" not in trainer:
+                raise ValueError(f"{resume_from} has no state for the outer CMS levels; resume with the run's own "
+                                 "--update-periods")  # fmt: skip
+            levels.load_levels_state_dict(trainer["levels"])
+            # set_optimizer_state_dict first runs a zero-gradient step to create every state; a level never
+            # stepped before the save had none, and must not start with a step count of 1
+            for name, p in model.named_parameters():
+                if name not in optimizer_sd["state"]:
+                    optimizer.state.pop(p, None)
     if env.main:  # lines an interrupted run wrote after its last checkpoint (all of them if it saved none)
         _drop_metrics_after(out_dir / "metrics.jsonl", step)
     metrics = Metrics(out_dir, config.tensorboard, env.main)
@@ -640,7 +743,8 @@ def train(config: TrainConfig) -> dict:
             every = [None] * env.world if env.main else None
             dist.gather_object(carried, every, dst=0)
         if env.main:
-            save_checkpoint(out_dir, step, model, model_sd, optim_sd, tokenizer, config, every)
+            extra = {} if levels is None else {"levels": levels.levels_state_dict()}
+            save_checkpoint(out_dir, step, model, model_sd, optim_sd, tokenizer, config, every, extra)
         if env.world > 1:
             dist.barrier()
 
@@ -679,7 +783,10 @@ def train(config: TrainConfig) -> dict:
         grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
+        if levels is not None:
+            levels.step(tokens=T)  # each row's stream advanced by T tokens
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seen += config.batch_size * T

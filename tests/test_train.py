@@ -57,12 +57,18 @@ def losses(out: Path) -> dict[int, float]:
     return {x["step"]: x["loss"] for x in lines if x["kind"] == "train"}
 
 
-@pytest.mark.parametrize(("preset", "carry"), [("transformer", False), ("titans", True)])
-def test_resume_is_exact(corpus, tmp_path, preset, carry):
+@pytest.mark.parametrize(("preset", "carry", "extra"), [
+    ("transformer", False, {}),
+    ("titans", True, {}),
+    ("transformer", False, {"optimizer": "deep_momentum", "lr": 0.05}),
+    # outer CMS levels every 2 and 4 steps: the stop at 3 falls inside the slow level's period
+    ("hope", False, {"optimizer": "m3", "update_periods": "8,64,128", "optimizer_args": '{"slow_period": 2}'}),
+], ids=["transformer", "titans-carry", "deep-momentum", "hope-levels-m3"])  # fmt: skip
+def test_resume_is_exact(corpus, tmp_path, preset, carry, extra):
     # 6 steps in one go == 3 steps, a stop with a checkpoint, a restart that resumes, 3 more
-    whole = config(corpus, tmp_path / "whole", preset=preset, carry_state=carry)
+    whole = config(corpus, tmp_path / "whole", preset=preset, carry_state=carry, **extra)
     train(whole)
-    split = config(corpus, tmp_path / "split", preset=preset, carry_state=carry, stop_at=3)
+    split = config(corpus, tmp_path / "split", preset=preset, carry_state=carry, stop_at=3, **extra)
     (tmp_path / "split").mkdir()
     (tmp_path / "split" / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 0.0}\n')  # no checkpoint
     train(split)
@@ -246,6 +252,23 @@ def test_compare_keeps_going_when_one_model_diverges(corpus, tmp_path, monkeypat
 
     monkeypatch.setattr(train_module, "train", diverging)
     rows = compare(["titans", "transformer"], config(corpus, tmp_path / "x", steps=2), tmp_path / "cmp", 64)
-    assert rows[0] == {"preset": "titans", "failed": "training loss is nan at step 2"}
+    assert rows[0] == {"preset": "titans", "optimizer": "adamw", "lr": 3e-3, "failed": "training loss is nan at step 2"}
     assert rows[1]["preset"] == "transformer" and math.isfinite(rows[1]["test_bits_per_byte"])
     assert "titans          failed: training loss is nan" in table(rows, 256)
+
+
+def test_compare_trains_each_preset_with_each_optimizer(corpus, tmp_path):
+    from nestlearn.compare import compare, parse_lrs
+
+    lrs = parse_lrs(["deep_momentum=0.05"], ["adamw", "deep_momentum"])
+    rows = compare(["transformer"], config(corpus, tmp_path / "x", steps=2), tmp_path / "cmp", 64,
+                   optimizers=["adamw", "deep_momentum"], lrs=lrs)  # fmt: skip
+    assert [(r["preset"], r["optimizer"], r["lr"]) for r in rows] == [
+        ("transformer-adamw", "adamw", 3e-3),
+        ("transformer-deep_momentum", "deep_momentum", 0.05),
+    ]
+    assert all(math.isfinite(r["test_bits_per_byte"]) and r["seconds_per_step"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="'muon' is not one of the optimizers compared"):
+        parse_lrs(["muon=0.1"], ["adamw"])
+    with pytest.raises(ValueError, match="write OPTIMIZER=LR"):
+        parse_lrs(["adamw"], ["adamw"])
