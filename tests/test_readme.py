@@ -18,3 +18,10 @@ def test_readme_python_blocks_run():
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+
+
+def test_optimizers_page_python_blocks_run():
+    page = README.parent / "docs" / "optimizers.md"
+    namespace: dict = {}
+    for i, block in enumerate(python_blocks(page.read_text())):
+        exec(compile(block, f"docs/optimizers.md python block {i}", "exec"), namespace)

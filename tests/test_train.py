@@ -272,3 +272,33 @@ def test_compare_trains_each_preset_with_each_optimizer(corpus, tmp_path):
         parse_lrs(["muon=0.1"], ["adamw"])
     with pytest.raises(ValueError, match="write OPTIMIZER=LR"):
         parse_lrs(["adamw"], ["adamw"])
+
+
+def test_tensorboard_gets_the_same_scalars_as_the_jsonl(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(config(corpus, tmp_path / "tb", steps=2, tensorboard="on"))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/tokens_per_s", "validation/bits_per_byte"} <= set(scalars)
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert logged == pytest.approx(list(losses(tmp_path / "tb").values()), rel=1e-6)
+
+
+def test_bf16_autocast_trains_close_to_fp32(corpus, tmp_path):
+    train(config(corpus, tmp_path / "fp32", steps=3, precision="fp32"))
+    train(config(corpus, tmp_path / "bf16", steps=3, precision="bf16"))
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert a.keys() == b.keys()
+    for step in a:  # bf16 matmuls: close, not equal
+        assert math.isfinite(b[step]) and abs(a[step] - b[step]) < 0.05, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_compiled_model_takes_the_same_steps(corpus, tmp_path):
+    train(config(corpus, tmp_path / "eager", steps=2))
+    train(config(corpus, tmp_path / "compiled", steps=2, compile=True))
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])

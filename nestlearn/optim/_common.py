@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 SCALES = ("rms", "spectral", "none")
 RMS_TARGET = 0.2  # AdamW's typical update RMS (Liu et al. 2025, "Muon is scalable"): one lr serves both
@@ -51,3 +52,26 @@ def scale_update(u: Tensor, scale: str, eps: float = 1e-12) -> Tensor:
     if scale == "spectral":
         return u * max(1.0, u.shape[0] / u.shape[1]) ** 0.5
     return u
+
+
+class ParamwiseOptimizer(Optimizer):
+    """The torch.optim step shared by nestlearn's optimizers: run the closure, refuse a negative learning rate
+    (a schedule may set one after construction), then `_step_param` for every parameter that has a gradient."""
+
+    name = "optimizer"
+
+    def _step_param(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            check_range(self.name, "lr", group["lr"], 0.0)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, p.grad, self.state[p], group)
+        return loss

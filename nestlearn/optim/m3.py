@@ -21,9 +21,8 @@ Parameters with fewer than 2 dimensions (and groups with `muon=False`) are stepp
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
-from ._common import SCALES, adamw_, check_choice, check_range, scale_update
+from ._common import SCALES, ParamwiseOptimizer, adamw_, check_choice, check_range, scale_update
 from .newton_schulz import as_matrix, newton_schulz
 
 __all__ = ["M3"]
@@ -31,13 +30,15 @@ __all__ = ["M3"]
 FORMS = ("ema", "literal")
 
 
-class M3(Optimizer):
+class M3(ParamwiseOptimizer):
     """Args:
     lr: learning rate. betas: (β₁ fast momentum, β₂ second moment, β₃ slow momentum). alpha: α, the slow
     branch's weight (0 turns it off). slow_period: f, steps between writes of the slow memory. form: ema | literal.
     second_moment: divide by √V + ε (False: by 1). ns_steps, scale, weight_decay: as in Muon.
     adamw_betas, eps: of the AdamW part (and ε of the division by √V).
     """
+
+    name = "M3"
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.99),
                  alpha: float = 1.0, slow_period: int = 8, form: str = "ema", second_moment: bool = True,
@@ -60,25 +61,13 @@ class M3(Optimizer):
                         adamw_betas=tuple(adamw_betas), eps=eps, muon=None)  # fmt: skip
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            check_range("M3", "lr", group["lr"], 0.0)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if p.dim() < 2 or group["muon"] is False:
-                    adamw_(p, p.grad, state, group["lr"], group["adamw_betas"], group["eps"], group["weight_decay"])
-                    continue
-                update = self._update(p, p.grad, state, group)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
-        return loss
+    def _step_param(self, p, grad, state, group) -> None:
+        if p.dim() < 2 or group["muon"] is False:
+            adamw_(p, grad, state, group["lr"], group["adamw_betas"], group["eps"], group["weight_decay"])
+            return
+        update = self._update(p, grad, state, group)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
 
     def _update(self, p, g, state, group):
         b1, b2, b3 = group["betas"]

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .. import memory as mem
-from ._common import SCALES, check_choice, check_range, scale_update
+from ._common import SCALES, ParamwiseOptimizer, check_choice, check_range, scale_update
 from .newton_schulz import as_matrix, newton_schulz
 
 __all__ = ["PreconditionedMomentum", "DeltaMomentum", "DeepMomentum"]
@@ -44,7 +43,7 @@ def _output(m: Tensor, output, ns_steps: int, scale: str) -> Tensor:
     return m
 
 
-class _Momentum(Optimizer):
+class _Momentum(ParamwiseOptimizer):
     """The shared step: value → momentum memory → output → decoupled weight decay and the parameter update."""
 
     name = "momentum"
@@ -57,25 +56,11 @@ class _Momentum(Optimizer):
     def _write(self, p: Tensor, g: Tensor, state: dict, group: dict) -> Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            check_range(self.name, "lr", group["lr"], 0.0)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                state["step"] += 1
-                update = self._write(p, p.grad, state, group)  # the memory's read-out after this step's write
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
-        return loss
+    def _step_param(self, p, grad, state, group) -> None:
+        state["step"] = state.get("step", 0) + 1
+        update = self._write(p, grad, state, group)  # the memory's read-out after this step's write
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
 
 
 class PreconditionedMomentum(_Momentum):

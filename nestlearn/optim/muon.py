@@ -15,15 +15,14 @@ orthogonalised as (shape[0], rest).
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
-from ._common import SCALES, adamw_, check_choice, check_range, scale_update
+from ._common import SCALES, ParamwiseOptimizer, adamw_, check_choice, check_range, scale_update
 from .newton_schulz import as_matrix, newton_schulz
 
 __all__ = ["Muon"]
 
 
-class Muon(Optimizer):
+class Muon(ParamwiseOptimizer):
     """Muon for matrices, AdamW for the rest, in one torch optimiser.
 
     Args:
@@ -31,6 +30,8 @@ class Muon(Optimizer):
         weight_decay: decoupled, on the Muon matrices (AdamW groups set their own). scale: rms | spectral | none.
         betas, eps: of the AdamW part. Per param group, `muon`: None (matrices Muon, the rest AdamW), True or False.
     """
+
+    name = "Muon"
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  weight_decay: float = 0.0, scale: str = "rms", betas: tuple[float, float] = (0.9, 0.95),
@@ -50,26 +51,14 @@ class Muon(Optimizer):
     def uses_muon(p: torch.Tensor, group: dict) -> bool:
         return p.dim() >= 2 and group["muon"] is not False
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            check_range("Muon", "lr", group["lr"], 0.0)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not self.uses_muon(p, group):
-                    adamw_(p, p.grad, state, group["lr"], group["betas"], group["eps"], group["weight_decay"])
-                    continue
-                if not state:
-                    state["momentum"] = torch.zeros_like(p)
-                m = state["momentum"].mul_(group["momentum"]).add_(p.grad)
-                u = p.grad.add(m, alpha=group["momentum"]) if group["nesterov"] else m
-                o = scale_update(newton_schulz(as_matrix(u), group["ns_steps"]), group["scale"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(o.view_as(p), alpha=-group["lr"])
-        return loss
+    def _step_param(self, p, grad, state, group) -> None:
+        if not self.uses_muon(p, group):
+            adamw_(p, grad, state, group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            return
+        if not state:
+            state["momentum"] = torch.zeros_like(p)
+        m = state["momentum"].mul_(group["momentum"]).add_(grad)
+        u = grad.add(m, alpha=group["momentum"]) if group["nesterov"] else m
+        o = scale_update(newton_schulz(as_matrix(u), group["ns_steps"]), group["scale"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(o.view_as(p), alpha=-group["lr"])
