@@ -423,7 +423,9 @@ def make_levels(model: LanguageModel, optimizer: torch.optim.Optimizer, config: 
     if config.parallel == "fsdp" and dist.is_initialized():
         raise ValueError("outer CMS levels with a period (--update-periods) are not supported with --parallel fsdp "
                          "yet: use --parallel ddp")  # fmt: skip
-    return Levels(optimizer, levels)  # DDP and torch.compile keep the module's parameter objects
+    wrapped = Levels(optimizer, levels)  # DDP and torch.compile keep the module's parameter objects
+    wrapped.due(model.config.seq_len)  # a period that is not a multiple of the window fails now, not at step 1
+    return wrapped
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

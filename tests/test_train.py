@@ -302,3 +302,9 @@ def test_compiled_model_takes_the_same_steps(corpus, tmp_path):
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+
+
+def test_an_outer_level_whose_period_is_not_a_multiple_of_the_window_is_refused_before_training(corpus, tmp_path):
+    with pytest.raises(ValueError, match="period 100 tokens, but each step advances the stream by 32"):
+        train(config(corpus, tmp_path / "x", preset="hope", update_periods="8,100"))
+    assert not (tmp_path / "x" / "metrics.jsonl").exists() or not losses(tmp_path / "x")
