@@ -403,8 +403,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     matrices, as Jordan et al. advise for embeddings), and vectors (norms, biases, gates: not decayed)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for n, p in named if p.dim() == 2 and "embed" not in n]
-    others = [p for n, p in named if p.dim() >= 2 and not (p.dim() == 2 and "embed" not in n)]
     vectors = [p for n, p in named if p.dim() < 2]
+    taken = {id(p) for p in matrices + vectors}
+    others = [p for _, p in named if id(p) not in taken]
     wd = config.weight_decay
     groups = [{"params": matrices, "weight_decay": wd}, {"params": others, "weight_decay": wd},
               {"params": vectors, "weight_decay": 0.0}]  # fmt: skip

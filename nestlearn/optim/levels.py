@@ -150,9 +150,6 @@ class Levels:
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def has_periods(self) -> bool:
-        return any(lv.period is not None for lv in self.levels)
-
     # --- checkpoints: the wrapped optimizer's state is saved by its own state_dict ---
 
     def _index(self) -> dict[int, int]:
