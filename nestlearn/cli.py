@@ -4,6 +4,7 @@
     nestlearn train --preset hope --size tiny --data wiki --steps 2000 --out-dir runs/hope
     nestlearn eval runs/hope --data wiki --split test
     nestlearn generate runs/hope --prompt "The river"
+    nestlearn memorize runs/hope --tokens 65536 --out-dir runs/hope-mem   # learning after deployment
     nestlearn compare --presets hope transformer    # the main job (`make demo`)
 
 `nestlearn SUBCOMMAND --help` documents every option.
@@ -121,6 +122,18 @@ def _train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _memorize(argv: list[str]) -> int:
+    from .memorize import main as memorize_main
+
+    return memorize_main(argv)
+
+
+def _lm_eval(argv: list[str]) -> int:
+    from .harness import main as harness_main
+
+    return harness_main(argv)
+
+
 def _compare(argv: list[str]) -> int:
     from .compare import main as compare_main
 
@@ -132,6 +145,8 @@ COMMANDS = {
     "train": (_train, "train a model on a corpus (one process, or many under torchrun)"),
     "eval": (_eval, "loss, perplexity, bits per byte of a checkpoint"),
     "generate": (_generate, "continue a prompt with a checkpoint"),
+    "memorize": (_memorize, "keep learning from a stream after deployment, every level at its own rate"),
+    "lm-eval": (_lm_eval, "lm-evaluation-harness on a checkpoint: the lm_eval command with --model nestlearn"),
     "compare": (_compare, "train several presets on the same data and budget, then compare them"),
 }
 

@@ -375,16 +375,11 @@ def _optimizer_class(config: TrainConfig):
     """A constructor of config.optimizer taking param groups; bad arguments raise here, naming the optimizer."""
     from . import optim
 
-    kwargs = dict(lr=config.lr)
-    if config.optimizer == "adamw":
-        cls, kwargs["betas"] = torch.optim.AdamW, (config.beta1, config.beta2)
-    elif config.optimizer == "muon":
-        cls, kwargs["betas"] = optim.Muon, (config.beta1, config.beta2)
+    cls, kwargs = optim.optimizer_class(config.optimizer), dict(lr=config.lr)
+    if config.optimizer in ("adamw", "muon"):
+        kwargs["betas"] = (config.beta1, config.beta2)
     elif config.optimizer == "m3":
-        cls, kwargs["adamw_betas"] = optim.M3, (config.beta1, config.beta2)
-    else:
-        cls = {"deep_momentum": optim.DeepMomentum, "delta_momentum": optim.DeltaMomentum,
-               "preconditioned_momentum": optim.PreconditionedMomentum}[config.optimizer]  # fmt: skip
+        kwargs["adamw_betas"] = (config.beta1, config.beta2)
     kwargs.update(config.optimizer_kwargs())
 
     def make(groups):

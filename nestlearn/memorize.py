@@ -1,0 +1,453 @@
+"""Learning after deployment: a trained model reads a stream and keeps learning, every level at its own rate.
+
+    learner = Learner(model, lr=1e-3)                       # outer levels learn at 1e-3, the base level is frozen
+    state, report = learner.memorize(stream)                # stream: int64 (b, n); state carried across calls
+    state, report = learner.memorize(more, state)           # continue where the last call stopped
+    learner.save("mem/", state); model, learner, state = Learner.load("mem/")
+
+    nestlearn memorize runs/hope --data wiki --split validation --tokens 65536 --out-dir runs/hope-mem
+
+The paper's continual learner (§3.2, §7) has two kinds of level, and `memorize` runs both:
+
+- **in-context levels** (the Titans memories, self-modifying Titans, CMS levels with a period shorter than the
+  context) learn in the forward pass: their fast weights are written every chunk / period and carried in the
+  per-sequence state from one segment to the next;
+- **outer levels** (`model.levels()`: CMS levels with a period C^(ℓ), and `base`, everything else) learn by the
+  task loss, next-token cross-entropy on the stream, summed over C^(ℓ) tokens and stepped once per period with
+  their optimizer (eq. 71, `nestlearn.optim.Levels`). A level with learning rate 0 is frozen: it is not given
+  to the optimizer and gets no gradient.
+
+The stream is read in segments of `segment` tokens (default: the model's seq_len), the state detached between
+segments (truncated backprop, as in training with --carry-state). A period must be a multiple of the segment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cms import InContextLevel
+from .model import LanguageModel, Level, ModelState, load
+from .optim import OPTIMIZERS, Levels, optimizer_class
+from .sm_titans import SelfModifyingTitans
+from .state import MemoryState
+from .titans import TitansMixer
+
+__all__ = ["Learner", "MemorizeReport", "stream_loss"]
+
+LEARNER_FILE = "learner.pt"
+
+
+@dataclass
+class LevelReport:
+    """An outer level: its period, learning rate, the optimizer steps it took and how far its weights moved."""
+
+    name: str
+    period: int | None
+    lr: float
+    steps: int
+    change: float  # ‖θ_after − θ_before‖ / ‖θ_before‖ over the level's parameters
+
+
+@dataclass
+class MemoryReport:
+    """An in-context memory: its chunk / period, the writes made in this call and how far its fast weights moved."""
+
+    name: str
+    period: int
+    writes: int
+    change: float  # ‖M_after − M_before‖ / ‖M_before‖, averaged over the batch
+
+
+@dataclass
+class MemorizeReport:
+    """What one `memorize` call changed. Losses are mean next-token cross-entropy (nats) over the stream:
+    `loss_before` read from a fresh state with the weights before the call, `loss_online` while memorizing (each
+    segment before the outer levels saw it), `loss_after` read again from a fresh state with the new weights (what
+    the outer levels kept), `loss_after_in_context` read again after the state the call ended in (what the outer
+    levels and the in-context memories hold together)."""
+
+    tokens: int
+    segments: int
+    loss_before: float | None
+    loss_online: float
+    loss_after: float | None
+    loss_after_in_context: float | None
+    levels: list[LevelReport] = field(default_factory=list)
+    memories: list[MemoryReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The report as Markdown."""
+
+        def f(x):
+            return "" if x is None else f"{x:.4f}"
+
+        lines = [f"{self.tokens} tokens per sequence in {self.segments} segments; loss (nats/token): before "
+                 f"{f(self.loss_before)}, online {f(self.loss_online)}, after {f(self.loss_after)}, after with "
+                 f"the memorized state {f(self.loss_after_in_context)}", "",
+                 "| level | kind | period | lr | updates | relative change |",
+                 "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for lv in self.levels:
+            period = "every segment" if lv.period is None else lv.period
+            lines.append(f"| {lv.name} | outer | {period} | {lv.lr:g} | {lv.steps} | {lv.change:.3g} |")
+        for m in self.memories:
+            lines.append(f"| {m.name} | in-context | {m.period} | | {m.writes} | {m.change:.3g} |")
+        return "\n".join(lines)
+
+
+def _carve(levels: list[Level], periods: dict[str, int] | None) -> list[Level]:
+    """Move the `base` parameters whose names match each pattern into a new outer level with that period."""
+    levels = [Level(lv.name, lv.period, dict(lv.params)) for lv in levels]
+    base = next((lv for lv in levels if lv.name == "base"), None)
+    for pattern, period in (periods or {}).items():
+        hits = {n: p for n, p in (base.params.items() if base else ()) if re.search(pattern, n)}
+        if not hits:
+            raise ValueError(f"periods pattern {pattern!r} matches no parameter of the base level; parameter names "
+                             "look like 'blocks.0.cms.levels.2.up.weight'")  # fmt: skip
+        for n in hits:
+            del base.params[n]
+        levels.append(Level(pattern, period, hits))
+    return [lv for lv in levels if lv.params]
+
+
+def _memories(model: LanguageModel) -> dict[str, int]:
+    """Every in-context memory of the model by its place in the state, with its chunk size / period."""
+    out = {}
+    for i, block in enumerate(model.blocks):
+        mixer = block.mixer
+        if isinstance(mixer, TitansMixer):
+            out[f"blocks.{i}.mixer.memory"] = mixer.config.chunk_size
+        elif isinstance(mixer, SelfModifyingTitans):
+            out[f"blocks.{i}.mixer.gen"] = mixer.config.chunk_size
+            out[f"blocks.{i}.mixer.memory"] = mixer.config.memory_chunk_size
+        for j, level in enumerate(block.cms.levels):
+            if isinstance(level, InContextLevel):
+                out[f"blocks.{i}.cms.levels.{j}"] = level.period
+    return out
+
+
+def _memory_state(state: ModelState, name: str) -> MemoryState:
+    parts = name.split(".")
+    layer = state.layers[int(parts[1])]
+    if parts[2] == "mixer":
+        return layer["mixer"][parts[3]]
+    cms = layer["cms"]
+    return (cms["levels"] if isinstance(cms, dict) else cms)[int(parts[4])]
+
+
+def _relative_change(before: dict[str, Tensor], after: dict[str, Tensor]) -> float:
+    num = sum(((after[k] - before[k]).float() ** 2).flatten(-3).sum(-1) for k in before)  # (b,) or ()
+    den = sum((before[k].float() ** 2).flatten(-3).sum(-1) for k in before)
+    return (num.sqrt() / den.sqrt().clamp_min(1e-12)).mean().item()
+
+
+@torch.no_grad()
+def stream_loss(model: LanguageModel, tokens: Tensor, segment: int, state: ModelState | None = None) -> float:
+    """Mean next-token cross-entropy of a stream (b, n) read in segments with the state carried."""
+    total, count = 0.0, 0
+    for lo in range(0, tokens.shape[1] - 1, segment):
+        x = tokens[:, lo : lo + segment + 1]
+        logits, state = model(x[:, :-1], state)
+        total += F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="sum").item()
+        count += x[:, 1:].numel()
+    return total / count
+
+
+class Learner:
+    """The outer levels of a deployed model with their learning rates, periods and optimizer (eq. 71).
+
+    Args:
+        model: a LanguageModel.
+        lr: learning rate of every outer level with a period (default 1e-3).
+        base_lr: learning rate of `base`, the parameters stepped every step in training (embeddings,
+            projections, meta-learned initial states, CMS levels of period None). Default 0: frozen, the usual
+            deployment; a positive value fine-tunes them on the stream every `segment` tokens.
+        lrs: {level name: lr}, overriding the two above for single levels (names: `model.levels()`, plus the
+            patterns of `periods`).
+        periods: {regex: period in tokens}: make the base parameters whose names match an outer level of that
+            period, e.g. {r"cms\\.levels\\.2\\.": 512} for Hope's SwiGLU level, which has no period in training.
+        optimizer: one of nestlearn.optim.OPTIMIZERS (default adamw, no weight decay); optimizer_args: its
+            keyword arguments.
+        segment: tokens per forward pass (default: the model's seq_len).
+    """
+
+    def __init__(self, model: LanguageModel, lr: float = 1e-3, base_lr: float = 0.0,
+                 lrs: dict[str, float] | None = None, periods: dict[str, int] | None = None,
+                 optimizer: str = "adamw", optimizer_args: dict | None = None,
+                 segment: int | None = None):  # fmt: skip
+        if not isinstance(model, LanguageModel):
+            raise ValueError(f"Learner needs a nestlearn LanguageModel; got {type(model).__name__}")
+        for name, value in (("lr", lr), ("base_lr", base_lr), *(lrs or {}).items()):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"learning rate {name}={value!r} must be a finite number >= 0 (0 freezes the level)")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not known; expected one of {list(OPTIMIZERS)}")
+        self.segment = segment or model.config.seq_len
+        if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
+            raise ValueError(f"segment={segment!r} must be a positive number of tokens")
+        self.model = model
+        self.options = dict(lr=lr, base_lr=base_lr, lrs=dict(lrs or {}), periods=dict(periods or {}),
+                            optimizer=optimizer, optimizer_args=dict(optimizer_args or {}),
+                            segment=self.segment)  # fmt: skip
+        levels = _carve(model.levels(), periods)
+        names = [lv.name for lv in levels]
+        unknown = sorted(set(lrs or {}) - set(names))
+        if unknown:
+            raise ValueError(f"lrs names {unknown}, which are not levels of this model; levels: {names}")
+
+        def lr_of(lv: Level) -> float:
+            if lv.name in (lrs or {}):
+                return float(lrs[lv.name])
+            return float(base_lr if lv.name == "base" else lr)
+
+        self.lrs = {lv.name: lr_of(lv) for lv in levels}
+        self.periods = {lv.name: lv.period for lv in levels}
+        self.learning = [lv for lv in levels if self.lrs[lv.name] > 0]
+        self.levels = None
+        if self.learning:
+            groups = [{"params": list(lv.params.values()), "lr": self.lrs[lv.name]} for lv in self.learning]
+            kwargs = {"weight_decay": 0.0, **self.options["optimizer_args"]}
+            try:
+                opt = optimizer_class(optimizer)(groups, lr=groups[0]["lr"], **kwargs)
+            except TypeError as e:
+                raise ValueError(f"optimizer_args for {optimizer}: {e} (docs/optimizers.md lists them)") from e
+            self.levels = Levels(opt, self.learning)
+            self.levels.due(self.segment)  # a period that is not a multiple of the segment fails now
+        self.params = [p for lv in self.learning for p in lv.params.values()]
+
+    # --- learning ---
+
+    def memorize(self, tokens: Tensor, state: ModelState | None = None, *, measure: bool = True,
+                 progress: bool = False) -> tuple[ModelState, MemorizeReport]:  # fmt: skip
+        """Read `tokens` (b, n), n − 1 a multiple of the segment, learning as it goes. Returns the state after the
+        stream and a report; `measure=False` skips the three extra passes behind loss_before / loss_after."""
+        from tqdm import tqdm
+
+        model, S = self.model, self.segment
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError("tokens must be an int64 tensor of shape (batch, n): one stream per row")
+        n = tokens.shape[1] - 1
+        if n < S or n % S:
+            raise ValueError(f"the stream has {n} predictions per row ({n + 1} tokens), which is not a positive "
+                             f"multiple of the segment {S}: give k·{S} + 1 tokens per row")  # fmt: skip
+        if not self.learning and not _memories(model):
+            raise ValueError("nothing would learn: every learning rate is 0 and the model has no in-context memory; "
+                             "give lr/base_lr > 0")  # fmt: skip
+        state = model.init_state(tokens.shape[0]) if state is None else state
+        start_state = state
+        was_training = model.training
+        model.eval()  # no dropout; learning here is explicit
+        before = {n_: p.detach().clone() for lv in self.learning for n_, p in lv.params.items()}
+        steps0 = {lv.name: lv.steps for lv in self.levels.levels} if self.levels else {}
+        loss_before = stream_loss(model, tokens, S) if measure else None
+        total = 0.0
+        for lo in tqdm(range(0, n, S), desc="memorize", unit="segment", disable=not progress, leave=False):
+            x = tokens[:, lo : lo + S + 1]
+            with torch.set_grad_enabled(bool(self.params)):
+                logits, state = model(x[:, :-1], state)
+                loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:])
+            total += loss.item()
+            if self.params:
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                for p, g in zip(self.params, grads, strict=True):
+                    p.grad = g
+                self.levels.step(S)
+                self.levels.zero_grad()
+            state = state.detach()
+        model.train(was_training)
+        report = MemorizeReport(
+            tokens=n, segments=n // S, loss_before=loss_before, loss_online=total / (n // S),
+            loss_after=stream_loss(model, tokens, S) if measure else None,
+            loss_after_in_context=stream_loss(model, tokens, S, state) if measure else None,
+        )  # fmt: skip
+        for lv in self.learning:
+            num = sum(((p.detach() - before[k]) ** 2).sum() for k, p in lv.params.items())
+            den = sum((before[k] ** 2).sum() for k in lv.params)
+            steps = next(g.steps for g in self.levels.levels if g.name == lv.name) - steps0[lv.name]
+            report.levels.append(LevelReport(lv.name, lv.period, self.lrs[lv.name], steps,
+                                             (num.sqrt() / den.sqrt().clamp_min(1e-12)).item()))  # fmt: skip
+        for name, period in self.frozen_levels():
+            report.levels.append(LevelReport(name, period, 0.0, 0, 0.0))
+        for name, period in _memories(model).items():
+            old, new = _memory_state(start_state, name), _memory_state(state, name)
+            writes = (old.offset + n) // period
+            report.memories.append(MemoryReport(name, period, writes, _relative_change(old.weights, new.weights)))
+        return state, report
+
+    def frozen_levels(self) -> list[tuple[str, int | None]]:
+        """(name, period) of the levels with learning rate 0."""
+        return [(name, self.periods[name]) for name, lr in self.lrs.items() if lr == 0]
+
+    # --- checkpoints ---
+
+    def state_dict(self) -> dict:
+        """The level optimizers' state, the levels' token counters and pending gradient sums, and the options."""
+        return {"options": self.options, "levels": self.levels.state_dict() if self.levels else None}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if (sd["levels"] is None) != (self.levels is None):
+            raise ValueError("the saved learner and this one differ in which levels learn; build it with the "
+                             f"saved options {sd['options']}")  # fmt: skip
+        if self.levels is not None:
+            self.levels.load_state_dict(sd["levels"])
+
+    def save(self, path: str | Path, state: ModelState | None = None) -> Path:
+        """Write the model (save_pretrained), the learner and the stream state into the folder `path`."""
+        from .train import _encode_state
+
+        path = Path(path)
+        self.model.save_pretrained(path)
+        torch.save({**self.state_dict(), "state": _encode_state(state)}, path / LEARNER_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, Learner, ModelState]:
+        """The model, learner and state of a folder written by `save`; continue with `learner.memorize(x, state)`."""
+        from .train import _decode_state
+
+        path = Path(path)
+        if not (path / LEARNER_FILE).is_file():
+            raise FileNotFoundError(f"{path / LEARNER_FILE} does not exist: is {path} a folder written by "
+                                    "Learner.save or nestlearn memorize?")  # fmt: skip
+        saved = torch.load(path / LEARNER_FILE, map_location=device, weights_only=True)
+        model = load(path, device=device)
+        learner = cls(model, **saved["options"])
+        learner.load_state_dict(saved)
+        return model, learner, _decode_state(saved["state"])
+
+
+def write_report(path: Path, report: MemorizeReport) -> None:
+    (path / "memorize_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+# --- the command ---
+
+STREAM_FILE = "memorize.json"
+
+
+def _pairs(items: list[str] | None, flag: str, convert) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.rpartition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            out[key] = convert(value)
+        except ValueError:
+            raise ValueError(f"{flag} {item!r} must be NAME=VALUE, e.g. {flag} 'blocks.0.cms.levels.2=1e-3'") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`nestlearn memorize CHECKPOINT --data wiki --tokens 65536 --out-dir DIR`: see the module docstring."""
+    import argparse
+
+    import numpy as np
+
+    from .data.shards import open_shard
+    from .train import (
+        TRAIN_CONFIG_FILE,
+        flush_subnormals,
+        gather,
+        load_checkpoint,
+        resolve_checkpoint,
+        resolve_device,
+        shards_for,
+    )
+
+    p = argparse.ArgumentParser(prog="nestlearn memorize", description="Learning after deployment: a checkpoint "
+                                "reads a stream of a corpus and keeps learning, in-context memories through the "
+                                "forward pass and outer levels by the next-token loss every C tokens. Writes the "
+                                "updated model, its level optimizers and the stream state to --out-dir, and a "
+                                "report.")  # fmt: skip
+    p.add_argument("checkpoint", help="a checkpoint or run folder, or a folder written by an earlier memorize (then "
+                   "the stream, state and level optimizers continue where it stopped)")  # fmt: skip
+    p.add_argument("--data", default=None, help="corpus name or folder (default: the one the model was trained on)")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                   help="(default: validation)")  # fmt: skip
+    p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
+    p.add_argument("--tokens", type=int, required=True, help="tokens to read per stream, a multiple of --segment")
+    p.add_argument("--batch-size", type=int, default=1, help="parallel streams: the split is cut into this many "
+                   "lanes, each read from its start (default: 1)")  # fmt: skip
+    p.add_argument("--offset", type=int, default=None, help="position in each lane to start from (default: 0, or "
+                   "where an earlier memorize stopped)")  # fmt: skip
+    p.add_argument("--segment", type=int, default=None, help="tokens per forward pass (default: the model's seq_len)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every outer level (default: 1e-3)")
+    p.add_argument("--base-lr", type=float, default=None, help="learning rate of the base level (default: 0, frozen)")
+    p.add_argument("--level-lr", action="append", metavar="NAME=LR", help="learning rate of one level (repeatable); "
+                   "0 freezes it. Level names: see the report, or model.levels()")  # fmt: skip
+    p.add_argument("--period", action="append", metavar="REGEX=C", help="make the base parameters matching REGEX an "
+                   r"outer level stepped every C tokens (repeatable), e.g. 'cms\.levels\.2\.=512'")  # fmt: skip
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="of the outer levels (default: adamw)")
+    p.add_argument("--optimizer-args", default=None, help='JSON keyword arguments of the optimizer, e.g. \'{"betas": '
+                   "[0.9, 0.99]}' (default: weight_decay 0)")  # fmt: skip
+    p.add_argument("--out-dir", required=True, help="where to write the model, learner.pt, memorize.json and the "
+                   "report")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.tokens < 1 or args.batch_size < 1 or (args.offset is not None and args.offset < 0):
+        p.error("--tokens and --batch-size must be positive and --offset >= 0")
+
+    device = resolve_device(args.device)
+    flush_subnormals(device)
+    source = Path(args.checkpoint)
+    resumed = (source / LEARNER_FILE).is_file()
+    options = dict(lr=args.lr, base_lr=args.base_lr, lrs=_pairs(args.level_lr, "--level-lr", float),
+                   periods=_pairs(args.period, "--period", int), optimizer=args.optimizer,
+                   optimizer_args=json.loads(args.optimizer_args) if args.optimizer_args else None,
+                   segment=args.segment)  # fmt: skip
+    given = sorted(k for k, v in options.items() if v not in (None, {}))
+    if resumed:
+        if given:
+            raise ValueError(f"{source} continues an earlier memorize, whose learner options are fixed; drop "
+                             f"{given} or start from the original checkpoint")  # fmt: skip
+        from .data.tokenizer import load_tokenizer
+
+        model, learner, state = Learner.load(source, device)
+        tokenizer, stream = load_tokenizer(source), json.loads((source / STREAM_FILE).read_text())
+    else:
+        model, tokenizer = load_checkpoint(resolve_checkpoint(source), device)
+        learner = Learner(model, **{k: v for k, v in options.items() if v is not None})
+        state, stream = None, {"data": None, "split": args.split, "offset": 0, "history": []}
+        train_config = resolve_checkpoint(source) / TRAIN_CONFIG_FILE
+        stream["data"] = json.loads(train_config.read_text())["data"] if train_config.is_file() else None
+    data = args.data or stream["data"]
+    if data is None:
+        raise ValueError(f"{source} does not say which corpus it was trained on: pass --data")
+    if resumed and (data, args.split) != (stream["data"], stream["split"]):
+        state = None  # another stream: the memorized state belongs to the old one
+    offset = args.offset if args.offset is not None else (stream["offset"] if state is not None else 0)
+    split_dir = shards_for(data, tokenizer, args.data_root, (args.split,), progress=not args.no_progress)
+    ids, _ = open_shard(split_dir / args.split, tokenizer)
+    lane = len(ids) // args.batch_size
+    if offset + args.tokens + 1 > lane:
+        raise ValueError(f"each of the {args.batch_size} lanes of {data}/{args.split} has {lane} tokens; offset "
+                         f"{offset} + {args.tokens} + 1 does not fit: use fewer --tokens or --batch-size")  # fmt: skip
+    x = gather(ids, np.arange(args.batch_size) * lane + offset, args.tokens + 1).to(device)
+    state, report = learner.memorize(x, state, progress=not args.no_progress)
+
+    out = Path(args.out_dir)
+    learner.save(out, state)
+    tokenizer.save(out)
+    config_file = (source if resumed else resolve_checkpoint(source)) / TRAIN_CONFIG_FILE
+    if config_file.is_file() and config_file.resolve() != (out / TRAIN_CONFIG_FILE).resolve():
+        shutil.copyfile(config_file, out / TRAIN_CONFIG_FILE)  # so that `nestlearn eval OUT` knows the corpus
+    stream.update(data=data, split=args.split, offset=offset + args.tokens)
+    stream["history"].append({"offset": offset, **report.to_dict()})
+    (out / STREAM_FILE).write_text(json.dumps(stream, indent=2) + "\n")
+    write_report(out, report)
+    print(report.table())
+    print(f"\nwrote {out} (continue with: nestlearn memorize {out} --tokens N --out-dir DIR)")
+    return 0
