@@ -18,14 +18,12 @@ Chance is 1/128 for MQAR and 1/2 for parity.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from nestlearn import build, presets
+from nestlearn import presets
 from nestlearn.data.synthetic import accuracy, mqar, parity
+from nestlearn.longctx import train_synthetic
 
 
 def batch_of(task: str, batch: int, args, generator: torch.Generator, length: int | None = None):
@@ -35,31 +33,9 @@ def batch_of(task: str, batch: int, args, generator: torch.Generator, length: in
 
 
 def train(preset: str, task: str, args) -> dict:
-    torch.manual_seed(args.seed)
-    config = presets.PRESETS[preset]("debug")
-    if args.max_lr is not None:  # the cap of every inner learning rate η_t (memories and in-context CMS levels)
-        config.titans.max_lr = config.sm_titans.max_lr = config.cms.max_lr = args.max_lr
-    model = build(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed)
-    t0, losses = time.perf_counter(), []
-    bar = tqdm(range(args.steps), desc=f"{preset} {task}", leave=False, disable=args.quiet)
-    for step in bar:
-        lr = args.lr * min(1.0, (step + 1) / 20)  # short warm-up, then constant
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tokens, targets, mask = batch_of(task, args.batch, args, g)
-        logits, _ = model(tokens)
-        loss = F.cross_entropy(logits[mask], targets[mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - t0
-
-    model.eval()
+    model, fit = train_synthetic(preset, lambda batch, g: batch_of(task, batch, args, g), steps=args.steps,
+                                 batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
+                                 desc=f"{preset} {task}", quiet=args.quiet)  # fmt: skip
     g_eval = torch.Generator().manual_seed(10_000 + args.seed)
     with torch.no_grad():
         tokens, targets, mask = batch_of(task, 512, args, g_eval)
@@ -68,8 +44,7 @@ def train(preset: str, task: str, args) -> dict:
             tokens, targets, mask = batch_of(task, 512, args, g_eval, length=2 * args.length)
             mask[:, : args.length] = False
             result["accuracy_longer"] = accuracy(model(tokens)[0], targets, mask)
-    return {"preset": preset, "task": task, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / 10,
-            "seconds": seconds, "params": model.num_parameters(), **result}  # fmt: skip
+    return {"preset": preset, "task": task, **fit, **result}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

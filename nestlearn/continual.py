@@ -1,0 +1,499 @@
+"""The continual-learning protocol: train on tasks 1, …, n in order under one budget, evaluate on every task after
+each, and measure forgetting (paper §9.1; the metrics of Lopez-Paz & Ranzato 2017 and Chaudhry et al. 2018).
+
+    nestlearn continual --stream languages --preset hope --strategy levels --update-periods 16,128,2048
+    nestlearn continual --stream bbc --preset transformer --strategy replay
+
+R[i, j] is the score on task j after training on tasks 1..i (bits per byte for language-model streams, lower is
+better; accuracy for classification, higher is better), b[j] the score of the untrained model. With T tasks and
+s = +1 when higher is better, −1 when lower is:
+
+    average          (1/T) Σ_j R[T, j]
+    BWT              (1/(T−1)) Σ_{j<T} s·(R[T, j] − R[j, j])          backward transfer: < 0 is forgetting
+    forgetting       (1/(T−1)) Σ_{j<T} max_{l<T} s·(R[l, j] − R[T, j]) the drop from the best score a task had
+    FWT              (1/(T−1)) Σ_{j>1} s·(R[j−1, j] − b[j])           forward transfer: help before training on j
+
+Streams: `languages` (the Debian handbook in one language after another: en, de, fr, es by default; bits per
+byte per language), `domains` (wiki → shakespeare → pydoc), `bbc` (class-incremental BBC News: one class per
+task, scored among the classes seen so far). Strategies: `finetune` (plain sequential training: the
+catastrophic-forgetting baseline), `ewc` (elastic weight consolidation, online), `replay` (a fixed share of every
+batch drawn from a buffer of earlier tasks), `levels` (every level at its own period through `optim.Levels`, as
+`nestlearn train --update-periods`). Every strategy sees the same number of batches of the same size per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import presets
+from .data.tokenizer import ByteTokenizer
+
+__all__ = ["continual_metrics", "STREAMS", "STRATEGIES", "ContinualConfig", "run"]
+
+STRATEGIES = ("finetune", "ewc", "replay", "levels")
+LANGUAGES = ("en-US", "de-DE", "fr-FR", "es-ES")
+
+
+# --- metrics ---
+
+
+def continual_metrics(R, baseline=None, higher_is_better: bool = True) -> dict[str, float | None]:
+    """Average score, backward transfer, forgetting and forward transfer of a T × T matrix R (module docstring);
+    `baseline` (T,), the untrained model's scores, is needed for forward transfer only."""
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 1:
+        raise ValueError(f"R must be a square T × T matrix of scores; got shape {R.shape}")
+    T, s = R.shape[0], 1.0 if higher_is_better else -1.0
+    out: dict[str, float | None] = {"average": float(R[-1].mean()), "bwt": None, "forgetting": None, "fwt": None}
+    if T > 1:
+        out["bwt"] = float(np.mean([s * (R[-1, j] - R[j, j]) for j in range(T - 1)]))
+        out["forgetting"] = float(np.mean([max(s * (R[l, j] - R[-1, j]) for l in range(T - 1)) for j in range(T - 1)]))
+        if baseline is not None:
+            b = np.asarray(baseline, dtype=np.float64)
+            if b.shape != (T,):
+                raise ValueError(f"baseline must have one score per task, shape ({T},); got {b.shape}")
+            out["fwt"] = float(np.mean([s * (R[j - 1, j] - b[j]) for j in range(1, T)]))
+    return out
+
+
+# --- tasks ---
+
+
+@dataclass
+class LMTask:
+    """Language modelling on one corpus: train on random windows of its train split, scored in bits per byte on
+    the first `eval_tokens` of its validation split."""
+
+    name: str
+    train: np.ndarray
+    valid: np.ndarray
+    bytes_per_token: float
+    higher_is_better = False
+    metric = "bits per byte"
+
+    def batch(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        from .train import gather
+
+        x = gather(self.train, rng.integers(0, len(self.train) - seq_len - 1, size=batch_size), seq_len + 1)
+        return x, torch.ones_like(x[:, 1:], dtype=torch.bool)
+
+    @torch.no_grad()
+    def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
+        from .train import gather
+
+        n = max(1, min(eval_tokens, len(self.valid) - 1) // seq_len)
+        total, count = 0.0, 0
+        for lo in range(0, n, batch_size):
+            x = gather(self.valid, np.arange(lo, min(n, lo + batch_size)) * seq_len, seq_len + 1)
+            logits, _ = model(x[:, :-1])
+            total += F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="sum").item()
+            count += x[:, 1:].numel()
+        return total / count / math.log(2) / self.bytes_per_token
+
+
+@dataclass
+class ClassTask:
+    """Class-incremental classification with a language model: an example is the start of an article, then
+    "\\nTopic:" and the class name; training is next-token loss on the class name's tokens. Scoring picks, among the
+    classes seen so far (`candidates`: those of every task trained on, and the task's own), the class name of
+    lowest mean negative log-likelihood per token (the mean, not the sum, so that short names are not favoured)."""
+
+    name: str
+    labels: tuple[str, ...]
+    train: list[str]  # prompts of this task's classes
+    train_labels: list[str]
+    valid: list[str]
+    valid_labels: list[str]
+    higher_is_better = True
+    metric = "accuracy"
+    tokenizer = ByteTokenizer()
+
+    def _rows(self, prompts: list[str], answers: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
+        rows, masks = [], []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            p, a = self.tokenizer.encode(prompt), self.tokenizer.encode(f" {answer}\n")
+            ids = (p + a)[-(seq_len + 1) :]
+            rows.append([self.tokenizer.eos_id] * (seq_len + 1 - len(ids)) + ids)  # left-padded
+            masks.append([False] * (seq_len + 1 - len(a)) + [True] * len(a))
+        x, m = torch.tensor(rows), torch.tensor(masks)
+        return x, m[:, 1:]  # mask over the predictions of x[:, 1:]
+
+    def batch(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        idx = rng.integers(0, len(self.train), size=batch_size)
+        return self._rows([self.train[i] for i in idx], [self.train_labels[i] for i in idx], seq_len)
+
+    @torch.no_grad()
+    def score(self, model, seq_len: int, candidates: list[str], batch_size: int = 16, **_) -> float:
+        correct = 0
+        for lo in range(0, len(self.valid), batch_size):
+            prompts = self.valid[lo : lo + batch_size]
+            nlls = []
+            for label in candidates:
+                x, m = self._rows(prompts, [label] * len(prompts), seq_len)
+                logits, _ = model(x[:, :-1])
+                nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+                nlls.append((nll * m).sum(1) / m.sum(1))
+            best = torch.stack(nlls, 1).argmin(1)
+            correct += sum(candidates[int(b)] == y for b, y in zip(best, self.valid_labels[lo : lo + batch_size],
+                                                                    strict=True))  # fmt: skip
+        return correct / len(self.valid)
+
+
+def _lm_task(corpus: str, data_root: str | None, name: str | None = None) -> LMTask:
+    from .data.shards import open_shard
+    from .train import shards_for
+
+    tokenizer = ByteTokenizer()
+    out = shards_for(corpus, tokenizer, data_root, ("train", "validation"), progress=False)
+    train, meta = open_shard(out / "train", tokenizer)
+    valid, _ = open_shard(out / "validation", tokenizer)
+    return LMTask(name or corpus, train, valid, meta.num_bytes / max(1, meta.num_tokens))
+
+
+def _bbc_tasks(data_root: str | None, prompt_chars: int, classes_per_task: int, corpus: str = "bbc") -> list[ClassTask]:
+    from .data.corpora import BBC_CLASSES, load_split
+
+    def examples(split: str) -> list[tuple[str, str]]:
+        out = []
+        for doc in load_split(corpus, split, data_root):
+            label, _, text = doc.partition("\n")
+            head = " ".join(text.split())[:prompt_chars]
+            out.append((f"{head}\nTopic:", label))
+        return out
+
+    train, valid = examples("train"), examples("validation")
+    groups = [BBC_CLASSES[i : i + classes_per_task] for i in range(0, len(BBC_CLASSES), classes_per_task)]
+    tasks = []
+    for labels in groups:
+        tr = [(p, y) for p, y in train if y in labels]
+        va = [(p, y) for p, y in valid if y in labels]
+        tasks.append(ClassTask("+".join(labels), tuple(labels), [p for p, _ in tr], [y for _, y in tr],
+                               [p for p, _ in va], [y for _, y in va]))  # fmt: skip
+    return tasks
+
+
+STREAMS = {
+    "languages": "the Debian handbook, one language after another (--tasks: en-US de-DE fr-FR es-ES ...)",
+    "domains": "wiki → shakespeare → pydoc (--tasks: any fetched corpora, in order)",
+    "bbc": "class-incremental BBC News: one class per task, scored among the classes seen so far",
+}
+
+
+def make_stream(name: str, tasks: list[str] | None, data_root: str | None, seq_len: int,
+                classes_per_task: int = 1) -> list:  # fmt: skip
+    """The tasks of a stream. A task may also be a local corpus folder (train.txt, validation.txt, test.txt); for
+    `bbc`, `tasks` may name one corpus (a folder in the bbc format: the class on each document's first line)."""
+    if name == "languages":
+        return [_lm_task(lang if Path(lang).is_dir() else f"handbook-{lang}", data_root, Path(lang).name)
+                for lang in (tasks or LANGUAGES)]  # fmt: skip
+    if name == "domains":
+        return [_lm_task(c, data_root, Path(c).name) for c in (tasks or ("wiki", "shakespeare", "pydoc"))]
+    if name == "bbc":
+        if tasks and len(tasks) != 1:
+            raise ValueError(f"the bbc stream's tasks are its classes, in a fixed order; --tasks may only name the "
+                             f"corpus to read them from (default bbc); got {tasks}")  # fmt: skip
+        return _bbc_tasks(data_root, prompt_chars=max(16, seq_len - 24), classes_per_task=classes_per_task,
+                          corpus=tasks[0] if tasks else "bbc")  # fmt: skip
+    raise ValueError(f"stream={name!r} is not known; expected one of {list(STREAMS)}")
+
+
+# --- strategies ---
+
+
+class EWC:
+    """Online elastic weight consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018): after each task, the
+    diagonal Fisher F (mean squared gradient of the task loss over `batches` batches) is added to a running sum
+    and the weights θ* are kept; training then adds (λ/2) Σ F (θ − θ*)²."""
+
+    def __init__(self, model, lam: float, batches: int):
+        self.model, self.lam, self.batches = model, lam, batches
+        self.fisher: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+
+    def penalty(self) -> Tensor | float:
+        if not self.fisher:
+            return 0.0
+        return 0.5 * self.lam * sum((self.fisher[n] * (p - self.anchor[n]) ** 2).sum()
+                                    for n, p in self.model.named_parameters())  # fmt: skip
+
+    def consolidate(self, task, rng, batch_size: int, seq_len: int) -> None:
+        fisher = {n: torch.zeros_like(p) for n, p in self.model.named_parameters()}
+        for _ in range(self.batches):
+            x, mask = task.batch(rng, batch_size, seq_len)
+            self.model.zero_grad(set_to_none=True)
+            _loss(self.model, x, mask).backward()
+            for n, p in self.model.named_parameters():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach() ** 2 / self.batches
+        self.model.zero_grad(set_to_none=True)
+        for n, f in fisher.items():
+            self.fisher[n] = self.fisher.get(n, 0) + f
+        self.anchor = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+
+class Replay:
+    """A buffer of `per_task` batches' rows from every finished task; a `fraction` of each later batch's rows is
+    replaced by rows drawn from it, so that the compute per step is unchanged."""
+
+    def __init__(self, fraction: float, per_task: int):
+        self.fraction, self.per_task = fraction, per_task
+        self.rows: list[tuple[Tensor, Tensor]] = []
+
+    def mix(self, x: Tensor, mask: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        k = int(round(self.fraction * x.shape[0]))
+        if not self.rows or k == 0:
+            return x, mask
+        picks = rng.integers(0, len(self.rows), size=k)
+        x, mask = x.clone(), mask.clone()
+        for row, i in enumerate(picks):
+            x[row], mask[row] = self.rows[i]
+        return x, mask
+
+    def remember(self, task, rng, batch_size: int, seq_len: int) -> None:
+        for _ in range(self.per_task):
+            x, mask = task.batch(rng, batch_size, seq_len)
+            self.rows.extend(zip(x, mask, strict=True))
+
+
+def _loss(model, x: Tensor, mask: Tensor) -> Tensor:
+    logits, _ = model(x[:, :-1])
+    nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (b, t)
+    return (nll * mask).sum() / mask.sum().clamp_min(1)
+
+
+# --- the protocol ---
+
+
+@dataclass
+class ContinualConfig:
+    stream: str = "languages"
+    tasks: list[str] | None = None
+    preset: str = "transformer"
+    size: str = "debug"
+    strategy: str = "finetune"
+    update_periods: str | None = None  # levels: the CMS periods, e.g. "16,128,2048"; default: the preset's
+    steps_per_task: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    ewc_lambda: float = 100.0
+    ewc_batches: int = 8
+    replay_fraction: float = 0.25
+    replay_batches: int = 8
+    classes_per_task: int = 1
+    eval_tokens: int = 16384
+    seed: int = 0
+    data_root: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAMS:
+            raise ValueError(f"stream={self.stream!r} is not known; expected one of {list(STREAMS)}")
+        if self.preset not in presets.PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not known; expected one of {list(presets.PRESETS)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not known; expected one of {list(STRATEGIES)}")
+        for name in ("steps_per_task", "batch_size", "seq_len", "ewc_batches", "replay_batches", "classes_per_task",
+                     "eval_tokens"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if not 0 < self.replay_fraction < 1:
+            raise ValueError(f"replay_fraction={self.replay_fraction} must lie in (0, 1)")
+        if self.lr <= 0 or self.ewc_lambda < 0:
+            raise ValueError(f"lr={self.lr} must be > 0 and ewc_lambda={self.ewc_lambda} >= 0")
+        if self.update_periods is not None and self.strategy != "levels":
+            raise ValueError("update_periods is the levels strategy's setting: use --strategy levels with it")
+
+
+def build_model(config: ContinualConfig):
+    from .model import build
+    from .train import parse_periods
+
+    model_config = dataclasses.replace(
+        presets.PRESETS[config.preset](config.size), seq_len=config.seq_len, vocab_size=ByteTokenizer().vocab_size
+    )  # every stream is byte-level
+    if config.update_periods is not None:
+        cms = dataclasses.replace(model_config.cms, update_periods=parse_periods(config.update_periods))
+        model_config = dataclasses.replace(model_config, cms=cms)  # checks the periods
+    return build(model_config)
+
+
+def run(config: ContinualConfig) -> dict:
+    """Train on the stream's tasks in order, scoring every task after each; returns R, the metrics and curves."""
+    from tqdm import tqdm
+
+    from .optim import Levels
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    tasks = make_stream(config.stream, config.tasks, config.data_root, config.seq_len, config.classes_per_task)
+    model = build_model(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    levels = None
+    if config.strategy == "levels":
+        model_levels = model.levels()
+        if all(lv.period is None for lv in model_levels):
+            raise ValueError(f"the levels strategy needs CMS levels with a period: {config.preset} has none at "
+                             f"seq_len {config.seq_len}; give --update-periods, e.g. 16,128,2048")  # fmt: skip
+        levels = Levels(opt, model_levels)
+        levels.due(config.seq_len)
+    ewc = EWC(model, config.ewc_lambda, config.ewc_batches) if config.strategy == "ewc" else None
+    replay = Replay(config.replay_fraction, config.replay_batches) if config.strategy == "replay" else None
+
+    def score_all(stage: int) -> list[float]:
+        """Every task's score after training on tasks 0..stage (stage −1: untrained)."""
+        model.eval()
+        out = []
+        for j, t in enumerate(tasks):
+            # class-incremental: choose among the classes of every task trained on so far, and task j's own
+            candidates = [y for u in tasks[: max(stage, j) + 1] for y in getattr(u, "labels", ())]
+            out.append(t.score(model, config.seq_len, eval_tokens=config.eval_tokens, candidates=candidates))
+        model.train()
+        return out
+
+    baseline = score_all(-1)
+    R, losses, step, t0 = [], [], 0, time.perf_counter()
+    for i, task in enumerate(tasks):
+        bar = tqdm(range(config.steps_per_task), desc=f"task {i + 1}/{len(tasks)} {task.name}", unit="step",
+                   disable=not config.progress, leave=False)  # fmt: skip
+        for _ in bar:
+            lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, mask = task.batch(rng, config.batch_size, config.seq_len)
+            if replay is not None:
+                x, mask = replay.mix(x, mask, rng)
+            loss = _loss(model, x, mask)
+            total = loss + (ewc.penalty() if ewc is not None else 0.0)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            levels.step(config.seq_len) if levels is not None else opt.step()
+            losses.append({"step": step, "task": i, "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            step += 1
+        if ewc is not None:
+            ewc.consolidate(task, rng, config.batch_size, config.seq_len)
+        if replay is not None:
+            replay.remember(task, rng, config.batch_size, config.seq_len)
+        R.append(score_all(i))
+    higher = tasks[0].higher_is_better
+    return {"config": asdict(config), "tasks": [t.name for t in tasks], "metric": tasks[0].metric,
+            "higher_is_better": higher, "R": R, "baseline": baseline, "params": model.num_parameters(),
+            "metrics": continual_metrics(R, baseline, higher), "losses": losses,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+# --- output ---
+
+
+def plot(result: dict, path: Path) -> None:
+    """The matrix R as a heatmap and each task's score after every stage as curves, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R, names = np.asarray(result["R"]), result["tasks"]
+    T = len(names)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    im = a.imshow(R, cmap="viridis" if result["higher_is_better"] else "viridis_r")
+    for i in range(T):
+        for j in range(T):
+            a.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    a.set_xticks(range(T), names, rotation=30, ha="right")
+    a.set_yticks(range(T), [f"after {n}" for n in names])
+    a.set_xlabel(f"evaluated on ({result['metric']})")
+    fig.colorbar(im, ax=a)
+    stages = ["start", *names]
+    for j, name in enumerate(names):
+        b.plot(range(T + 1), [result["baseline"][j], *R[:, j]], marker="o", label=name)
+    b.set_xticks(range(T + 1), stages, rotation=30, ha="right")
+    b.set_ylabel(result["metric"])
+    b.set_xlabel("after training on")
+    b.legend(fontsize=8)
+    c = result["config"]
+    fig.suptitle(f"{c['stream']}: {c['preset']}-{c['size']}, {c['strategy']}, {c['steps_per_task']} steps per task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    names, R = result["tasks"], result["R"]
+    lines = [f"| after \\ on | {' | '.join(names)} |", f"| --- |{' ---: |' * len(names)}",
+             f"| (untrained) | {' | '.join(f'{v:.3f}' for v in result['baseline'])} |"]  # fmt: skip
+    lines += [f"| {names[i]} | {' | '.join(f'{v:.3f}' for v in row)} |" for i, row in enumerate(R)]
+    m = result["metrics"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:+.3f}"
+
+    lines.append(f"\n{result['metric']}: average {m['average']:.3f}, BWT {f(m['bwt'])}, forgetting "
+                 f"{f(m['forgetting'])}, FWT {f(m['fwt'])} ({result['seconds']:.0f} s)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nestlearn continual", description=__doc__.split("\n\n")[0])
+    d = ContinualConfig()
+    p.add_argument("--stream", default=d.stream, choices=list(STREAMS), help="; ".join(f"{k}: {v}" for k, v in
+                   STREAMS.items()) + f" (default: {d.stream})")  # fmt: skip
+    p.add_argument("--tasks", nargs="+", default=None, help="the stream's tasks, in order (languages, corpora)")
+    p.add_argument("--preset", default=d.preset, choices=list(presets.PRESETS), help=f"(default: {d.preset})")
+    p.add_argument("--size", default=d.size, choices=list(presets.SIZES), help=f"(default: {d.size})")
+    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES, help=f"(default: {d.strategy})")
+    p.add_argument("--update-periods", default=None, help="levels: the CMS update periods in tokens, fastest first, "
+                   "'none' for every step (default: the preset's)")  # fmt: skip
+    p.add_argument("--steps-per-task", type=int, default=d.steps_per_task, help=f"(default: {d.steps_per_task})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"(default: {d.seq_len})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW, constant after warm-up (default: {d.lr})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"(default: {d.warmup_steps})")
+    p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda, help=f"ewc: λ (default: {d.ewc_lambda})")
+    p.add_argument("--ewc-batches", type=int, default=d.ewc_batches, help=f"ewc: batches per Fisher estimate "
+                   f"(default: {d.ewc_batches})")  # fmt: skip
+    p.add_argument("--replay-fraction", type=float, default=d.replay_fraction, help="replay: share of each batch "
+                   f"drawn from the buffer (default: {d.replay_fraction})")  # fmt: skip
+    p.add_argument("--replay-batches", type=int, default=d.replay_batches, help="replay: batches kept per finished "
+                   f"task (default: {d.replay_batches})")  # fmt: skip
+    p.add_argument("--classes-per-task", type=int, default=d.classes_per_task, help="bbc: classes per task "
+                   f"(default: {d.classes_per_task})")  # fmt: skip
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="language-model streams: validation "
+                   f"tokens scored per task (default: {d.eval_tokens})")  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
+    p.add_argument("--out-dir", required=True, help="where results.json and continual.png go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    config = ContinualConfig(stream=args.stream, tasks=args.tasks, preset=args.preset, size=args.size,
+                             strategy=args.strategy, update_periods=args.update_periods,
+                             steps_per_task=args.steps_per_task, batch_size=args.batch_size, seq_len=args.seq_len,
+                             lr=args.lr, warmup_steps=args.warmup_steps, ewc_lambda=args.ewc_lambda,
+                             ewc_batches=args.ewc_batches, replay_fraction=args.replay_fraction,
+                             replay_batches=args.replay_batches, classes_per_task=args.classes_per_task,
+                             eval_tokens=args.eval_tokens, seed=args.seed, data_root=args.data_root,
+                             progress=not args.no_progress)  # fmt: skip
+    random.seed(config.seed)
+    result = run(config)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "continual.png")
+    print(table(result))
+    print(f"\nwrote {out / 'results.json'} and {out / 'continual.png'}")
+    return 0

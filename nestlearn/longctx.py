@@ -1,0 +1,381 @@
+"""The long-context suite: needle in a haystack, MQAR, formal languages, bAbI (issue #6 §3; docs/longctx.md).
+
+    nestlearn longctx niah runs/hope --kinds passkey number uuid --lengths 1024 2048 --depths 0 0.5 1 --samples 4
+    nestlearn longctx formal --presets transformer hope --train-length 40 --steps 400    # paper Table 5, Bin0/Bin1
+    nestlearn longctx mqar --presets transformer hope --pairs 8 --test-pairs 8 16
+    nestlearn longctx babi --presets transformer hope --tasks single latest --facts 8
+
+`niah` scores a trained checkpoint (nestlearn/niah.py): a heatmap per kind over context length × needle depth.
+The other three train each preset from scratch at `debug` size on freshly generated batches (nestlearn/data/
+synthetic.py), then score it on new sequences, some longer than those it was trained on. Every generator is
+deterministic by --seed; each subcommand writes results.json into --out-dir and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from . import presets
+from .data import synthetic
+from .model import LanguageModel, build
+
+__all__ = ["main", "train_synthetic", "niah_grids", "formal_table"]
+
+Batch = tuple[Tensor, Tensor, Tensor]  # tokens, targets, mask; each (b, t)
+
+
+def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batch], *, steps: int, batch: int,
+                    lr: float = 3e-3, seed: int = 0, max_lr: float | None = None, vocab_size: int | None = None,
+                    device: str | torch.device = "cpu", desc: str = "", quiet: bool = False
+                    ) -> tuple[LanguageModel, dict]:  # fmt: skip
+    """Train `preset` at `debug` size from scratch on batch_fn(batch, generator) with AdamW (no weight decay, 20
+    warm-up steps, then constant lr; gradient clipping 1.0), the loss on the masked positions only.
+
+    Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last 10), "seconds", "params"}.
+    """
+    torch.manual_seed(seed)
+    config = presets.PRESETS[preset]("debug")
+    if max_lr is not None:  # the cap of every inner learning rate η_t (memories and in-context CMS levels)
+        config.titans.max_lr = config.sm_titans.max_lr = config.cms.max_lr = max_lr
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    model = build(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    t0, losses = time.perf_counter(), []
+    bar = tqdm(range(steps), desc=desc or preset, leave=False, disable=quiet)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20)  # short warm-up, then constant
+        tokens, targets, mask = (x.to(device) for x in batch_fn(batch, g))
+        logits, _ = model(tokens)
+        loss = F.cross_entropy(logits[mask], targets[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - t0
+    model.eval()
+    last = losses[-10:]
+    return model, {"first_loss": losses[0], "final_loss": sum(last) / len(last), "seconds": seconds,
+                   "params": model.num_parameters()}  # fmt: skip
+
+
+@torch.no_grad()
+def _predict(model: LanguageModel, tokens: Tensor, reduce: Callable[[Tensor], Tensor], chunk: int = 64) -> Tensor:
+    """reduce(logits) for every row of tokens (b, t), a chunk of rows at a time: full logits of 512 long sequences
+    would not fit in memory. Returns (b, t)."""
+    device = next(model.parameters()).device
+    return torch.cat([reduce(model(tokens[i : i + chunk].to(device))[0]).cpu() for i in range(0, len(tokens), chunk)])
+
+
+def _argmax(logits: Tensor) -> Tensor:
+    return logits.argmax(-1)
+
+
+def _decision(logits: Tensor) -> Tensor:
+    """Accept or reject, from the two answer logits only (as synthetic.formal_accuracy decides). (b, t, V) -> (b, t)"""
+    accept = logits[..., synthetic.ACCEPT] > logits[..., synthetic.REJECT]
+    return torch.where(accept, synthetic.ACCEPT, synthetic.REJECT)
+
+
+def _scores(pred: Tensor, targets: Tensor, mask: Tensor) -> tuple[float, float]:
+    """(per-position accuracy, sequence accuracy: every scored position of the sequence right) of predictions."""
+    right = pred == targets  # (b, t)
+    return right[mask].float().mean().item(), (right | ~mask).all(dim=1).float().mean().item()
+
+
+def _chance(targets: Tensor, mask: Tensor, answers: Sequence[int]) -> tuple[float, float]:
+    """The best (per-position, sequence) accuracy of a guesser that always gives the same answer."""
+    scores = [_scores(torch.full_like(targets, a), targets, mask) for a in answers]
+    return max(s[0] for s in scores), max(s[1] for s in scores)
+
+
+# --- niah ---
+
+
+def niah_grids(records: Sequence[dict], kinds: Sequence[str], lengths: Sequence[int], depths: Sequence[float]) -> dict:
+    """Per kind: mean score and accuracy (%) over samples, as grids [depth][length], and per length."""
+    out = {}
+    for kind in kinds:
+        score = [[0.0] * len(lengths) for _ in depths]
+        acc = [[0.0] * len(lengths) for _ in depths]
+        for i, depth in enumerate(depths):
+            for j, length in enumerate(lengths):
+                rs = [r for r in records if r["kind"] == kind and r["length"] == length and r["depth"] == depth]
+                score[i][j] = 100 * sum(r["score"] for r in rs) / len(rs)
+                acc[i][j] = 100 * sum(r["correct"] for r in rs) / len(rs)
+        by_length = [sum(row[j] for row in score) / len(depths) for j in range(len(lengths))]
+        out[kind] = {"score": score, "accuracy": acc, "score_by_length": by_length}
+    return out
+
+
+def _heatmap(path: Path, grid: list[list[float]], lengths: Sequence[int], depths: Sequence[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(lengths), 1.4 + 0.45 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:g}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 25 else "black")
+    fig.colorbar(im, ax=ax, label="score (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_niah(args: argparse.Namespace) -> dict:
+    from . import niah
+    from .data.corpora import load_split
+    from .train import flush_subnormals, load_checkpoint, resolve_checkpoint, resolve_device
+
+    device = resolve_device(args.device)
+    flush_subnormals(device)
+    path = resolve_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(path, device)
+    model.eval()
+    docs = None
+    if any(niah.KINDS[k].haystack == "corpus" for k in args.kinds):
+        docs = load_split(args.haystack, args.split, args.data_root)  # says `nestlearn fetch-data NAME` if missing
+    samples = niah.make_samples(args.kinds, args.lengths, args.depths, args.samples, tokenizer, docs, args.seed,
+                                args.max_new_tokens)  # fmt: skip
+    records = niah.score_samples(samples, niah.model_answerer(model, tokenizer, device), progress=not args.no_progress)
+    grids = niah_grids(records, args.kinds, args.lengths, args.depths)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in args.kinds:
+        title = f"{kind} ({niah.KINDS[kind].ruler}), {model.config.name}, haystack {Path(args.haystack).name}"
+        _heatmap(out / f"niah-{kind}.png", grids[kind]["score"], args.lengths, args.depths, title)
+    result = {"checkpoint": str(path), "model": model.config.name, "trained_seq_len": model.config.seq_len,
+              "tokenizer": tokenizer.kind, "haystack": args.haystack, "split": args.split, "seed": args.seed,
+              "samples": args.samples, "lengths": args.lengths, "depths": args.depths,
+              "kinds": {k: {"ruler": niah.KINDS[k].ruler, **grids[k]} for k in args.kinds},
+              "records": records}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nRULER-style needle in a haystack: {model.config.name} (trained on {model.config.seq_len}-token windows), "
+          f"score % (string_match_all), mean over {len(args.depths)} depths × {args.samples} samples\n")  # fmt: skip
+    print("| kind | " + " | ".join(str(n) for n in args.lengths) + " |")
+    print("| --- |" + " ---: |" * len(args.lengths))
+    for kind in args.kinds:
+        cells = " | ".join(f"{v:.1f}" for v in grids[kind]["score_by_length"])
+        print(f"| {kind} ({niah.KINDS[kind].ruler}) | {cells} |")
+    print(f"\nheatmaps and results.json in {out}")
+    return result
+
+
+# --- formal languages, MQAR, bAbI: trained from scratch ---
+
+
+def run_formal(args: argparse.Namespace) -> list[dict]:
+    L = args.train_length
+    bins = {"bin0": (1, L), "bin1": (L + 1, 2 * L)}  # Table 5: Bin0 within the training lengths, Bin1 up to twice
+    rows = []
+    for lang in args.languages:
+        for preset in args.presets:
+            model, fit = train_synthetic(
+                preset, lambda b, g, lang=lang: synthetic.formal_language(lang, b, 1, L, generator=g),
+                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
+                device=args.device, desc=f"{preset} {lang}", quiet=args.quiet)  # fmt: skip
+            row = {"language": lang, "preset": preset, **fit}
+            g_eval = torch.Generator().manual_seed(10_000 + args.seed)
+            for name, (lo, hi) in bins.items():
+                tokens, targets, mask = synthetic.formal_language(lang, args.eval_samples, lo, hi, generator=g_eval)
+                position, sequence = _scores(_predict(model, tokens, _decision), targets, mask)
+                pos_chance, seq_chance = _chance(targets, mask, (synthetic.REJECT, synthetic.ACCEPT))
+                row |= {name: sequence, f"{name}_position": position, f"{name}_chance": seq_chance,
+                        f"{name}_position_chance": pos_chance, f"{name}_lengths": [lo, hi]}  # fmt: skip
+            rows.append(row)
+    _write(args.out_dir, {"train_length": L, "steps": args.steps, "seed": args.seed, "rows": rows})
+    print(formal_table(rows, args.languages, args.presets, L))
+    return rows
+
+
+def formal_table(rows: Sequence[dict], languages: Sequence[str], presets_: Sequence[str], train_length: int) -> str:
+    """Sequence accuracy (%) in the layout of paper Table 5, with the best constant guesser as a last row."""
+    titles = [synthetic.FORMAL_LANGUAGES[lang].title for lang in languages]
+    lines = [f"\nFormal languages (paper Table 5): sequence accuracy %, trained on lengths 1..{train_length}; "
+             f"Bin0 = lengths 1..{train_length}, Bin1 = {train_length + 1}..{2 * train_length}\n",
+             "| Model | " + " | ".join(f"{t} Bin0 | {t} Bin1" for t in titles) + " |",
+             "| --- |" + " ---: | ---: |" * len(languages)]  # fmt: skip
+    by = {(r["preset"], r["language"]): r for r in rows}
+    for preset in presets_:
+        cells = [f"{100 * by[preset, lang][b]:.1f}" for lang in languages for b in ("bin0", "bin1")]
+        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+    first = {lang: by[presets_[0], lang] for lang in languages}
+    cells = [f"{100 * first[lang][b + '_chance']:.1f}" for lang in languages for b in ("bin0", "bin1")]
+    lines.append("| constant guess | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_mqar(args: argparse.Namespace) -> list[dict]:
+    test_pairs = args.test_pairs or [args.pairs, 2 * args.pairs]
+    vocab = presets.SIZES["debug"][3]
+    for pairs in [args.pairs, *test_pairs]:  # refuse a bad setting before training, not after
+        synthetic.mqar(1, pairs, vocab)
+    chance = 1 / (vocab - vocab // 2)  # values are uniform over the upper half of the vocabulary
+    rows = []
+    for preset in args.presets:
+        model, fit = train_synthetic(
+            preset, lambda b, g: synthetic.mqar(b, args.pairs, vocab, generator=g), steps=args.steps,
+            batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr, device=args.device,
+            desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
+        g_eval = torch.Generator().manual_seed(10_000 + args.seed)
+        for pairs in test_pairs:
+            tokens, targets, mask = synthetic.mqar(args.eval_samples, pairs, vocab, generator=g_eval)
+            accuracy = _scores(_predict(model, tokens, _argmax), targets, mask)[0]  # over every queried value
+            rows.append({"preset": preset, "train_pairs": args.pairs, "pairs": pairs, "accuracy": accuracy,
+                         "chance": chance, **fit})  # fmt: skip
+    _write(args.out_dir, {"steps": args.steps, "seed": args.seed, "rows": rows})
+    print(f"\nMQAR: trained with {args.pairs} key/value pairs (sequences of {4 * args.pairs} tokens); accuracy on the "
+          f"queried values of {args.eval_samples} new sequences\n")  # fmt: skip
+    print("| preset | pairs | tokens | accuracy | chance | time (s) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['preset']} | {r['pairs']} | {4 * r['pairs']} | {r['accuracy']:.3f} | {r['chance']:.3f} | "
+              f"{r['seconds']:.0f} |")  # fmt: skip
+    return rows
+
+
+def run_babi(args: argparse.Namespace) -> list[dict]:
+    from .data.tokenizer import ByteTokenizer
+
+    test_facts = args.test_facts or [args.facts, 2 * args.facts]
+    for task in args.tasks:  # refuse a bad setting before training, not after
+        for facts in [args.facts, *test_facts]:
+            synthetic.babi_story(task, facts, random.Random(0), args.people)
+    vocab = ByteTokenizer().vocab_size  # bytes and the eos id that pads
+    chance = 1 / len(synthetic.BABI_PLACES)
+    rows = []
+    for task in args.tasks:
+        for preset in args.presets:
+            model, fit = train_synthetic(
+                preset, lambda b, g, task=task: synthetic.babi(task, b, args.facts, args.people, generator=g),
+                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
+                vocab_size=vocab, device=args.device, desc=f"{preset} {task}", quiet=args.quiet)  # fmt: skip
+            g_eval = torch.Generator().manual_seed(10_000 + args.seed)
+            for facts in test_facts:
+                tokens, targets, mask = synthetic.babi(task, args.eval_samples, facts, args.people, generator=g_eval)
+                accuracy = _scores(_predict(model, tokens, _argmax), targets, mask)[1]  # the whole answer right
+                rows.append({"task": task, "preset": preset, "train_facts": args.facts, "facts": facts,
+                             "accuracy": accuracy, "chance": chance, **fit})  # fmt: skip
+    _write(args.out_dir, {"steps": args.steps, "seed": args.seed, "people": args.people, "rows": rows})
+    print(f"\nbAbI-style fact tracking: trained on stories of {args.facts} facts; answer accuracy (every byte of the "
+          f"place right) on {args.eval_samples} new stories\n")  # fmt: skip
+    print("| task | preset | facts | accuracy | chance | time (s) |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['task']} | {r['preset']} | {r['facts']} | {r['accuracy']:.3f} | {r['chance']:.3f} | "
+              f"{r['seconds']:.0f} |")  # fmt: skip
+    return rows
+
+
+def _write(out_dir: str, result: dict) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+# --- command line ---
+
+
+def _training_args(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--presets", nargs="+", default=["transformer", "hope"], choices=sorted(presets.PRESETS),
+                   help="models to train from scratch at debug size (default: transformer hope)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=400, help="training steps per model and task (default: 400)")
+    p.add_argument("--batch", type=int, default=32, help="sequences per step (default: 32)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
+    p.add_argument("--max-lr", type=float, default=None, help="override the inner learning-rate cap η_max (0.1)")
+    p.add_argument("--eval-samples", type=int, default=512, help="new sequences scored per setting (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, training and test data (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--out-dir", default=f"runs/longctx-{name}", help=f"(default: runs/longctx-{name})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.synthetic import BABI_TASKS, FORMAL_LANGUAGES
+    from .niah import KINDS
+
+    parser = argparse.ArgumentParser(prog="nestlearn longctx", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))  # fmt: skip
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="{niah,formal,mqar,babi}")
+
+    p = sub.add_parser("niah", help="RULER-style needle in a haystack on a checkpoint: heatmaps over length × depth")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS), help="(default: all six)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096],
+                   help="context lengths in the checkpoint's tokens: prompt + answer budget (default: 1024 2048 "
+                        "4096)")  # fmt: skip
+    p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths, fractions of the haystack (default: 0 0.25 0.5 0.75 1)")  # fmt: skip
+    p.add_argument("--samples", type=int, default=4, help="samples per kind, length and depth (default: 4)")
+    p.add_argument("--haystack", default="wiki", help="corpus name or folder of the haystack text (default: wiki)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="(default: test)")
+    p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation budget (default: the answer's tokens + 8, per sample)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of keys, values, haystack start (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--out-dir", default="runs/longctx-niah", help="(default: runs/longctx-niah)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("formal", help="formal languages of paper Table 5, trained short and tested longer")
+    p.add_argument("--languages", nargs="+", default=list(FORMAL_LANGUAGES), choices=list(FORMAL_LANGUAGES),
+                   help="(default: all six)")  # fmt: skip
+    p.add_argument("--train-length", type=int, default=40,
+                   help="train on lengths 1..L; Bin0 tests 1..L, Bin1 L+1..2L (default: 40)")  # fmt: skip
+    _training_args(p, "formal")
+
+    p = sub.add_parser("mqar", help="multi-query associative recall, trained at one number of pairs, tested at more")
+    p.add_argument("--pairs", type=int, default=8, help="key/value pairs per training sequence (default: 8)")
+    p.add_argument("--test-pairs", nargs="+", type=int, default=None, help="(default: --pairs and twice that)")
+    _training_args(p, "mqar")
+
+    p = sub.add_parser("babi", help="bAbI-style fact tracking as bytes, trained on short stories, tested on longer")
+    p.add_argument("--tasks", nargs="+", default=list(BABI_TASKS), choices=list(BABI_TASKS), help="(default: both)")
+    p.add_argument("--facts", type=int, default=8, help="moves per training story (default: 8)")
+    p.add_argument("--test-facts", nargs="+", type=int, default=None, help="(default: --facts and twice that)")
+    p.add_argument("--people", type=int, default=4, help="people in a 'latest' story (default: 4)")
+    _training_args(p, "babi")
+
+    args = parser.parse_args(argv)
+    if args.suite == "niah":
+        if min(args.lengths) < 1 or args.samples < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+            parser.error("--lengths, --samples and --max-new-tokens must be positive")
+        if not all(0.0 <= d <= 1.0 for d in args.depths):
+            parser.error(f"--depths must lie in [0, 1] (fractions of the haystack); got {args.depths}")
+        run_niah(args)
+        return 0
+    if min(args.steps, args.batch, args.eval_samples) < 1:
+        parser.error(f"--steps, --batch and --eval-samples must be positive; got {args.steps}, {args.batch}, "
+                     f"{args.eval_samples}")  # fmt: skip
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.suite == "formal":
+        if args.train_length < 4:
+            parser.error(f"--train-length={args.train_length} must be >= 4, so that (abab)* has a string to train on")
+        run_formal(args)
+    elif args.suite == "mqar":
+        run_mqar(args)
+    else:
+        run_babi(args)
+    return 0

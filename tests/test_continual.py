@@ -1,0 +1,126 @@
+"""The continual-learning protocol: the metrics on hand-computed matrices, every strategy and stream on small local
+corpora, and the command's outputs."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from nestlearn.cli import main as cli
+from nestlearn.continual import EWC, ContinualConfig, Replay, build_model, continual_metrics, make_stream, run
+from nestlearn.data.corpora import BBC_CLASSES, write_documents
+
+
+def test_metrics_on_a_hand_computed_accuracy_matrix():
+    R = [[0.9, 0.1, 0.0],
+         [0.6, 0.8, 0.2],
+         [0.3, 0.7, 0.9]]  # fmt: skip
+    m = continual_metrics(R, baseline=[0.0, 0.1, 0.1], higher_is_better=True)
+    assert m["average"] == pytest.approx((0.3 + 0.7 + 0.9) / 3)
+    assert m["bwt"] == pytest.approx(((0.3 - 0.9) + (0.7 - 0.8)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.3) + (0.8 - 0.7)) / 2)  # max over l < T of R[l, j] − R[T, j]
+    assert m["fwt"] == pytest.approx(((0.1 - 0.1) + (0.2 - 0.1)) / 2)
+
+
+def test_metrics_on_a_loss_matrix_count_a_rise_as_forgetting():
+    R = [[2.0, 5.0],
+         [3.0, 1.5]]  # bits per byte: task 1 got worse after task 2  # fmt: skip
+    m = continual_metrics(R, baseline=[8.0, 8.0], higher_is_better=False)
+    assert m["average"] == pytest.approx(2.25)
+    assert m["bwt"] == pytest.approx(-1.0) and m["forgetting"] == pytest.approx(1.0)
+    assert m["fwt"] == pytest.approx(8.0 - 5.0)
+    assert continual_metrics([[1.0]])["bwt"] is None  # one task: no transfer to speak of
+    with pytest.raises(ValueError, match="square"):
+        continual_metrics([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="one score per task"):
+        continual_metrics(R, baseline=[1.0])
+
+
+def corpus(root, name: str, words: list[str], n: int = 30, prefix=lambda i: "") -> str:
+    rng = random.Random(name)
+    for split, count in (("train", n), ("validation", 6), ("test", 6)):
+        docs = [prefix(i) + " ".join(rng.choice(words) for _ in range(60)) for i in range(count)]
+        write_documents(root / name / f"{split}.txt", docs)
+    return str(root / name)
+
+
+@pytest.fixture(scope="module")
+def two_languages(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("langs")
+    return [corpus(root, "aaa", ["ab", "ba", "abba", "baab"]), corpus(root, "xyz", ["xy", "zyx", "yzzy", "xz"])]
+
+
+def small(**fields) -> ContinualConfig:
+    base = dict(stream="languages", preset="transformer", size="debug", steps_per_task=3, batch_size=2, seq_len=32,
+                eval_tokens=128, warmup_steps=1, progress=False)  # fmt: skip
+    return ContinualConfig(**{**base, **fields})
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "ewc", "replay", "levels"])
+def test_every_strategy_fills_the_matrix(two_languages, strategy, tmp_path):
+    extra = {"preset": "hope", "update_periods": "8,64"} if strategy == "levels" else {}
+    result = run(small(tasks=two_languages, strategy=strategy, data_root=str(tmp_path), **extra))
+    R = np.asarray(result["R"])
+    assert R.shape == (2, 2) and np.isfinite(R).all() and len(result["baseline"]) == 2
+    assert result["tasks"] == ["aaa", "xyz"] and result["metric"] == "bits per byte"
+    assert set(result["metrics"]) == {"average", "bwt", "forgetting", "fwt"}
+    assert len(result["losses"]) == 6
+    # training on a task makes its own score better than untrained (bits per byte falls from ~8)
+    assert R[0, 0] < result["baseline"][0]
+
+
+def test_ewc_penalty_is_zero_until_consolidated_and_pulls_towards_the_anchor(two_languages, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(small())
+    task = make_stream("languages", two_languages[:1], str(tmp_path), 32)[0]
+    ewc = EWC(model, lam=10.0, batches=2)
+    assert ewc.penalty() == 0.0
+    ewc.consolidate(task, np.random.default_rng(0), 2, 32)
+    assert float(ewc.penalty()) == 0.0  # at the anchor
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    assert float(ewc.penalty()) > 0
+
+
+def test_replay_replaces_the_given_share_of_rows_by_remembered_ones(two_languages, tmp_path):
+    task = make_stream("languages", two_languages[:1], str(tmp_path), 32)[0]
+    replay = Replay(fraction=0.25, per_task=1)
+    x, mask = torch.zeros(8, 33, dtype=torch.long), torch.ones(8, 32, dtype=torch.bool)
+    assert torch.equal(replay.mix(x, mask, np.random.default_rng(0))[0], x)  # nothing remembered yet
+    replay.remember(task, np.random.default_rng(0), 4, 32)
+    mixed, _ = replay.mix(x, mask, np.random.default_rng(0))
+    assert int((mixed != 0).any(1).sum()) == 2  # a quarter of 8 rows
+
+
+def test_class_incremental_stream_and_command(tmp_path):
+    # five classes, each with its own words; the first line of a document is its class (the bbc corpus format)
+    root = tmp_path / "corpora"
+    for split, n in (("train", 40), ("validation", 10), ("test", 10)):
+        docs = [f"{BBC_CLASSES[i % 5]}\n" + " ".join([BBC_CLASSES[i % 5][:3]] * 20) for i in range(n)]
+        write_documents(root / "bbc-local" / f"{split}.txt", docs)
+    tasks = make_stream("bbc", [str(root / "bbc-local")], None, 32)
+    assert [t.name for t in tasks] == list(BBC_CLASSES) and all(len(t.valid) == 2 for t in tasks)
+    out = tmp_path / "out"
+    assert cli(["continual", "--stream", "bbc", "--tasks", str(root / "bbc-local"), "--steps-per-task", "2",
+                "--batch-size", "2", "--seq-len", "32", "--out-dir", str(out), "--no-progress"]) == 0  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    R = np.asarray(result["R"])
+    assert R.shape == (5, 5) and ((R >= 0) & (R <= 1)).all() and result["metric"] == "accuracy"
+    assert R[0, 0] == 1.0  # after the first task, its class is the only candidate
+    assert (out / "continual.png").stat().st_size > 0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="strategy='sgd'"):
+        ContinualConfig(strategy="sgd")
+    with pytest.raises(ValueError, match="steps_per_task=0"):
+        ContinualConfig(steps_per_task=0)
+    with pytest.raises(ValueError, match="levels strategy"):
+        ContinualConfig(update_periods="16,128")
+    with pytest.raises(ValueError, match="stream="):
+        make_stream("music", None, None, 32)
