@@ -19,6 +19,7 @@ task, scored among the classes seen so far). Strategies: `finetune` (plain seque
 catastrophic-forgetting baseline), `ewc` (elastic weight consolidation, online), `replay` (a fixed share of every
 batch drawn from a buffer of earlier tasks), `levels` (every level at its own period through `optim.Levels`, as
 `nestlearn train --update-periods`). Every strategy sees the same number of batches of the same size per task.
+`--init-from CHECKPOINT` starts any of them from a trained model, its MLPs becoming the CMS levels (§7.3).
 """
 
 from __future__ import annotations
@@ -294,6 +295,7 @@ class ContinualConfig:
     replay_fraction: float = 0.25
     replay_batches: int = 8
     classes_per_task: int = 1
+    init_from: str | None = None  # §7.3: a trained checkpoint whose weights and MLPs start the model (level_stack)
     eval_tokens: int = 16384
     seed: int = 0
     data_root: str | None = None
@@ -320,16 +322,56 @@ class ContinualConfig:
 
 
 def build_model(config: ContinualConfig):
+    """The preset at `config.size`, byte-level; with `init_from`, shaped like that checkpoint and started from it."""
     from .model import build
-    from .train import parse_periods
+    from .train import load_checkpoint, parse_periods, resolve_checkpoint
 
     model_config = dataclasses.replace(
         presets.PRESETS[config.preset](config.size), seq_len=config.seq_len, vocab_size=ByteTokenizer().vocab_size
     )  # every stream is byte-level
+    source = None
+    if config.init_from is not None:
+        source, _ = load_checkpoint(resolve_checkpoint(config.init_from))
+        s = source.config
+        if s.vocab_size != model_config.vocab_size:
+            raise ValueError(f"init_from={config.init_from!r} has vocabulary {s.vocab_size}; the continual streams are "
+                             f"byte-level ({model_config.vocab_size}): train it with --tokenizer bytes")  # fmt: skip
+        cms = dataclasses.replace(model_config.cms, hidden_mult=s.cms.hidden_mult)
+        model_config = dataclasses.replace(model_config, num_layers=s.num_layers, dim=s.dim, num_heads=s.num_heads,
+                                           cms=cms)  # fmt: skip
     if config.update_periods is not None:
         cms = dataclasses.replace(model_config.cms, update_periods=parse_periods(config.update_periods))
         model_config = dataclasses.replace(model_config, cms=cms)  # checks the periods
-    return build(model_config)
+    model = build(model_config)
+    if source is not None:
+        level_stack(model, source)
+    return model
+
+
+@torch.no_grad()
+def level_stack(model, source) -> list[str]:
+    """Paper §7.3 (ad-hoc level stacking): start `model` from a trained `source` of the same width and depth. Every
+    parameter with the same name and shape is copied (embeddings, norms, attention when both have it), and every
+    outer (SwiGLU) CMS level of block i starts from the source's MLP of block i, its first CMS level; in-context
+    levels and memories keep their own initialisation. Returns the names of the parameters set."""
+    from .cms import SwiGLU
+
+    src = dict(source.named_parameters())
+    done = []
+    for name, p in model.named_parameters():
+        if name in src and src[name].shape == p.shape:
+            p.copy_(src[name])
+            done.append(name)
+    for i, block in enumerate(model.blocks):
+        mlp = source.blocks[i].cms.levels[0]
+        if not isinstance(mlp, SwiGLU):
+            raise ValueError(f"the source's block {i} has no MLP as its first CMS level to initialise levels from")
+        gate, up = mlp.up.weight.chunk(2, dim=0)
+        for j, level in enumerate(block.cms.levels):
+            if isinstance(level, SwiGLU):
+                level.load_mlp(gate, up, mlp.down.weight)
+                done += [f"blocks.{i}.cms.levels.{j}.up.weight", f"blocks.{i}.cms.levels.{j}.down.weight"]
+    return sorted(set(done))
 
 
 def run(config: ContinualConfig) -> dict:
@@ -473,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"task (default: {d.replay_batches})")  # fmt: skip
     p.add_argument("--classes-per-task", type=int, default=d.classes_per_task, help="bbc: classes per task "
                    f"(default: {d.classes_per_task})")  # fmt: skip
+    p.add_argument("--init-from", default=None, help="a trained byte-level checkpoint (e.g. a transformer) to "
+                   "start from: same-named weights copied, every SwiGLU CMS level initialised from its MLP (paper "
+                   "§7.3)")  # fmt: skip
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="language-model streams: validation "
                    f"tokens scored per task (default: {d.eval_tokens})")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
@@ -486,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                              lr=args.lr, warmup_steps=args.warmup_steps, ewc_lambda=args.ewc_lambda,
                              ewc_batches=args.ewc_batches, replay_fraction=args.replay_fraction,
                              replay_batches=args.replay_batches, classes_per_task=args.classes_per_task,
-                             eval_tokens=args.eval_tokens, seed=args.seed, data_root=args.data_root,
-                             progress=not args.no_progress)  # fmt: skip
+                             init_from=args.init_from, eval_tokens=args.eval_tokens, seed=args.seed,
+                             data_root=args.data_root, progress=not args.no_progress)  # fmt: skip
     random.seed(config.seed)
     result = run(config)
     out = Path(args.out_dir)

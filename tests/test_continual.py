@@ -3,6 +3,7 @@ corpora, and the command's outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from nestlearn import presets
 from nestlearn.cli import main as cli
 from nestlearn.continual import EWC, ContinualConfig, Replay, build_model, continual_metrics, make_stream, run
 from nestlearn.data.corpora import BBC_CLASSES, write_documents
@@ -124,3 +126,27 @@ def test_bad_settings_are_refused():
         ContinualConfig(update_periods="16,128")
     with pytest.raises(ValueError, match="stream="):
         make_stream("music", None, None, 32)
+
+
+def test_level_stacking_starts_cms_levels_from_a_trained_models_mlps(two_languages, tmp_path):
+    # paper §7.3: a Hope-Attention whose SwiGLU level is the Transformer's MLP, attention and embeddings copied
+    from nestlearn import build
+    from nestlearn.data.tokenizer import ByteTokenizer
+
+    torch.manual_seed(1)
+    source = build(dataclasses.replace(presets.transformer("debug"), vocab_size=257))
+    source.save_pretrained(tmp_path / "src")
+    ByteTokenizer().save(tmp_path / "src")
+    model = build_model(small(preset="hope_attention", init_from=str(tmp_path / "src")))
+    mlp, levels = source.blocks[1].cms.levels[0], model.blocks[1].cms.levels
+    assert torch.equal(levels[-1].up.weight, mlp.up.weight) and torch.equal(levels[-1].down.weight, mlp.down.weight)
+    assert torch.equal(model.blocks[0].mixer.qkv.weight, source.blocks[0].mixer.qkv.weight)
+    assert torch.equal(model.embed.weight, source.embed.weight)
+    result = run(small(preset="hope_attention", init_from=str(tmp_path / "src"), tasks=two_languages,
+                       data_root=str(tmp_path)))  # fmt: skip
+    assert np.isfinite(result["R"]).all()
+    with pytest.raises(ValueError, match="byte-level"):
+        source2 = build(presets.transformer("debug"))  # vocabulary 256: not the streams' byte tokenizer
+        source2.save_pretrained(tmp_path / "src2")
+        ByteTokenizer().save(tmp_path / "src2")
+        build_model(small(preset="hope", init_from=str(tmp_path / "src2")))
