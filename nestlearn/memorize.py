@@ -27,6 +27,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -428,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{source} does not say which corpus it was trained on: pass --data")
     if resumed and (data, args.split) != (stream["data"], stream["split"]):
         state = None  # another stream: the memorized state belongs to the old one
+        print(f"nestlearn memorize: {data}/{args.split} is not the stream {source} read ({stream['data']}/"
+              f"{stream['split']}); its in-context state is dropped, the weights and level optimizers are kept",
+              file=sys.stderr)  # fmt: skip
     offset = args.offset if args.offset is not None else (stream["offset"] if state is not None else 0)
     split_dir = shards_for(data, tokenizer, args.data_root, (args.split,), progress=not args.no_progress)
     ids, _ = open_shard(split_dir / args.split, tokenizer)
