@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import presets
+from .data.shards import ShardMeta
 from .data.tokenizer import ByteTokenizer
 
 __all__ = ["continual_metrics", "STREAMS", "STRATEGIES", "ContinualConfig", "run"]
@@ -75,12 +75,12 @@ def continual_metrics(R, baseline=None, higher_is_better: bool = True) -> dict[s
 @dataclass
 class LMTask:
     """Language modelling on one corpus: train on random windows of its train split, scored in bits per byte on
-    the first `eval_tokens` of its validation split."""
+    the first `eval_tokens` of its validation split (`nestlearn.train.evaluate`)."""
 
     name: str
     train: np.ndarray
     valid: np.ndarray
-    bytes_per_token: float
+    valid_meta: ShardMeta
     higher_is_better = False
     metric = "bits per byte"
 
@@ -90,18 +90,10 @@ class LMTask:
         x = gather(self.train, rng.integers(0, len(self.train) - seq_len - 1, size=batch_size), seq_len + 1)
         return x, torch.ones_like(x[:, 1:], dtype=torch.bool)
 
-    @torch.no_grad()
     def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
-        from .train import gather
+        from .train import evaluate
 
-        n = max(1, min(eval_tokens, len(self.valid) - 1) // seq_len)
-        total, count = 0.0, 0
-        for lo in range(0, n, batch_size):
-            x = gather(self.valid, np.arange(lo, min(n, lo + batch_size)) * seq_len, seq_len + 1)
-            logits, _ = model(x[:, :-1])
-            total += F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="sum").item()
-            count += x[:, 1:].numel()
-        return total / count / math.log(2) / self.bytes_per_token
+        return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens)["bits_per_byte"]
 
 
 @dataclass
@@ -158,9 +150,9 @@ def _lm_task(corpus: str, data_root: str | None, name: str | None = None) -> LMT
 
     tokenizer = ByteTokenizer()
     out = shards_for(corpus, tokenizer, data_root, ("train", "validation"), progress=False)
-    train, meta = open_shard(out / "train", tokenizer)
-    valid, _ = open_shard(out / "validation", tokenizer)
-    return LMTask(name or corpus, train, valid, meta.num_bytes / max(1, meta.num_tokens))
+    train, _ = open_shard(out / "train", tokenizer)
+    valid, meta = open_shard(out / "validation", tokenizer)
+    return LMTask(name or corpus, train, valid, meta)
 
 
 def _bbc_tasks(data_root: str | None, prompt_chars: int, classes_per_task: int, corpus: str = "bbc") -> list[ClassTask]:
