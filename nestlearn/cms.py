@@ -77,6 +77,7 @@ class InContextLevel(nn.Module):
             self.gates.bias.view(2, num_heads)[1].fill_(4.0)  # α ≈ 0.98 at first
         self.W1, self.W2 = mlp_memory_parameters(num_heads, d, f)  # M_0, meta-learned (eq. 73)
         self.out = nn.Linear(dim, dim, bias=False)
+        self.compile_chunks = False  # torch.compile each chunk's step (LanguageModel.compile_chunks)
 
     def init_state(self, batch_size: int) -> MemoryState:
         return MemoryState({"W1": self.W1, "W2": self.W2})
@@ -90,7 +91,7 @@ class InContextLevel(nn.Module):
         lr, retention = self.max_lr * torch.sigmoid(g[0]), torch.sigmoid(g[1])
         y, state = scan(k, k, v, lr, retention, memory="mlp", objective="l2", rule="gd", chunk_size=self.period,
                         read="snapshot", state=state, check_values=False, checkpoint=self.checkpoint,
-                        max_grad_norm=self.max_grad_norm)  # fmt: skip
+                        max_grad_norm=self.max_grad_norm, compile=self.compile_chunks)  # fmt: skip
         y = (y - k).transpose(1, 2).reshape(b, t, dim)  # the MLP part of M(k) = k + W1 σ(W2 k)
         return self.out(y), state
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention
-from .cms import CMS, SwiGLU
+from .cms import CMS, InContextLevel, SwiGLU
 from .config import ModelConfig
 from .sm_titans import SelfModifyingTitans
 from .state import MemoryState
@@ -208,6 +208,21 @@ class LanguageModel(nn.Module):
                 key, period = "base", None
             groups.setdefault(key, Level(key, period, {})).params[name] = p
         return sorted(groups.values(), key=lambda lv: (lv.period is None, lv.period or 0, lv.name))
+
+    def has_memories(self) -> bool:
+        """Whether any block has an in-context memory (a Titans or self-modifying Titans mixer, an in-context level)."""
+        return any(isinstance(m, (SelfModifyingTitans, TitansMixer, InContextLevel)) for m in self.modules())
+
+    def compile_chunks(self, enable: bool = True) -> LanguageModel:
+        """Run the memories' per-chunk work through `torch.compile`: every whole chunk of self-modifying Titans (its
+        generation, targets and writes), and each chunk step of the Titans memory and in-context CMS levels. One fused
+        graph is reused by every chunk and block, so compiling costs a minute or two once (2 CPU cores) instead of
+        unrolling a graph over every chunk of the sequence; results equal eager up to float rounding
+        (docs/benchmarks.md). A stream's partial first and last pieces, and decoding, run eager. Returns self."""
+        for module in self.modules():
+            if isinstance(module, (SelfModifyingTitans, TitansMixer, InContextLevel)):
+                module.compile_chunks = enable
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -67,6 +67,7 @@ class SelfModifyingTitans(nn.Module):
         if config.momentum:
             self.beta = nn.Linear(dim, h)  # β_t per head from x_t, as in Titans
         self.out = MemoryOutput(dim, d)
+        self.compile_chunks = False  # torch.compile each whole chunk's step (LanguageModel.compile_chunks)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         return {
@@ -91,7 +92,9 @@ class SelfModifyingTitans(nn.Module):
             ys = []
             for lo, hi in group:
                 bc = None if beta is None else beta[:, :, lo:hi]
-                y, gen, mem = self._chunk(xs[:, :, lo:hi], q[:, :, lo:hi], bc, gen, mem)
+                # whole chunks (all but a stream's first and last pieces) share one compiled graph
+                chunk = _compiled_chunk() if self.compile_chunks and hi - lo == C and not gen.offset else _chunk
+                y, gen, mem = chunk(self, xs[:, :, lo:hi], q[:, :, lo:hi], bc, gen, mem)
                 ys.append(y)
             return torch.cat(ys, dim=2), gen, mem
 
@@ -109,28 +112,40 @@ class SelfModifyingTitans(nn.Module):
         o = torch.cat(ys, dim=2) if ys else x.new_zeros(b, h, 0, d)  # (b, h, t, d)
         return self.out(o, x), {"conv": conv, "gen": gen, "memory": mem}
 
-    def _chunk(self, xc: Tensor, qc: Tensor, bc: Tensor | None, gen: MemoryState, mem: MemoryState):
-        """One chunk (or the rest of one): generate k, v, η, α and the targets, then write every memory."""
-        cfg, m = self.config, len(self.names)
-        b, h, c, d = xc.shape
-        # eq. 90: this chunk's k, v, η, α (and q) come from the memories as they were when it started
-        W = gen.snapshot if gen.offset else gen.weights
-        out = apply_memory(W, xc.repeat(1, m, 1, 1), "mlp", cfg.activation).view(b, m, h, c, d)
-        k = F.normalize(out[:, 0], dim=-1)  # (b, h, c, d)
-        v = F.normalize(out[:, 1], dim=-1) if cfg.normalize_values else out[:, 1]  # docs/deviations.md
-        ro = (out[:, 2:4] * self.readout[None, :, :, None, :]).sum(-1) + self.readout_bias[None, :, :, None]
-        lr, retention = cfg.max_lr * torch.sigmoid(ro[:, 0]), torch.sigmoid(ro[:, 1])  # (b, h, c)
-        qc = F.normalize(out[:, 4] if cfg.adaptive_q else qc, dim=-1)
-        # eq. 87: every memory's own target v̂_□ = M_□(v_t), read at the chunk's starting weights
-        v_hat = apply_memory(W, v.repeat(1, m, 1, 1), "mlp", cfg.activation)  # (b, m·h, c, d)
-        Wm = mem.snapshot if mem.offset else mem.weights
-        v_hat_mem = apply_memory(Wm, v, "mlp", cfg.activation)  # (b, h, c, d)
-        km = k.repeat(1, m, 1, 1)  # every memory writes at the shared key k_t, with the shared η_t, α_t, β_t
-        lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
-        _, gen = scan(km, km, v_hat, lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule,
-                      chunk_size=cfg.chunk_size, read="snapshot", state=gen, activation=cfg.activation,
-                      check_values=False, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
-        y, mem = scan(qc, k, v_hat_mem, lr, retention, bc, memory="mlp", objective="l2", rule=cfg.rule,
-                      chunk_size=cfg.memory_chunk_size, read=cfg.read, state=mem, activation=cfg.activation,
-                      check_values=False, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
-        return y, gen, mem
+
+def _chunk(self: SelfModifyingTitans, xc: Tensor, qc: Tensor, bc: Tensor | None, gen: MemoryState, mem: MemoryState):
+    """One chunk (or the rest of one): generate k, v, η, α and the targets, then write every memory. A function
+    rather than a method, so that one compiled graph serves every block."""
+    cfg, m = self.config, len(self.names)
+    b, h, c, d = xc.shape
+    # eq. 90: this chunk's k, v, η, α (and q) come from the memories as they were when it started
+    W = gen.snapshot if gen.offset else gen.weights
+    out = apply_memory(W, xc.repeat(1, m, 1, 1), "mlp", cfg.activation).view(b, m, h, c, d)
+    k = F.normalize(out[:, 0], dim=-1)  # (b, h, c, d)
+    v = F.normalize(out[:, 1], dim=-1) if cfg.normalize_values else out[:, 1]  # docs/deviations.md
+    ro = (out[:, 2:4] * self.readout[None, :, :, None, :]).sum(-1) + self.readout_bias[None, :, :, None]
+    lr, retention = cfg.max_lr * torch.sigmoid(ro[:, 0]), torch.sigmoid(ro[:, 1])  # (b, h, c)
+    qc = F.normalize(out[:, 4] if cfg.adaptive_q else qc, dim=-1)
+    # eq. 87: every memory's own target v̂_□ = M_□(v_t), read at the chunk's starting weights
+    v_hat = apply_memory(W, v.repeat(1, m, 1, 1), "mlp", cfg.activation)  # (b, m·h, c, d)
+    Wm = mem.snapshot if mem.offset else mem.weights
+    v_hat_mem = apply_memory(Wm, v, "mlp", cfg.activation)  # (b, h, c, d)
+    km = k.repeat(1, m, 1, 1)  # every memory writes at the shared key k_t, with the shared η_t, α_t, β_t
+    lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
+    _, gen = scan(km, km, v_hat, lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule,
+                  chunk_size=cfg.chunk_size, read="snapshot", state=gen, activation=cfg.activation,
+                  check_values=False, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+    y, mem = scan(qc, k, v_hat_mem, lr, retention, bc, memory="mlp", objective="l2", rule=cfg.rule,
+                  chunk_size=cfg.memory_chunk_size, read=cfg.read, state=mem, activation=cfg.activation,
+                  check_values=False, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+    return y, gen, mem
+
+
+_COMPILED: list = []
+
+
+def _compiled_chunk():
+    """`_chunk` under torch.compile (made on first use): one fused graph for a whole chunk, forward and backward."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_chunk, dynamic=False))
+    return _COMPILED[0]

@@ -87,6 +87,7 @@ class TitansMixer(nn.Module):
                 bias[2].fill_(0.0)  # β ≈ 0.5
         self.W1, self.W2 = mlp_memory_parameters(num_heads, d, f)  # M_0, one per head
         self.out = MemoryOutput(dim, d)
+        self.compile_chunks = False  # torch.compile each chunk's step (LanguageModel.compile_chunks)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         # the initial weights are the parameters themselves, so the LM loss reaches them through every write
@@ -107,5 +108,5 @@ class TitansMixer(nn.Module):
         o, memory = scan(q, k, v, lr, retention, momentum, memory="mlp", objective="l2", rule=cfg.rule,
                          chunk_size=cfg.chunk_size, read=cfg.read, state=state["memory"],
                          activation=cfg.activation, check_values=False, checkpoint=cfg.checkpoint,
-                         max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+                         max_grad_norm=cfg.max_grad_norm, compile=self.compile_chunks)  # fmt: skip
         return self.out(o, x), {"conv": conv, "memory": memory}

@@ -107,7 +107,11 @@ class TrainConfig:
     # speed
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
     precision: str = _help("auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", default="auto")
-    compile: bool = _help("torch.compile the model", default=False)
+    compile: bool = _help(
+        "torch.compile: the memories' per-chunk step where the model has memories (one graph for "
+        "every chunk, LanguageModel.compile_chunks), else the whole model",
+        default=False,
+    )
     parallel: str = _help("under torchrun: ddp or fsdp (FSDP2, one shard per block)", default="ddp")
     # evaluation, logging, checkpoints
     out_dir: str = _help("run folder: metrics.jsonl, TensorBoard events, checkpoints/", default="runs/default")
@@ -701,7 +705,9 @@ def train(config: TrainConfig) -> dict:
                              f"(now {env.world}), or restart without --carry-state")  # fmt: skip
         carried = [None if s is None else s.to(device) for s in carried[env.rank]]
     net = wrap(model, config, env, device)
-    if config.compile:
+    if config.compile and model.has_memories():
+        model.compile_chunks()  # a whole-model graph would unroll every chunk of the sequence
+    elif config.compile:
         net = torch.compile(net)
     if config.parallel == "fsdp" and env.world > 1 and config.optimizer not in ("adamw",):
         raise ValueError(f"--optimizer {config.optimizer} needs whole parameters and FSDP shards them: use --parallel "

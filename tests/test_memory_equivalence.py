@@ -171,3 +171,19 @@ def test_clipped_inner_gradients_match_reference(memory, objective, rule, read):
     assert not torch.allclose(y_clip, y_free)  # the clip is active on these inputs
     with pytest.raises(ValueError, match="max_grad_norm=0 must be a positive number"):
         scan(**inputs, **{**opts, "max_grad_norm": 0})
+
+
+@pytest.mark.slow  # compiles the chunk step (about a minute on 2 cores)
+def test_compiled_chunk_step_matches_eager():
+    # the richest path: MLP memory, DGD, momentum, dual read, clip, a partial last chunk and a mid-chunk start
+    inputs = make_inputs("mlp", True, dtype=torch.float32, T=23, requires_grad=True)
+    opts = dict(memory="mlp", objective="l2", rule="dgd", chunk_size=4, read="dual", max_grad_norm=0.5)
+    results = []
+    for compile in (False, True):
+        y, state = scan(**inputs, **opts, compile=compile)
+        outs = [y, *state_tensors(state).values()]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+        results.append((outs, torch.autograd.grad(loss, tensors_of(inputs))))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    for a, b in zip(outs_a + list(grads_a), outs_b + list(grads_b), strict=True):
+        assert_close("compiled", a, b, 1e-4)

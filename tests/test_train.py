@@ -22,6 +22,7 @@ from nestlearn.cli import main as cli
 from nestlearn.data.corpora import write_documents
 from nestlearn.data.shards import open_shard, prepare
 from nestlearn.data.tokenizer import ByteTokenizer
+from nestlearn.model import LanguageModel
 from nestlearn.train import (
     TrainConfig,
     evaluate,
@@ -302,6 +303,16 @@ def test_compiled_model_takes_the_same_steps(corpus, tmp_path):
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+
+
+def test_compile_of_a_memory_model_compiles_its_chunk_steps_not_the_whole_model(corpus, tmp_path, monkeypatch):
+    # compiling for real takes minutes here (test_model.py checks the compiled chunks against eager): record the calls
+    calls = []
+    monkeypatch.setattr(LanguageModel, "compile_chunks", lambda self, enable=True: calls.append("chunks") or self)
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: calls.append("model") or module)
+    train(config(corpus, tmp_path / "hope", steps=1, preset="hope", compile=True))
+    train(config(corpus, tmp_path / "transformer", steps=1, compile=True))
+    assert calls == ["chunks", "model"]
 
 
 def test_an_outer_level_whose_period_is_not_a_multiple_of_the_window_is_refused_before_training(corpus, tmp_path):

@@ -89,13 +89,14 @@ def chunked_scan(
     activation: str,
     checkpoint: bool = False,
     max_grad_norm: float | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract as `naive_scan`. A state that stopped part-way through a chunk (offset r > 0) first finishes
     that chunk, C − r tokens whose gradients use the saved snapshot, then continues in whole chunks."""
     T, C, r = q.shape[2], chunk_size, state.offset
     opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, checkpoint=checkpoint)
     opts["q_is_k"] = q is k  # a snapshot read at the keys reuses the gradient's forward pass
-    opts["max_grad_norm"] = max_grad_norm
+    opts["max_grad_norm"], opts["compile"] = max_grad_norm, compile
     W, S = state.weights, state.momentum
 
     def part(lo: int, hi: int) -> tuple[Tensor, ...]:
@@ -142,13 +143,14 @@ def _scan_chunks(
     checkpoint: bool,
     q_is_k: bool = False,
     max_grad_norm: float | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
     """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
     at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
     b, h, T, _ = q.shape
     n = -(-T // C)
     pad = n * C - T
-    dgd, dual, has_S = rule == "dgd", read == "dual", momentum is not None
+    dgd, has_S = rule == "dgd", momentum is not None
     if pad:
         # The last chunk's state is read at its last real token (row `end` below), and every kernel is lower
         # triangular, so padded tokens never reach an output or the state; η = 0, α = β = 1 keeps them inert anyway.
@@ -187,92 +189,23 @@ def _scan_chunks(
         dS_prev = _prev(dS, -1, 0.0).unsqueeze(-1) if has_S else None
         B_read = D_a * eta_col * KQ  # weight of u_l in the read at token i
 
-    # Unbind once: indexing [c] in the loop would make autograd build a full-size zero gradient per chunk, O(n²).
-    q, k, v, eta, eta_col, P_a, K, D_a, A_read = (
-        x.unbind(0) for x in (q, k, v, eta, eta_col, P_a, K, D_a, A_read)
-    )  # fmt: skip
+    kernels = dict(q=q, k=k, v=v, eta=eta, eta_col=eta_col, P_a=P_a, K=K, D_a=D_a, A_read=A_read)
     if has_S:
-        dS, D_b, P_b = dS.unbind(0), D_b.unbind(0), P_b.unbind(0)
+        kernels.update(dS=dS, D_b=D_b, P_b=P_b)
     if dgd:
-        unit_L, R_grad, P_a_prev, B_read = unit_L.unbind(0), R_grad.unbind(0), P_a_prev.unbind(0), B_read.unbind(0)
-        dS_prev = dS_prev.unbind(0) if has_S else None
-
-    sigma, dsigma = get_activation(activation)
-    key = KEY_SIDE[memory]
+        kernels.update(unit_L=unit_L, R_grad=R_grad, P_a_prev=P_a_prev, B_read=B_read)
+        if has_S:
+            kernels["dS_prev"] = dS_prev
+    # Unbind once: indexing [c] in the loop would make autograd build a full-size zero gradient per chunk, O(n²).
+    unbound = [x.unbind(0) for x in kernels.values()]
+    per_chunk = [dict(zip(kernels, xs, strict=True)) for xs in zip(*unbound, strict=True)]
+    flags = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, q_is_k=q_is_k,
+                 max_grad_norm=max_grad_norm)  # fmt: skip
+    fn = _compiled_step() if compile else _step
 
     def step(c: int, W: dict, S: dict | None, Wg: dict | None):
-        """Chunk c from weights W (momentum S); gradients at Wg (None: at W). Returns y, W and S after it."""
-        same = Wg is None
-        Wg = W if same else Wg
-        qc, kc, vc = q[c], k[c], v[c]  # (b, h, C, ·)
-        pa = P_a[c].unsqueeze(-1)  # (b, h, C, 1)
         end = C - 1 if c < n - 1 else (T - 1) % C  # the chunk's last real token
-
-        # gradient factors g_l = a_l b_lᵀ at the chunk's starting weights: a (b, h, C, out), b (b, h, C, in)
-        zk = kc @ _t(Wg[key])  # (b, h, C, o) linear, (b, h, C, f) mlp
-        if memory == "linear":
-            pred = zk
-        else:
-            hk = sigma(zk)  # (b, h, C, f)
-            pred = kc + hk @ _t(Wg["W1"])  # (b, h, C, d)
-        e = pred - vc if objective == "l2" else -vc
-        if memory == "linear":
-            factors = {"W": (e, kc)}
-        else:
-            delta = (e @ Wg["W1"]) * dsigma(zk)  # (b, h, C, f): e backpropagated through W1 and σ
-            factors = {"W1": (e, hk), "W2": (delta, kc)}
-        if max_grad_norm is not None:
-            # ‖a bᵀ‖_F = ‖a‖ ‖b‖ per token and layer; scaling e scales every layer's factor (δ is linear in e)
-            sq = sum((a * a).sum(-1, keepdim=True) * (bb * bb).sum(-1, keepdim=True) for a, bb in factors.values())
-            scale = max_grad_norm * torch.rsqrt(sq.clamp(min=max_grad_norm**2))  # (b, h, C, 1)
-            e = e * scale
-            factors = {name: (a * scale, bb) for name, (a, bb) in factors.items()}
-        a_key = factors[key][0]
-
-        if dgd:
-            # u_i = M_{i−1} k_i by the unit lower-triangular solve (module docstring)
-            Mk = zk if same else kc @ _t(W[key])
-            rhs = P_a_prev[c] * Mk - R_grad[c] @ a_key
-            if has_S:
-                rhs = rhs + dS_prev[c] * (kc @ _t(S[key]))
-            u = torch.linalg.solve_triangular(unit_L[c], rhs, upper=False, unitriangular=True)  # (b, h, C, ·)
-
-        if dual:  # y_i = M_i(q_i)
-            z = pa * (qc @ _t(W[key])) - A_read[c] @ a_key  # M_i q_i for the key-side weight
-            if has_S:
-                z = z + dS[c].unsqueeze(-1) * (qc @ _t(S[key]))
-            if dgd:
-                z = z - B_read[c] @ u
-            if memory == "linear":
-                y = z
-            else:
-                hq = sigma(z)  # (b, h, C, f)
-                A1 = K[c] * eta_col[c] * (hq @ _t(hk))  # weight of e_l in W1_i hq_i
-                y1 = pa * (hq @ _t(W["W1"])) - A1 @ e
-                if has_S:
-                    y1 = y1 + dS[c].unsqueeze(-1) * (hq @ _t(S["W1"]))
-                y = qc + y1
-        elif q_is_k:  # snapshot read at the keys (CMS levels, generating memories): the prediction already is M_0(q)
-            y = pred
-        elif memory == "linear":  # snapshot: y_i = M_0(q_i)
-            y = qc @ _t(Wg[key])
-        else:
-            y = qc + sigma(qc @ _t(Wg[key])) @ _t(Wg["W1"])
-
-        # state after the chunk's last real token: the formula for M_i at i = end
-        wK = (K[c][..., end, :] * eta[c]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
-        new_W, new_S = {}, {}
-        for name, (a, bb) in factors.items():
-            base = P_a[c][..., end, None, None] * W[name]
-            if has_S:
-                base = torch.addcmul(base, dS[c][..., end, None, None], S[name])
-                wS = (D_b[c][..., end, :] * eta[c]).unsqueeze(-1)
-                new_S[name] = _minus_outer(P_b[c][..., end, None, None] * S[name], a * wS, bb)
-            left = a * wK
-            if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
-                left = left + u * (D_a[c][..., end, :] * eta[c]).unsqueeze(-1)
-            new_W[name] = _minus_outer(base, left, bb)
-        return y, new_W, new_S if has_S else None
+        return fn(per_chunk[c], W, S, Wg, end=end, **flags)
 
     def run(c0: int, c1: int, W: dict, S: dict | None):
         """Chunks c0..c1−1; also returns the weights the last of them started from (where its gradients were)."""
@@ -298,3 +231,107 @@ def _scan_chunks(
 
     y = torch.cat(ys, dim=0).movedim(0, 2).reshape(b, h, n * C, -1)[:, :, :T]
     return y, W, S, start
+
+
+_COMPILED: list = []
+
+
+def _compiled_step():
+    """`_step` under torch.compile, made on first use: one fused graph per chunk shape and set of options, reused by
+    every chunk of every call (the chunks are padded to C, so a scan has at most two: whole chunks and its last)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_step, dynamic=False))
+    return _COMPILED[0]
+
+
+def _step(
+    ch: dict[str, Tensor],
+    W: dict[str, Tensor],
+    S: dict[str, Tensor] | None,
+    Wg: dict[str, Tensor] | None,
+    *,
+    end: int,
+    memory: str,
+    objective: str,
+    rule: str,
+    read: str,
+    activation: str,
+    q_is_k: bool,
+    max_grad_norm: float | None,
+):
+    """One chunk from weights W (momentum S), its gradients taken at Wg (None: at W); `ch` holds the chunk's
+    inputs and kernels (see `_scan_chunks`), `end` its last real token. Returns y, W and S after the chunk.
+
+    A pure function of its arguments, so that `torch.compile` can fuse it once and reuse it for every chunk."""
+    sigma, dsigma = get_activation(activation)
+    key, dgd, dual, has_S = KEY_SIDE[memory], rule == "dgd", read == "dual", S is not None
+    same = Wg is None
+    Wg = W if same else Wg
+    qc, kc, vc = ch["q"], ch["k"], ch["v"]  # (b, h, C, ·)
+    pa = ch["P_a"].unsqueeze(-1)  # (b, h, C, 1)
+
+    # gradient factors g_l = a_l b_lᵀ at the chunk's starting weights: a (b, h, C, out), b (b, h, C, in)
+    zk = kc @ _t(Wg[key])  # (b, h, C, o) linear, (b, h, C, f) mlp
+    if memory == "linear":
+        pred = zk
+    else:
+        hk = sigma(zk)  # (b, h, C, f)
+        pred = kc + hk @ _t(Wg["W1"])  # (b, h, C, d)
+    e = pred - vc if objective == "l2" else -vc
+    if memory == "linear":
+        factors = {"W": (e, kc)}
+    else:
+        delta = (e @ Wg["W1"]) * dsigma(zk)  # (b, h, C, f): e backpropagated through W1 and σ
+        factors = {"W1": (e, hk), "W2": (delta, kc)}
+    if max_grad_norm is not None:
+        # ‖a bᵀ‖_F = ‖a‖ ‖b‖ per token and layer; scaling e scales every layer's factor (δ is linear in e)
+        sq = sum((a * a).sum(-1, keepdim=True) * (bb * bb).sum(-1, keepdim=True) for a, bb in factors.values())
+        scale = max_grad_norm * torch.rsqrt(sq.clamp(min=max_grad_norm**2))  # (b, h, C, 1)
+        e = e * scale
+        factors = {name: (a * scale, bb) for name, (a, bb) in factors.items()}
+    a_key = factors[key][0]
+
+    if dgd:
+        # u_i = M_{i−1} k_i by the unit lower-triangular solve (module docstring)
+        Mk = zk if same else kc @ _t(W[key])
+        rhs = ch["P_a_prev"] * Mk - ch["R_grad"] @ a_key
+        if has_S:
+            rhs = rhs + ch["dS_prev"] * (kc @ _t(S[key]))
+        u = torch.linalg.solve_triangular(ch["unit_L"], rhs, upper=False, unitriangular=True)  # (b, h, C, ·)
+
+    if dual:  # y_i = M_i(q_i)
+        z = pa * (qc @ _t(W[key])) - ch["A_read"] @ a_key  # M_i q_i for the key-side weight
+        if has_S:
+            z = z + ch["dS"].unsqueeze(-1) * (qc @ _t(S[key]))
+        if dgd:
+            z = z - ch["B_read"] @ u
+        if memory == "linear":
+            y = z
+        else:
+            hq = sigma(z)  # (b, h, C, f)
+            A1 = ch["K"] * ch["eta_col"] * (hq @ _t(hk))  # weight of e_l in W1_i hq_i
+            y1 = pa * (hq @ _t(W["W1"])) - A1 @ e
+            if has_S:
+                y1 = y1 + ch["dS"].unsqueeze(-1) * (hq @ _t(S["W1"]))
+            y = qc + y1
+    elif q_is_k:  # snapshot read at the keys (CMS levels, generating memories): the prediction already is M_0(q)
+        y = pred
+    elif memory == "linear":  # snapshot: y_i = M_0(q_i)
+        y = qc @ _t(Wg[key])
+    else:
+        y = qc + sigma(qc @ _t(Wg[key])) @ _t(Wg["W1"])
+
+    # state after the chunk's last real token: the formula for M_i at i = end
+    wK = (ch["K"][..., end, :] * ch["eta"]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
+    new_W, new_S = {}, {}
+    for name, (a, bb) in factors.items():
+        base = ch["P_a"][..., end, None, None] * W[name]
+        if has_S:
+            base = torch.addcmul(base, ch["dS"][..., end, None, None], S[name])
+            wS = (ch["D_b"][..., end, :] * ch["eta"]).unsqueeze(-1)
+            new_S[name] = _minus_outer(ch["P_b"][..., end, None, None] * S[name], a * wS, bb)
+        left = a * wK
+        if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
+            left = left + u * (ch["D_a"][..., end, :] * ch["eta"]).unsqueeze(-1)
+        new_W[name] = _minus_outer(base, left, bb)
+    return y, new_W, new_S if has_S else None
