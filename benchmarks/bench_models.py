@@ -33,7 +33,7 @@ def state_mb(state) -> float:
     return sum(sizes) / 2**20
 
 
-def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = False) -> dict:
+def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = False, compile: bool = False) -> dict:
     from nestlearn import build, presets
 
     torch.manual_seed(0)
@@ -43,6 +43,14 @@ def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = Fal
             sub.checkpoint = checkpoint
     model = build(config)
     x = torch.randint(0, model.config.vocab_size, (batch, T + 1))
+    compile_s = 0.0
+    if compile:  # as `nestlearn train --compile`: the memories' chunk steps, or the whole attention-only model
+        model.compile_chunks() if model.has_memories() else model.compile()  # nn.Module.compile: forward, in place
+        t0 = time.perf_counter()  # the first step compiles
+        loss, _ = model.loss(x)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        compile_s = time.perf_counter() - t0
     base = rss_mb("VmRSS")
     times = []
     for _ in range(2 if T <= 512 else 1):
@@ -52,7 +60,8 @@ def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = Fal
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
-            "peak_mb": rss_mb("VmHWM") - base, "params": model.num_parameters()}  # fmt: skip
+            "peak_mb": rss_mb("VmHWM") - base, "params": model.num_parameters(),
+            "compile_s": max(0.0, compile_s - min(times))}  # fmt: skip
 
 
 @torch.no_grad()
@@ -86,6 +95,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32, help="decoding: timed single-token steps")
     p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each measurement")
     p.add_argument("--checkpoint", action="store_true", help="training: recompute the memories' chunks in backward")
+    p.add_argument("--compile", action="store_true", help="training: as `train --compile`, first step untimed")
     p.add_argument("--skip-decode", action="store_true", help="measure training only")
     p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -94,14 +104,15 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         torch.set_flush_denormal(True)
         kind, preset, T = args.one
-        row = train_one(preset, args.size, int(T), args.batch, args.checkpoint) if kind == "train" else (
+        row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile) if kind == "train" else (
             decode_one(preset, args.size, int(T), args.decode))  # fmt: skip
         print(json.dumps(row))
         return
 
     machine = platform.processor() or platform.machine()
     print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, size {args.size}, "
-          f"batch {args.batch}{', memory checkpointing' if args.checkpoint else ''}")  # fmt: skip
+          f"batch {args.batch}{', memory checkpointing' if args.checkpoint else ''}"
+          f"{', compiled' if args.compile else ''}")  # fmt: skip
     jobs = [("train", pr, T) for T in args.lengths for pr in args.presets]
     jobs += [] if args.skip_decode else [("decode", pr, args.context) for pr in args.presets]
     rows = []
@@ -109,6 +120,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", kind, preset, str(T), "--size", args.size, "--batch",
                str(args.batch), "--decode", str(args.decode), "--mem-limit-gb", str(args.mem_limit_gb)]  # fmt: skip
         cmd += ["--checkpoint"] if args.checkpoint else []
+        cmd += ["--compile"] if args.compile else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             err = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
@@ -117,8 +129,9 @@ def main() -> None:
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB",
-              flush=True)  # fmt: skip
+        extra = f"  compile {row['compile_s']:.0f} s" if row.get("compile_s") else ""
+        print(f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB"
+              f"{extra}", flush=True)  # fmt: skip
 
     print("\n| preset | T | train tokens/s | vs transformer | peak extra memory (MiB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
