@@ -132,6 +132,8 @@ def scan(
             is written, g_t ← g_t · min(1, c / ‖g_t‖), as titans-pytorch does; None (the paper) does not clip.
         compile: `chunked` only: run each chunk's step through `torch.compile` (fused kernels, one graph reused by
             every chunk; the first call compiles, about a minute on 2 CPU cores). Same results up to float rounding.
+            Each new shape or set of options compiles again; past dynamo's recompile limit (8 by default,
+            `torch._dynamo.config.recompile_limit`) the step runs eager, with dynamo's warning.
 
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
