@@ -32,6 +32,7 @@ from .titans import TitansMixer
 __all__ = ["LanguageModel", "ModelState", "Level", "build", "load", "tree_map", "sample_next"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+MEMORY_MODULES = (SelfModifyingTitans, TitansMixer, InContextLevel)  # what `compile_chunks` switches
 
 
 def tree_map(fn, x: Any) -> Any:
@@ -211,7 +212,7 @@ class LanguageModel(nn.Module):
 
     def has_memories(self) -> bool:
         """Whether any block has an in-context memory (a Titans or self-modifying Titans mixer, an in-context level)."""
-        return any(isinstance(m, (SelfModifyingTitans, TitansMixer, InContextLevel)) for m in self.modules())
+        return any(isinstance(m, MEMORY_MODULES) for m in self.modules())
 
     def compile_chunks(self, enable: bool = True) -> LanguageModel:
         """Run the memories' per-chunk work through `torch.compile`: every whole chunk of self-modifying Titans (its
@@ -220,7 +221,7 @@ class LanguageModel(nn.Module):
         unrolling a graph over every chunk of the sequence; results equal eager up to float rounding
         (docs/benchmarks.md). A stream's partial first and last pieces, and decoding, run eager. Returns self."""
         for module in self.modules():
-            if isinstance(module, (SelfModifyingTitans, TitansMixer, InContextLevel)):
+            if isinstance(module, MEMORY_MODULES):
                 module.compile_chunks = enable
         return self
 
