@@ -45,7 +45,10 @@ def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = Fal
     x = torch.randint(0, model.config.vocab_size, (batch, T + 1))
     compile_s = 0.0
     if compile:  # as `nestlearn train --compile`: the memories' chunk steps, or the whole attention-only model
-        model.compile_chunks() if model.has_memories() else model.compile()  # nn.Module.compile: forward, in place
+        if model.has_memories():
+            model.compile_chunks()
+        else:
+            model.compile()  # nn.Module.compile: the forward, in place
         t0 = time.perf_counter()  # the first step compiles
         loss, _ = model.loss(x)
         loss.backward()

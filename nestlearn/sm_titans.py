@@ -24,6 +24,7 @@ self-generated targets diverge without it); the output is normalised per head, g
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -141,11 +142,7 @@ def _chunk(self: SelfModifyingTitans, xc: Tensor, qc: Tensor, bc: Tensor | None,
     return y, gen, mem
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def _compiled_chunk():
     """`_chunk` under torch.compile (made on first use): one fused graph for a whole chunk, forward and backward."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_chunk, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(_chunk, dynamic=False)

@@ -27,6 +27,7 @@ A length that C does not divide is padded, and the last chunk's state is read at
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -233,15 +234,11 @@ def _scan_chunks(
     return y, W, S, start
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def _compiled_step():
     """`_step` under torch.compile, made on first use: one fused graph per chunk shape and set of options, reused by
     every chunk of every call (the chunks are padded to C, so a scan has at most two: whole chunks and its last)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_step, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(_step, dynamic=False)
 
 
 def _step(
