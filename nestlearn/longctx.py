@@ -107,22 +107,26 @@ def _chance(targets: Tensor, mask: Tensor, answers: Sequence[int]) -> tuple[floa
 
 
 def niah_grids(records: Sequence[dict], kinds: Sequence[str], lengths: Sequence[int], depths: Sequence[float]) -> dict:
-    """Per kind: mean score and accuracy (%) over samples, as grids [depth][length], and per length."""
+    """Per kind: mean score and accuracy (%) over samples, as grids [depth][length], and the score per length; with
+    the retrieval gain in the records (niah.retrieval_gain), also its recall (%) and gain (bits) alike."""
+    gain = bool(records) and "gain" in records[0]
+    fields = {"score": 100, "accuracy": 100} | ({"recall": 100, "gain": 1} if gain else {})
     out = {}
     for kind in kinds:
-        score = [[0.0] * len(lengths) for _ in depths]
-        acc = [[0.0] * len(lengths) for _ in depths]
+        grid = {f: [[0.0] * len(lengths) for _ in depths] for f in fields}
         for i, depth in enumerate(depths):
             for j, length in enumerate(lengths):
                 rs = [r for r in records if r["kind"] == kind and r["length"] == length and r["depth"] == depth]
-                score[i][j] = 100 * sum(r["score"] for r in rs) / len(rs)
-                acc[i][j] = 100 * sum(r["correct"] for r in rs) / len(rs)
-        by_length = [sum(row[j] for row in score) / len(depths) for j in range(len(lengths))]
-        out[kind] = {"score": score, "accuracy": acc, "score_by_length": by_length}
+                for f, scale in fields.items():
+                    grid[f][i][j] = scale * sum(float(r["correct" if f == "accuracy" else f]) for r in rs) / len(rs)
+        for f in ["score", "recall", "gain"] if gain else ["score"]:
+            grid[f"{f}_by_length"] = [sum(row[j] for row in grid[f]) / len(depths) for j in range(len(lengths))]
+        out[kind] = grid
     return out
 
 
-def _heatmap(path: Path, grid: list[list[float]], lengths: Sequence[int], depths: Sequence[float], title: str) -> None:
+def _heatmap(path: Path, grid: list[list[float]], lengths: Sequence[int], depths: Sequence[float], title: str,
+             label: str = "score (%)") -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +141,7 @@ def _heatmap(path: Path, grid: list[list[float]], lengths: Sequence[int], depths
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 25 else "black")
-    fig.colorbar(im, ax=ax, label="score (%)")
+    fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -160,12 +164,19 @@ def run_niah(args: argparse.Namespace) -> dict:
     samples = niah.make_samples(args.kinds, args.lengths, args.depths, args.samples, tokenizer, docs, args.seed,
                                 args.max_new_tokens)  # fmt: skip
     records = niah.score_samples(samples, niah.model_answerer(model, tokenizer, device), progress=not args.no_progress)
+    if args.gain:
+        gains = niah.retrieval_gain(samples, niah.model_bits(model, tokenizer, device), args.seed,
+                                    progress=not args.no_progress)  # fmt: skip
+        records = [{**r, **g} for r, g in zip(records, gains, strict=True)]
     grids = niah_grids(records, args.kinds, args.lengths, args.depths)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for kind in args.kinds:
         title = f"{kind} ({niah.KINDS[kind].ruler}), {model.config.name}, haystack {Path(args.haystack).name}"
         _heatmap(out / f"niah-{kind}.png", grids[kind]["score"], args.lengths, args.depths, title)
+        if args.gain:
+            _heatmap(out / f"niah-{kind}-recall.png", grids[kind]["recall"], args.lengths, args.depths, title,
+                     label="recall (% of the answer's bits)")  # fmt: skip
     result = {"checkpoint": str(path), "model": model.config.name, "trained_seq_len": model.config.seq_len,
               "tokenizer": tokenizer.kind, "haystack": args.haystack, "split": args.split, "seed": args.seed,
               "samples": args.samples, "lengths": args.lengths, "depths": args.depths,
@@ -179,6 +190,16 @@ def run_niah(args: argparse.Namespace) -> dict:
     for kind in args.kinds:
         cells = " | ".join(f"{v:.1f}" for v in grids[kind]["score_by_length"])
         print(f"| {kind} ({niah.KINDS[kind].ruler}) | {cells} |")
+    if args.gain:
+        print("\nRetrieval gain: recall % = bits of the answer taken from the needle / bits without it (mean gain in "
+              "bits in brackets)\n")  # fmt: skip
+        print("| kind | " + " | ".join(str(n) for n in args.lengths) + " |")
+        print("| --- |" + " ---: |" * len(args.lengths))
+        for kind in args.kinds:
+            g = grids[kind]
+            cells = " | ".join(f"{r:.1f} ({b:.1f})" for r, b in zip(g["recall_by_length"], g["gain_by_length"],
+                                                                     strict=True))  # fmt: skip
+            print(f"| {kind} ({niah.KINDS[kind].ruler}) | {cells} |")
     print(f"\nheatmaps and results.json in {out}")
     return result
 
@@ -333,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget (default: the answer's tokens + 8, per sample)")  # fmt: skip
+    p.add_argument("--gain", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score each sample by likelihood: the bits of the answer the model takes from the needle "
+                        "(docs/longctx.md; two more forward passes per sample) (default: on)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of keys, values, haystack start (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--out-dir", default="runs/longctx-niah", help="(default: runs/longctx-niah)")

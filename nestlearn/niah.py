@@ -14,6 +14,13 @@ inserted between two of its sentences, the question and the answer prefix ("... 
 {key} mentioned in the provided text is"), after which the model generates greedily. A sample's score is the
 fraction of its values found in the generated text (RULER's string_match_all); it is correct at 1.0.
 
+Retrieval gain. A model that cannot yet follow the question scores 0 whatever its memory holds, so each sample is
+also scored by likelihood: the bits of the answer (" " + the values joined by ", ") after the prompt, against the
+bits of the same answer after the counterfactual prompt, in which every asked value in the needles is swapped for a
+fresh value of the same form (same characters count; positions unchanged for bytes). gain = bits without − bits
+with: how many bits of the answer the model took from the needle. A model that ignores its context gains 0; one
+that copies the needle gains all the answer's bits (recall = gain / bits without = 100%).
+
 Length and depth. `length` counts tokens of the given tokenizer, as RULER does: the prompt plus the generation
 budget fit in it, and one more haystack sentence would not. The asked needles sit together at the sentence
 boundary nearest to `depth` × the haystack's tokens (0: before the first sentence, 1: after the last); multikey's
@@ -23,6 +30,7 @@ index, tokenizer, documents).
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import uuid
@@ -31,11 +39,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data.tokenizer import Tokenizer
 
 __all__ = ["KINDS", "Kind", "NeedleSample", "Haystack", "make_sample", "make_samples", "string_match_all",
-           "oracle", "constant_guess", "model_answerer", "score_samples", "REPEAT_HAYSTACK"]  # fmt: skip
+           "oracle", "constant_guess", "model_answerer", "score_samples", "REPEAT_HAYSTACK", "answer_text",
+           "counterfactual_prompt", "model_bits", "retrieval_gain"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -303,3 +313,62 @@ def score_samples(samples: Sequence[NeedleSample], answer: Callable[[NeedleSampl
         score = string_match_all(text, s.answers)
         records.append({**s.to_dict(), "generated": text, "score": score, "correct": score == 1.0})
     return records
+
+
+# --- retrieval gain: what the model takes from the needle, scored by likelihood (module docstring) ---
+
+
+def answer_text(sample: NeedleSample) -> str:
+    """The continuation that answers the sample: what the oracle says (" " + the values joined by ", ")."""
+    return " " + ", ".join(sample.answers)
+
+
+def counterfactual_prompt(sample: NeedleSample, seed: int = 0) -> str:
+    """The prompt with every asked value in the needles swapped for a fresh one of the same form; all else (the
+    question, the distractors, the haystack) unchanged, so that nothing in it gives the answer away."""
+    kind = KINDS[sample.kind]
+    rng = random.Random(f"niah-counterfactual:{seed}:{sample.kind}:{sample.length}:{sample.depth}:{sample.index}")
+    fresh: dict[str, str] = {}
+    for value in sample.answers:
+        new = _value(rng, kind)
+        while new in sample.answers or new in fresh.values():
+            new = _value(rng, kind)
+        fresh[value] = new
+
+    def swap(m: re.Match) -> str:
+        if m.group(1) not in sample.keys or m.group(2) not in fresh:
+            return m.group(0)
+        return m.group(0)[: m.start(2) - m.start(0)] + fresh[m.group(2)] + m.group(0)[m.end(2) - m.start(0) :]
+
+    return _NEEDLE_RE.sub(swap, sample.prompt)
+
+
+def model_bits(model, tokenizer: Tokenizer, device: torch.device | str = "cpu") -> Callable[[str, str], float]:
+    """−log₂ p(continuation | context) under the model, from one forward pass over context + continuation (the
+    context as `model_answerer` feeds it: no end-of-document id in front)."""
+
+    @torch.no_grad()
+    def bits(context: str, continuation: str) -> float:
+        ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
+        ids = torch.tensor([ctx + cont], device=device)
+        logits, _ = model(ids[:, :-1])  # (1, t − 1, vocab): position i predicts id i + 1
+        logp = F.log_softmax(logits[0, len(ctx) - 1 :].float(), dim=-1)  # (len(cont), vocab)
+        return -float(logp.gather(-1, ids[0, len(ctx) :, None]).sum()) / math.log(2)
+
+    return bits
+
+
+def retrieval_gain(samples: Sequence[NeedleSample], bits: Callable[[str, str], float], seed: int = 0,
+                   progress: bool = False) -> list[dict]:  # fmt: skip
+    """Per sample: `bits_with` (the answer after the prompt), `bits_without` (after the counterfactual prompt),
+    `gain` = bits_without − bits_with and `recall` = gain / bits_without (0 when bits_without is 0)."""
+    from tqdm import tqdm
+
+    out = []
+    for s in tqdm(samples, desc="retrieval gain", unit="sample", disable=not progress, dynamic_ncols=True):
+        answer = answer_text(s)
+        with_, without = bits(s.prompt, answer), bits(counterfactual_prompt(s, seed), answer)
+        gain = without - with_
+        out.append({"bits_with": with_, "bits_without": without, "gain": gain,
+                    "recall": gain / without if without > 0 else 0.0})  # fmt: skip
+    return out

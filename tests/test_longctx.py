@@ -5,6 +5,7 @@ and each `nestlearn longctx` subcommand runs end to end on a tiny model."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nestlearn import niah
 from nestlearn.cli import main as cli
 from nestlearn.data import synthetic
 from nestlearn.data.corpora import write_documents
@@ -206,6 +208,58 @@ def test_needle_oracle_scores_one_constant_scores_zero_and_the_length_fits(kind,
         assert s.prompt.endswith("mentioned in the provided text " + ("is" if len(s.answers) == 1 else "are"))
 
 
+def copying_bits(context: str, continuation: str) -> float:
+    """An oracle by likelihood: certain of each value a needle in the context holds, uniform over 10⁷ otherwise."""
+    return sum(0.0 if f" is: {v}." in context else math.log2(1e7) for v in continuation.strip().split(", "))
+
+
+def blind_bits(context: str, continuation: str) -> float:
+    """A model that ignores its context: the answer's bits do not depend on the prompt."""
+    return 3.0 * len(continuation)
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_counterfactual_prompt_hides_only_the_asked_values(kind, tokenizer, bpe):
+    tok = ByteTokenizer() if tokenizer == "bytes" else bpe
+    s = make_sample(kind, 1200 if tokenizer == "bytes" else 800, 0.5, tok, Haystack(tok, documents(40)), seed=3)
+    cf = niah.counterfactual_prompt(s, seed=0)
+    assert cf == niah.counterfactual_prompt(s, seed=0) != niah.counterfactual_prompt(s, seed=1)
+    assert len(cf) == len(s.prompt) and not any(v in cf for v in s.answers)
+    # everything but the values is the same text: the question, the distractor needles, the haystack
+    assert re.sub(r"is: [\w-]+\.", "", cf) == re.sub(r"is: [\w-]+\.", "", s.prompt)
+    swapped = [a != b for a, b in zip(cf, s.prompt, strict=True)]
+    assert sum(swapped) <= sum(len(v) for v in s.answers)
+    if tokenizer == "bytes":  # the needle is where it was, token for token
+        assert len(tok.encode(cf)) == s.prompt_tokens
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_retrieval_gain_is_full_for_a_copier_and_zero_for_a_blind_model(kind):
+    tok = ByteTokenizer()
+    samples = make_samples([kind], [1000], [0.0, 1.0], 2, tok, documents(40), seed=0)
+    for g, s in zip(niah.retrieval_gain(samples, copying_bits), samples, strict=True):
+        assert g["bits_with"] == 0.0 and g["gain"] == pytest.approx(len(s.answers) * math.log2(1e7))
+        assert g["recall"] == 1.0
+    assert all(g["gain"] == 0.0 and g["recall"] == 0.0 for g in niah.retrieval_gain(samples, blind_bits))
+
+
+def test_model_bits_are_the_answer_ids_log_probabilities(checkpoint):
+    from nestlearn.train import load_checkpoint, resolve_checkpoint
+
+    model, tok = load_checkpoint(resolve_checkpoint(checkpoint), "cpu")
+    model.eval()
+    s = make_sample("passkey", 420, 0.5, tok, seed=0)
+    ids = tok.encode(s.prompt + niah.answer_text(s))
+    n = len(tok.encode(niah.answer_text(s)))
+    expected = 0.0
+    for i in range(len(ids) - n, len(ids)):  # one prefix at a time: the id at i given ids[:i]
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids[:i]]))
+        expected -= F.log_softmax(logits[0, -1], dim=-1)[ids[i]].item() / math.log(2)
+    assert niah.model_bits(model, tok)(s.prompt, niah.answer_text(s)) == pytest.approx(expected, rel=1e-5)
+
+
 def test_needle_errors_say_what_to_do():
     tok = ByteTokenizer()
     with pytest.raises(ValueError, match=r"length=300 is too short for a uuid needle: .* at least 4\d\d"):
@@ -248,6 +302,14 @@ def test_niah_command_writes_results_and_heatmaps(checkpoint, corpus, tmp_path, 
     for kind in ("passkey", "number"):
         grid = result["kinds"][kind]["score"]
         assert len(grid) == 2 and all(len(row) == 2 and all(0 <= v <= 100 for v in row) for row in grid)
+        assert (out / f"niah-{kind}-recall.png").is_file()
+        gain = result["kinds"][kind]["gain"]  # the grid is the mean of its records
+        rs = [r for r in result["records"] if r["kind"] == kind and r["depth"] == 1.0 and r["length"] == 640]
+        assert gain[1][1] == pytest.approx(rs[0]["gain"]) == pytest.approx(rs[0]["bits_without"] - rs[0]["bits_with"])
+    assert "Retrieval gain" in table
+    assert cli([*argv[:-1], str(tmp_path / "plain"), "--no-gain", "--kinds", "passkey"]) == 0
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert "gain" not in plain["records"][0] and "recall" not in plain["kinds"]["passkey"]
 
 
 def test_niah_command_errors(checkpoint, corpus, tmp_path, capsys):
