@@ -41,7 +41,7 @@ from . import presets
 from .data.shards import ShardMeta
 from .data.tokenizer import ByteTokenizer
 
-__all__ = ["continual_metrics", "STREAMS", "STRATEGIES", "ContinualConfig", "run"]
+__all__ = ["continual_metrics", "STREAMS", "STRATEGIES", "ContinualConfig", "run", "summary"]
 
 STRATEGIES = ("finetune", "ewc", "replay", "levels")
 LANGUAGES = ("en-US", "de-DE", "fr-FR", "es-ES")
@@ -479,6 +479,33 @@ def table(result: dict) -> str:
 
     lines.append(f"\n{result['metric']}: average {m['average']:.3f}, BWT {f(m['bwt'])}, forgetting "
                  f"{f(m['forgetting'])}, FWT {f(m['fwt'])} ({result['seconds']:.0f} s)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> str:
+    """A Markdown table of runs that differ only in their seed, one row per setting (in the order first seen):
+    the mean of each metric over the seeds, ± the sample standard deviation when there are several."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        c = {k: v for k, v in r["config"].items() if k not in ("seed", "data_root", "progress")}
+        groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
+
+    def cell(xs: list[float | None], fmt: str) -> str:
+        if any(x is None for x in xs):
+            return "n/a"
+        text = format(float(np.mean(xs)), fmt)
+        return text + (f" ± {float(np.std(xs, ddof=1)):{fmt.lstrip('+')}}" if len(xs) > 1 else "")
+
+    lines = ["| stream | preset | strategy | seeds | average | BWT | forgetting | FWT | minutes per run |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for runs in groups.values():
+        c, m = runs[0]["config"], [r["metrics"] for r in runs]
+        strategy = c["strategy"] + (f" {c['update_periods']}" if c.get("update_periods") else "")
+        seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
+        cells = [cell([x["average"] for x in m], ".3f")]
+        cells += [cell([x[k] for x in m], "+.3f") for k in ("bwt", "forgetting", "fwt")]
+        cells.append(cell([r["seconds"] / 60 for r in runs], ".1f"))
+        lines.append(f"| {c['stream']} | {c['preset']} | {strategy} | {seeds} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from nestlearn import presets
 from nestlearn.cli import main as cli
-from nestlearn.continual import EWC, ContinualConfig, Replay, build_model, continual_metrics, make_stream, run
+from nestlearn.continual import EWC, ContinualConfig, Replay, build_model, continual_metrics, make_stream, run, summary
 from nestlearn.data.corpora import BBC_CLASSES, write_documents
 
 
@@ -60,6 +60,18 @@ def small(**fields) -> ContinualConfig:
     base = dict(stream="languages", preset="transformer", size="debug", steps_per_task=3, batch_size=2, seq_len=32,
                 eval_tokens=128, warmup_steps=1, progress=False)  # fmt: skip
     return ContinualConfig(**{**base, **fields})
+
+
+def test_summary_averages_the_seeds_of_one_setting_and_keeps_settings_apart():
+    def result(strategy: str, seed: int, bwt: float | None) -> dict:
+        config = dataclasses.asdict(ContinualConfig(strategy=strategy, seed=seed))
+        metrics = {"average": 3.0 + seed, "bwt": bwt, "forgetting": -0.5 * seed, "fwt": 1.0}
+        return {"config": config, "metrics": metrics, "seconds": 60.0 * (seed + 1)}
+
+    rows = summary([result("finetune", 0, 0.1), result("ewc", 0, None), result("finetune", 2, 0.3)]).splitlines()[2:]
+    assert rows == ["| languages | transformer | finetune | 0, 2 | 4.000 ± 1.414 | +0.200 ± 0.141 | -0.500 ± 0.707 "
+                    "| +1.000 ± 0.000 | 2.0 ± 1.4 |",
+                    "| languages | transformer | ewc | 0 | 3.000 | n/a | +0.000 | +1.000 | 1.0 |"]  # fmt: skip
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "ewc", "replay", "levels"])

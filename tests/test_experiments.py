@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 from nestlearn.data.synthetic import accuracy, mqar, parity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import continual_table  # noqa: E402
 import synthetic  # noqa: E402
 
 
@@ -45,3 +48,21 @@ def test_synthetic_experiment_trains_transformer_and_hope():
     for row in rows:
         assert row["final_loss"] < row["first_loss"], row  # learning happens in both
         assert 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_continual_table_reads_run_folders_and_refuses_empty_ones(tmp_path, capsys):
+    from nestlearn.continual import ContinualConfig
+
+    for seed in (0, 1):
+        run = tmp_path / f"run-s{seed}"
+        run.mkdir()
+        config = dataclasses.asdict(ContinualConfig(seed=seed))
+        metrics = {"average": 3.0 + seed, "bwt": 0.1, "forgetting": 0.0, "fwt": 1.0}
+        (run / "results.json").write_text(json.dumps({"config": config, "metrics": metrics, "seconds": 30.0}))
+        (tmp_path / f"run-s{seed}.log").write_text("")
+    assert continual_table.main(sorted(str(p) for p in tmp_path.glob("run-*"))) == 0
+    out, err = capsys.readouterr()
+    assert "| languages | transformer | finetune | 0, 1 | 3.500 ± 0.707 |" in out and "not folders" in err
+    (tmp_path / "empty").mkdir()
+    assert continual_table.main([str(tmp_path / "empty")]) == 1
+    assert "no results.json in" in capsys.readouterr().err
