@@ -486,8 +486,9 @@ def summary(results: list[dict]) -> str:
     """A Markdown table of runs that differ only in their seed, one row per setting (in the order first seen):
     the mean of each metric over the seeds, ± the sample standard deviation when there are several."""
     groups: dict[str, list[dict]] = {}
+    defaults = asdict(ContinualConfig())  # for fields that runs written before they existed do not have
     for r in results:
-        c = {k: v for k, v in r["config"].items() if k not in ("seed", "data_root", "progress")}
+        c = {k: v for k, v in {**defaults, **r["config"]}.items() if k not in ("seed", "data_root", "progress")}
         groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
 
     def cell(xs: list[float | None], fmt: str) -> str:
