@@ -197,7 +197,7 @@ def run_niah(args: argparse.Namespace) -> dict:
         print("| --- |" + " ---: |" * len(args.lengths))
         for kind in args.kinds:
             g = grids[kind]
-            cells = " | ".join(f"{r:.1f} ({b:.1f})" for r, b in zip(g["recall_by_length"], g["gain_by_length"],
+            cells = " | ".join(f"{r:.1f} ({b:+.2f})" for r, b in zip(g["recall_by_length"], g["gain_by_length"],
                                                                      strict=True))  # fmt: skip
             print(f"| {kind} ({niah.KINDS[kind].ruler}) | {cells} |")
     print(f"\nheatmaps and results.json in {out}")
