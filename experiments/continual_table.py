@@ -1,5 +1,5 @@
-"""The continual-learning tables of docs/results.md from `nestlearn continual` run folders: one row per setting,
-the mean over the runs that differ only in `--seed` (± their standard deviation).
+"""The continual-learning tables of docs/results.md from `nestlearn continual` run folders: one row per setting, in
+the order given, with the mean over the runs that differ only in `--seed` (± their standard deviation).
 
     python experiments/continual_table.py runs/lang-*          # every folder holding a results.json
 """
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         where = ", ".join(missing) or "any folder given"
         print(f"no results.json in {where}: pass the --out-dir of finished `nestlearn continual` runs", file=sys.stderr)
         return 1
-    print(summary([json.loads((Path(d) / "results.json").read_text()) for d in sorted(dirs)]))
+    print(summary([json.loads((Path(d) / "results.json").read_text()) for d in dirs]))
     return 0
 
 
