@@ -35,7 +35,8 @@ def batch_of(task: str, batch: int, args, generator: torch.Generator, length: in
 def train(preset: str, task: str, args) -> dict:
     model, fit = train_synthetic(preset, lambda batch, g: batch_of(task, batch, args, g), steps=args.steps,
                                  batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                                 desc=f"{preset} {task}", quiet=args.quiet)  # fmt: skip
+                                 lr_init=args.lr_init, rule=args.rule, desc=f"{preset} {task}",
+                                 quiet=args.quiet)  # fmt: skip
     g_eval = torch.Generator().manual_seed(10_000 + args.seed)
     with torch.no_grad():
         tokens, targets, mask = batch_of(task, 512, args, g_eval)
@@ -56,7 +57,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--pairs", type=int, default=8, help="MQAR: key/value pairs per sequence")
     p.add_argument("--length", type=int, default=32, help="parity: training length")
-    p.add_argument("--max-lr", type=float, default=None, help="override the inner learning-rate cap η_max (0.1)")
+    p.add_argument(
+        "--max-lr",
+        type=float,
+        default=None,
+        help="override the memories' inner learning-rate cap η_max (0.1); 2 lets DGD track state",
+    )
+    p.add_argument("--lr-init", type=float, default=None, help="the memories' initial η_t (default η_max / 2)")
+    p.add_argument(
+        "--rule",
+        choices=["gd", "dgd"],
+        default=None,
+        help="the memories' update rule (default: each preset's, gd for Titans, dgd for Hope)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -64,6 +77,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--steps and --batch must be positive; got {args.steps}, {args.batch}")
     if args.max_lr is not None and args.max_lr <= 0:
         p.error(f"--max-lr must be positive; got {args.max_lr}")
+    cap = args.max_lr or 0.1
+    if args.lr_init is not None and not 0 < args.lr_init < cap:
+        p.error(f"--lr-init must lie strictly between 0 and the cap η_max = {cap}; got {args.lr_init}")
 
     rows = [train(preset, task, args) for task in args.task for preset in args.presets]
     print("\n| task | preset | params | steps | first loss | final loss | accuracy | accuracy, longer | time (s) |")

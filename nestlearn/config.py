@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .ops.common import ACTIVATIONS
 
-__all__ = ["AttentionConfig", "TitansConfig", "SelfModConfig", "CMSConfig", "ModelConfig", "MIXERS"]
+__all__ = ["AttentionConfig", "TitansConfig", "SelfModConfig", "CMSConfig", "ModelConfig", "MIXERS", "lr_gate_bias"]
 
 MIXERS = ("attention", "titans", "sm_titans")
 
@@ -40,7 +41,18 @@ def _check_memory_options(config: Any) -> None:
         _fail(cls, "read", config.read, "expected 'dual' or 'snapshot'")
     if not 0 < config.max_lr:
         _fail(cls, "max_lr", config.max_lr, "must be positive")
+    if config.lr_init is not None and not 0 < config.lr_init < config.max_lr:
+        _fail(cls, "lr_init", config.lr_init,
+              f"must lie strictly between 0 and max_lr={config.max_lr}, or be None (max_lr / 2)")  # fmt: skip
     _check_clip(config)
+
+
+def lr_gate_bias(config: Any) -> float:
+    """The bias that makes η_t = max_lr · sigmoid(·) start at `lr_init` (logit(lr_init / max_lr)); 0 for None."""
+    if config.lr_init is None:
+        return 0.0
+    p = config.lr_init / config.max_lr
+    return math.log(p / (1 - p))
 
 
 def _check_clip(config: Any) -> None:
@@ -74,6 +86,9 @@ class TitansConfig:
     read: str = "dual"
     conv_width: int = 4  # causal depthwise convolution after the q, k, v projections (Titans §3.3)
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(x W_η)
+    # η_t at initialisation; None: max_lr / 2. With rule="dgd" and max_lr up to 2 the transition's eigenvalue along
+    # k_t, α_t − η_t, can go negative (state tracking, docs/deviations.md); then start η small, e.g. 0.05
+    lr_init: float | None = None
     # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
     # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
     max_grad_norm: float | None = 1.0
@@ -102,6 +117,9 @@ class SelfModConfig:
     read: str = "dual"  # how the main memory is read inside a chunk
     conv_width: int = 4  # "local convolutions with window size of 4"
     max_lr: float = 0.1  # η_t = max_lr · sigmoid(readout of M_η(x_t)) (ambiguity #2)
+    # η_t at initialisation; None: max_lr / 2. max_lr up to 2 lets DGD's transition α_t − η_t along k_t go negative
+    # (state tracking: parity, docs/deviations.md); then start η small, e.g. 0.05
+    lr_init: float | None = None
     # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
     # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
     max_grad_norm: float | None = 1.0

@@ -35,9 +35,9 @@ Batch = tuple[Tensor, Tensor, Tensor]  # tokens, targets, mask; each (b, t)
 
 
 def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batch], *, steps: int, batch: int,
-                    lr: float = 3e-3, seed: int = 0, max_lr: float | None = None, vocab_size: int | None = None,
-                    device: str | torch.device = "cpu", desc: str = "", quiet: bool = False
-                    ) -> tuple[LanguageModel, dict]:  # fmt: skip
+                    lr: float = 3e-3, seed: int = 0, max_lr: float | None = None, lr_init: float | None = None,
+                    rule: str | None = None, vocab_size: int | None = None, device: str | torch.device = "cpu",
+                    desc: str = "", quiet: bool = False) -> tuple[LanguageModel, dict]:  # fmt: skip
     """Train `preset` at `debug` size from scratch on batch_fn(batch, generator) with AdamW (no weight decay, 20
     warm-up steps, then constant lr; gradient clipping 1.0), the loss on the masked positions only.
 
@@ -45,8 +45,16 @@ def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batc
     """
     torch.manual_seed(seed)
     config = presets.PRESETS[preset]("debug")
-    if max_lr is not None:  # the cap of every inner learning rate η_t (memories and in-context CMS levels)
-        config.titans.max_lr = config.sm_titans.max_lr = config.cms.max_lr = max_lr
+    # the token mixers' memories (Titans, self-modifying Titans): the cap of η_t, its initial value, the update rule.
+    # In-context CMS levels keep their own cap: they write with GD, which diverges long before η = 2.
+    for mixer in (config.titans, config.sm_titans):
+        if max_lr is not None:
+            mixer.max_lr = max_lr
+        if lr_init is not None:
+            mixer.lr_init = lr_init
+        if rule is not None:
+            mixer.rule = rule
+        mixer.__post_init__()  # refuse lr_init ≥ max_lr before training
     if vocab_size is not None:
         config.vocab_size = vocab_size
     model = build(config).to(device)
@@ -216,7 +224,8 @@ def run_formal(args: argparse.Namespace) -> list[dict]:
             model, fit = train_synthetic(
                 preset, lambda b, g, lang=lang: synthetic.formal_language(lang, b, 1, L, generator=g),
                 steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                device=args.device, desc=f"{preset} {lang}", quiet=args.quiet)  # fmt: skip
+                lr_init=args.lr_init, rule=args.rule, device=args.device, desc=f"{preset} {lang}",
+                quiet=args.quiet)  # fmt: skip
             row = {"language": lang, "preset": preset, **fit}
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
             for name, (lo, hi) in bins.items():
@@ -258,8 +267,8 @@ def run_mqar(args: argparse.Namespace) -> list[dict]:
     for preset in args.presets:
         model, fit = train_synthetic(
             preset, lambda b, g: synthetic.mqar(b, args.pairs, vocab, generator=g), steps=args.steps,
-            batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr, device=args.device,
-            desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
+            batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr, lr_init=args.lr_init, rule=args.rule,
+            device=args.device, desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
         g_eval = torch.Generator().manual_seed(10_000 + args.seed)
         for pairs in test_pairs:
             tokens, targets, mask = synthetic.mqar(args.eval_samples, pairs, vocab, generator=g_eval)
@@ -291,7 +300,8 @@ def run_babi(args: argparse.Namespace) -> list[dict]:
             model, fit = train_synthetic(
                 preset, lambda b, g, task=task: synthetic.babi(task, b, args.facts, args.people, generator=g),
                 steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                vocab_size=vocab, device=args.device, desc=f"{preset} {task}", quiet=args.quiet)  # fmt: skip
+                lr_init=args.lr_init, rule=args.rule, vocab_size=vocab, device=args.device, desc=f"{preset} {task}",
+                quiet=args.quiet)  # fmt: skip
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
             for facts in test_facts:
                 tokens, targets, mask = synthetic.babi(task, args.eval_samples, facts, args.people, generator=g_eval)
@@ -323,7 +333,17 @@ def _training_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--steps", type=int, default=400, help="training steps per model and task (default: 400)")
     p.add_argument("--batch", type=int, default=32, help="sequences per step (default: 32)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
-    p.add_argument("--max-lr", type=float, default=None, help="override the inner learning-rate cap η_max (0.1)")
+    p.add_argument(
+        "--max-lr",
+        type=float,
+        default=None,
+        help="override the memories' inner learning-rate cap η_max (0.1); 2 with DGD lets them track "
+        "state (docs/deviations.md)",
+    )
+    p.add_argument("--lr-init", type=float, default=None,
+                   help="the memories' initial η_t (default η_max / 2); below --max-lr")  # fmt: skip
+    p.add_argument("--rule", choices=["gd", "dgd"], default=None,
+                   help="the memories' update rule (default: the preset's, gd for Titans, dgd for Hope)")  # fmt: skip
     p.add_argument("--eval-samples", type=int, default=512, help="new sequences scored per setting (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, training and test data (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")

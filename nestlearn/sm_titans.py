@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .config import SelfModConfig
+from .config import SelfModConfig, lr_gate_bias
 from .memory import scan
 from .ops.common import apply_memory
 from .state import MemoryState
@@ -64,7 +64,8 @@ class SelfModifyingTitans(nn.Module):
         self.mem_W1, self.mem_W2 = mlp_memory_parameters(h, d, f)
         # g_η, g_α: a linear read-out per head of M_η(x_t), M_α(x_t), then a sigmoid
         self.readout = nn.Parameter(torch.randn(2, h, d) * 0.02)
-        self.readout_bias = nn.Parameter(torch.tensor([[0.0] * h, [4.0] * h]))  # η ≈ max_lr/2, α ≈ 0.98 at first
+        # η = lr_init (max_lr / 2 by default) and α ≈ 0.98 at first
+        self.readout_bias = nn.Parameter(torch.tensor([[lr_gate_bias(config)] * h, [4.0] * h]))
         if config.momentum:
             self.beta = nn.Linear(dim, h)  # β_t per head from x_t, as in Titans
         self.out = MemoryOutput(dim, d)

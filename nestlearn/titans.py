@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TitansConfig
+from .config import TitansConfig, lr_gate_bias
 from .memory import init_state, scan
 from .state import MemoryState
 
@@ -81,7 +81,7 @@ class TitansMixer(nn.Module):
         with torch.no_grad():
             self.gates.weight.mul_(0.1)
             bias = self.gates.bias.view(self.num_gates, num_heads)
-            bias[0].fill_(0.0)  # η ≈ max_lr / 2
+            bias[0].fill_(lr_gate_bias(config))  # η = lr_init, max_lr / 2 by default
             bias[1].fill_(4.0)  # α ≈ 0.98: retain most of the memory at first
             if config.momentum:
                 bias[2].fill_(0.0)  # β ≈ 0.5

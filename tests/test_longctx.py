@@ -356,3 +356,21 @@ def test_training_commands_refuse_bad_settings_before_training(tmp_path, capsys)
     assert "num_pairs=200 needs distinct keys" in capsys.readouterr().err
     assert cli(["longctx", "babi", "--tasks", "single", "--facts", "30", "--out-dir", str(tmp_path)]) == 1
     assert "num_facts=30 must lie in [1, 24]" in capsys.readouterr().err
+
+
+def test_memory_options_reach_the_mixers_and_not_the_cms_levels():
+    from nestlearn import presets
+    from nestlearn.longctx import train_synthetic
+
+    model, _ = train_synthetic("hope", lambda b, g: synthetic.parity(b, 8, generator=g), steps=1, batch=2,
+                               max_lr=2.0, lr_init=0.05, rule="gd", quiet=True)  # fmt: skip
+    config = model.config
+    assert (config.sm_titans.max_lr, config.sm_titans.lr_init, config.sm_titans.rule) == (2.0, 0.05, "gd")
+    assert config.cms.max_lr == presets.hope("debug").cms.max_lr  # GD levels keep their own cap
+
+
+def test_lr_init_at_or_above_the_cap_is_refused_before_training(tmp_path, capsys):
+    argv = ["longctx", "formal", "--presets", "titans", "--languages", "parity", "--max-lr", "2", "--lr-init", "3",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert cli(argv) == 1
+    assert "TitansConfig.lr_init=3.0: must lie strictly between 0 and max_lr=2.0" in capsys.readouterr().err

@@ -118,6 +118,28 @@ def test_linear_l2_is_the_gated_delta_recurrence(impl, rule):
     torch.testing.assert_close(state.weights["W"], S, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dgd_at_lr_two_reflects_the_memory_along_the_key(impl):
+    # η = 2, α = 1, ‖k‖ = 1 and no gradient (dot objective, v = 0): M_t = M_{t−1}(I − 2 k kᵀ), a Householder
+    # reflection, so M k changes sign at every token and the rest of M stays: the negative eigenvalue that lets a
+    # DGD memory track parity (docs/deviations.md). Nothing may cap η at 1.
+    x = make_inputs("linear", False)
+    b, h, T, d = x["q"].shape
+    g = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(b, h, 1, d, generator=g, dtype=x["q"].dtype), dim=-1)
+    k = k.expand(b, h, T, d)
+    W0 = torch.randn(b, h, d, d, generator=g, dtype=k.dtype)
+    y, state = scan(k, k, torch.zeros_like(k), torch.full((b, h, T), 2.0, dtype=k.dtype), torch.ones(b, h, T,
+                    dtype=k.dtype), memory="linear", objective="dot", rule="dgd", chunk_size=4,
+                    state=MemoryState({"W": W0}), impl=impl)  # fmt: skip
+    Mk = (W0 @ k[:, :, 0, :, None]).squeeze(-1)  # (b, h, d)
+    signs = torch.tensor([(-1.0) ** (t + 1) for t in range(T)], dtype=k.dtype)  # read after token t's write
+    torch.testing.assert_close(y, signs[:, None] * Mk[:, :, None], rtol=1e-9, atol=1e-9)
+    reflect = torch.eye(d, dtype=k.dtype) - 2 * k[:, :, :1].transpose(-1, -2) @ k[:, :, :1]
+    want = W0 @ torch.linalg.matrix_power(reflect, T)
+    torch.testing.assert_close(state.weights["W"], want, rtol=1e-9, atol=1e-9)
+
+
 def test_momentum_one_and_no_retention_decay_accumulates_writes():
     # β = 1, α = 1, dot: S_t = S_{t−1} + η_t v_t k_tᵀ and M_t = M_{t−1} + S_t, so M_T = Σ_s (T − s) η_s v_s k_sᵀ
     x = make_inputs("linear", True)

@@ -158,6 +158,12 @@ def test_levels_cover_every_parameter_once():
         (lambda: CMSConfig(variant="stacked"), r"CMSConfig.variant='stacked'.*'nested' \(eq. 72\)"),
         (lambda: TitansConfig(chunk_size=0), r"TitansConfig.chunk_size=0: must be a positive int"),
         (lambda: TitansConfig(rule="adam"), r"TitansConfig.rule='adam'"),
+        (
+            lambda: SelfModConfig(max_lr=2.0, lr_init=2.0),
+            r"SelfModConfig.lr_init=2.0: must lie strictly between 0 "
+            r"and max_lr=2.0",
+        ),
+        (lambda: TitansConfig(lr_init=0.0), r"TitansConfig.lr_init=0.0: must lie strictly between"),
         (lambda: AttentionConfig(window=0), r"AttentionConfig.window=0"),
         (lambda: presets.transformer("huge"), r"size='huge' is not known"),
         (lambda: ModelConfig.from_dict({"dims": 3}), r"unknown ModelConfig fields \['dims'\]"),
@@ -271,3 +277,18 @@ def test_compiled_chunks_give_the_same_loss_and_gradients_as_eager():
     tree_map(flat_b.append, state_b.layers)
     for a, b in zip(flat_a, flat_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["titans", "hope"])
+def test_lr_init_sets_the_initial_inner_learning_rate(preset):
+    config = presets.PRESETS[preset]("debug")
+    mixer = config.titans if preset == "titans" else config.sm_titans
+    default = build(config).blocks[0].mixer
+    mixer.max_lr, mixer.lr_init = 2.0, 0.05
+    model = build(config).blocks[0].mixer
+    if preset == "titans":
+        bias, old = model.gates.bias.view(model.num_gates, -1)[0], default.gates.bias.view(default.num_gates, -1)[0]
+    else:
+        bias, old = model.readout_bias[0], default.readout_bias[0]
+    torch.testing.assert_close(2.0 * torch.sigmoid(bias), torch.full_like(bias, 0.05))
+    torch.testing.assert_close(torch.sigmoid(old), torch.full_like(old, 0.5))  # None: η starts at max_lr / 2
