@@ -2,6 +2,7 @@
 
     python experiments/synthetic.py                                   # the table in docs/results.md
     python experiments/synthetic.py --task mqar --presets hope --steps 300
+    python experiments/synthetic.py --task parity --presets titans --rule dgd --max-lr 2 --lr-init 0.05 --steps 2000
 
 Every model is trained from scratch at `debug` size (2 blocks, width 64) with AdamW (lr 3e-3, no weight decay,
 gradient clipping 1.0) on freshly generated batches, then scored on 512 new sequences by exact match of the
@@ -12,7 +13,9 @@ argmax prediction at the scored positions (nestlearn/data/synthetic.py):
              in distribution (positions 1..length, Table 5's "Bin0") and on the positions beyond it of strings
              twice as long ("Bin1", length generalisation)
 
-Chance is 1/128 for MQAR and 1/2 for parity.
+Chance is 1/128 for MQAR and 1/2 for parity. `--max-lr`, `--lr-init` and `--rule` change the token mixers'
+memories (in-context CMS levels keep theirs): with DGD and η up to 2 a memory can reflect along a key, which is
+what tracking parity takes (docs/deviations.md, "η up to 2").
 """
 
 from __future__ import annotations

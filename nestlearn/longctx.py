@@ -41,7 +41,9 @@ def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batc
     """Train `preset` at `debug` size from scratch on batch_fn(batch, generator) with AdamW (no weight decay, 20
     warm-up steps, then constant lr; gradient clipping 1.0), the loss on the masked positions only.
 
-    Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last 10), "seconds", "params"}.
+    `max_lr`, `lr_init`, `rule` override the token mixers' memories (the cap of η_t, its initial value, GD or DGD);
+    None keeps the preset's. Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last
+    10), "seconds", "params"}.
     """
     torch.manual_seed(seed)
     config = presets.PRESETS[preset]("debug")

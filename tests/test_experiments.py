@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from nestlearn.data.synthetic import accuracy, mqar, parity
@@ -48,6 +49,15 @@ def test_synthetic_experiment_trains_transformer_and_hope():
     for row in rows:
         assert row["final_loss"] < row["first_loss"], row  # learning happens in both
         assert 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_synthetic_experiment_trains_with_eta_up_to_two_and_refuses_a_bad_lr_init(capsys):
+    rows = synthetic.main(["--task", "parity", "--presets", "titans", "--rule", "dgd", "--max-lr", "2", "--lr-init",
+                           "0.05", "--steps", "25", "--batch", "8", "--length", "8", "--quiet"])  # fmt: skip
+    assert rows[0]["final_loss"] < rows[0]["first_loss"] and 0.0 <= rows[0]["accuracy_longer"] <= 1.0
+    with pytest.raises(SystemExit):
+        synthetic.main(["--max-lr", "2", "--lr-init", "2"])
+    assert "--lr-init must lie strictly between 0 and the cap η_max = 2.0; got 2.0" in capsys.readouterr().err
 
 
 def test_continual_table_reads_run_folders_and_refuses_empty_ones(tmp_path, capsys):
