@@ -27,6 +27,7 @@ import torch
 from nestlearn import presets
 from nestlearn.data.synthetic import accuracy, mqar, parity
 from nestlearn.longctx import train_synthetic
+from nestlearn.train import parse_periods
 
 
 def batch_of(task: str, batch: int, args, generator: torch.Generator, length: int | None = None):
@@ -38,7 +39,8 @@ def batch_of(task: str, batch: int, args, generator: torch.Generator, length: in
 def train(preset: str, task: str, args) -> dict:
     model, fit = train_synthetic(preset, lambda batch, g: batch_of(task, batch, args, g), steps=args.steps,
                                  batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                                 lr_init=args.lr_init, rule=args.rule, desc=f"{preset} {task}",
+                                 lr_init=args.lr_init, rule=args.rule,
+                                 update_periods=args.update_periods, desc=f"{preset} {task}",
                                  quiet=args.quiet)  # fmt: skip
     g_eval = torch.Generator().manual_seed(10_000 + args.seed)
     with torch.no_grad():
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=None,
         help="the memories' update rule (default: each preset's, gd for Titans, dgd for Hope)",
     )
+    p.add_argument("--update-periods", type=parse_periods, default=None,
+                   help="CMS update periods, fastest first, e.g. 16,128,none (the Hope presets'); 'none' alone: one "
+                        "SwiGLU level, Hope w/o CMS (paper Table 6)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

@@ -14,6 +14,7 @@ deterministic by --seed; each subcommand writes results.json into --out-dir and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -36,14 +37,15 @@ Batch = tuple[Tensor, Tensor, Tensor]  # tokens, targets, mask; each (b, t)
 
 def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batch], *, steps: int, batch: int,
                     lr: float = 3e-3, seed: int = 0, max_lr: float | None = None, lr_init: float | None = None,
-                    rule: str | None = None, vocab_size: int | None = None, device: str | torch.device = "cpu",
-                    desc: str = "", quiet: bool = False) -> tuple[LanguageModel, dict]:  # fmt: skip
+                    rule: str | None = None, update_periods: tuple[int | None, ...] | None = None,
+                    vocab_size: int | None = None, device: str | torch.device = "cpu", desc: str = "",
+                    quiet: bool = False) -> tuple[LanguageModel, dict]:  # fmt: skip
     """Train `preset` at `debug` size from scratch on batch_fn(batch, generator) with AdamW (no weight decay, 20
     warm-up steps, then constant lr; gradient clipping 1.0), the loss on the masked positions only.
 
-    `max_lr`, `lr_init`, `rule` override the token mixers' memories (the cap of η_t, its initial value, GD or DGD);
-    None keeps the preset's. Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last
-    10), "seconds", "params"}.
+    `max_lr`, `lr_init`, `rule` override the token mixers' memories (the cap of η_t, its initial value, GD or DGD)
+    and `update_periods` the CMS levels ((None,): one SwiGLU level, Hope "w/o CMS"); None keeps the preset's.
+    Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last 10), "seconds", "params"}.
     """
     torch.manual_seed(seed)
     config = presets.PRESETS[preset]("debug")
@@ -57,6 +59,8 @@ def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batc
         if rule is not None:
             mixer.rule = rule
         mixer.__post_init__()  # refuse lr_init ≥ max_lr before training
+    if update_periods is not None:
+        config.cms = dataclasses.replace(config.cms, update_periods=update_periods)  # checks them
     if vocab_size is not None:
         config.vocab_size = vocab_size
     model = build(config).to(device)

@@ -51,10 +51,14 @@ def test_synthetic_experiment_trains_transformer_and_hope():
         assert 0.0 <= row["accuracy"] <= 1.0
 
 
-def test_synthetic_experiment_trains_with_eta_up_to_two_and_refuses_a_bad_lr_init(capsys):
+def test_synthetic_experiment_takes_memory_and_cms_flags_and_refuses_a_bad_lr_init(capsys):
     rows = synthetic.main(["--task", "parity", "--presets", "titans", "--rule", "dgd", "--max-lr", "2", "--lr-init",
                            "0.05", "--steps", "25", "--batch", "8", "--length", "8", "--quiet"])  # fmt: skip
     assert rows[0]["final_loss"] < rows[0]["first_loss"] and 0.0 <= rows[0]["accuracy_longer"] <= 1.0
+    rows = synthetic.main(["--task", "mqar", "--presets", "hope", "--update-periods", "none", "--steps", "2",
+                           "--batch", "4", "--pairs", "2", "--quiet"])  # fmt: skip
+    assert rows[0]["params"] < synthetic.main(["--task", "mqar", "--presets", "hope", "--steps", "1", "--batch", "2",
+                                               "--pairs", "2", "--quiet"])[0]["params"]  # fmt: skip
     with pytest.raises(SystemExit):
         synthetic.main(["--max-lr", "2", "--lr-init", "2"])
     assert "--lr-init must lie strictly between 0 and the cap η_max = 2.0; got 2.0" in capsys.readouterr().err

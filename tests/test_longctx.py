@@ -358,7 +358,7 @@ def test_training_commands_refuse_bad_settings_before_training(tmp_path, capsys)
     assert "num_facts=30 must lie in [1, 24]" in capsys.readouterr().err
 
 
-def test_memory_options_reach_the_mixers_and_not_the_cms_levels():
+def test_memory_options_reach_the_mixers_and_update_periods_the_cms():
     from nestlearn import presets
     from nestlearn.longctx import train_synthetic
 
@@ -367,6 +367,9 @@ def test_memory_options_reach_the_mixers_and_not_the_cms_levels():
     config = model.config
     assert (config.sm_titans.max_lr, config.sm_titans.lr_init, config.sm_titans.rule) == (2.0, 0.05, "gd")
     assert config.cms.max_lr == presets.hope("debug").cms.max_lr  # GD levels keep their own cap
+    model, _ = train_synthetic("hope", lambda b, g: synthetic.parity(b, 8, generator=g), steps=1, batch=2,
+                               update_periods=(None,), quiet=True)  # fmt: skip
+    assert model.config.cms.update_periods == (None,) and len(model.blocks[0].cms.levels) == 1  # Hope w/o CMS
 
 
 def test_lr_init_at_or_above_the_cap_is_refused_before_training(tmp_path, capsys):
