@@ -24,7 +24,7 @@ import argparse
 
 import torch
 
-from nestlearn import presets
+from nestlearn import TitansConfig, presets
 from nestlearn.data.synthetic import accuracy, mqar, parity
 from nestlearn.longctx import train_synthetic
 from nestlearn.train import parse_periods
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--steps and --batch must be positive; got {args.steps}, {args.batch}")
     if args.max_lr is not None and args.max_lr <= 0:
         p.error(f"--max-lr must be positive; got {args.max_lr}")
-    cap = args.max_lr or 0.1
+    cap = args.max_lr or TitansConfig().max_lr  # the presets' cap (SelfModConfig's is the same)
     if args.lr_init is not None and not 0 < args.lr_init < cap:
         p.error(f"--lr-init must lie strictly between 0 and the cap η_max = {cap}; got {args.lr_init}")
 

@@ -51,14 +51,9 @@ def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batc
     config = presets.PRESETS[preset]("debug")
     # the token mixers' memories (Titans, self-modifying Titans): the cap of η_t, its initial value, the update rule.
     # In-context CMS levels keep their own cap: they write with GD, which diverges long before η = 2.
-    for mixer in (config.titans, config.sm_titans):
-        if max_lr is not None:
-            mixer.max_lr = max_lr
-        if lr_init is not None:
-            mixer.lr_init = lr_init
-        if rule is not None:
-            mixer.rule = rule
-        mixer.__post_init__()  # refuse lr_init ≥ max_lr before training
+    memory = {k: v for k, v in dict(max_lr=max_lr, lr_init=lr_init, rule=rule).items() if v is not None}
+    config.titans = dataclasses.replace(config.titans, **memory)  # checks them (lr_init < max_lr) before training
+    config.sm_titans = dataclasses.replace(config.sm_titans, **memory)
     if update_periods is not None:
         config.cms = dataclasses.replace(config.cms, update_periods=update_periods)  # checks them
     if vocab_size is not None:
