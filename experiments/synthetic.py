@@ -26,7 +26,7 @@ import torch
 
 from nestlearn import TitansConfig, presets
 from nestlearn.data.synthetic import accuracy, mqar, parity
-from nestlearn.longctx import train_synthetic
+from nestlearn.longctx import memory_arguments, train_synthetic
 from nestlearn.train import parse_periods
 
 
@@ -62,19 +62,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--pairs", type=int, default=8, help="MQAR: key/value pairs per sequence")
     p.add_argument("--length", type=int, default=32, help="parity: training length")
-    p.add_argument(
-        "--max-lr",
-        type=float,
-        default=None,
-        help="override the memories' inner learning-rate cap η_max (0.1); 2 lets DGD track state",
-    )
-    p.add_argument("--lr-init", type=float, default=None, help="the memories' initial η_t (default η_max / 2)")
-    p.add_argument(
-        "--rule",
-        choices=["gd", "dgd"],
-        default=None,
-        help="the memories' update rule (default: each preset's, gd for Titans, dgd for Hope)",
-    )
+    memory_arguments(p)
     p.add_argument("--update-periods", type=parse_periods, default=None,
                    help="CMS update periods, fastest first, e.g. 16,128,none (the Hope presets'); 'none' alone: one "
                         "SwiGLU level, Hope w/o CMS (paper Table 6)")  # fmt: skip

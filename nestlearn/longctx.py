@@ -30,7 +30,7 @@ from . import presets
 from .data import synthetic
 from .model import LanguageModel, build
 
-__all__ = ["main", "train_synthetic", "niah_grids", "formal_table"]
+__all__ = ["main", "train_synthetic", "memory_arguments", "niah_grids", "formal_table"]
 
 Batch = tuple[Tensor, Tensor, Tensor]  # tokens, targets, mask; each (b, t)
 
@@ -328,23 +328,24 @@ def _write(out_dir: str, result: dict) -> None:
 # --- command line ---
 
 
+def memory_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-lr, --lr-init, --rule: the token mixers' memories, as `train_synthetic` takes them."""
+    p.add_argument("--max-lr", type=float, default=None,
+                   help="override the memories' inner learning-rate cap η_max (0.1); 2 with DGD lets them track "
+                        "state (docs/deviations.md)")  # fmt: skip
+    p.add_argument("--lr-init", type=float, default=None,
+                   help="the memories' initial η_t (default η_max / 2); below --max-lr")  # fmt: skip
+    p.add_argument("--rule", choices=["gd", "dgd"], default=None,
+                   help="the memories' update rule (default: the preset's, gd for Titans, dgd for Hope)")  # fmt: skip
+
+
 def _training_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--presets", nargs="+", default=["transformer", "hope"], choices=sorted(presets.PRESETS),
                    help="models to train from scratch at debug size (default: transformer hope)")  # fmt: skip
     p.add_argument("--steps", type=int, default=400, help="training steps per model and task (default: 400)")
     p.add_argument("--batch", type=int, default=32, help="sequences per step (default: 32)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
-    p.add_argument(
-        "--max-lr",
-        type=float,
-        default=None,
-        help="override the memories' inner learning-rate cap η_max (0.1); 2 with DGD lets them track "
-        "state (docs/deviations.md)",
-    )
-    p.add_argument("--lr-init", type=float, default=None,
-                   help="the memories' initial η_t (default η_max / 2); below --max-lr")  # fmt: skip
-    p.add_argument("--rule", choices=["gd", "dgd"], default=None,
-                   help="the memories' update rule (default: the preset's, gd for Titans, dgd for Hope)")  # fmt: skip
+    memory_arguments(p)
     p.add_argument("--eval-samples", type=int, default=512, help="new sequences scored per setting (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, training and test data (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
