@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nestlearn.memory import scan
-from nestlearn.ops.chunked import segprod
+from nestlearn.ops.chunked import _Transition, segprod
 
 from .conftest import make_inputs, state_tensors, tensors_of
 
@@ -183,3 +183,52 @@ def test_compiled_chunk_step_matches_eager():
     eager, compiled = outputs_and_gradients(inputs, opts), outputs_and_gradients(inputs, opts, compile=True)
     for a, b in zip(eager, compiled, strict=True):
         assert_close("compiled", a, b, 1e-4)
+
+
+TRANSITION_CASES = [(False, "weights"), (True, "both"), (True, "weights"), (True, "momentum")]
+
+
+@pytest.mark.parametrize(("momentum", "used"), TRANSITION_CASES)
+def test_chunk_transition_backward_matches_autograd(momentum, used):
+    # the end-of-chunk state M' = p M + s S − Lᵀ R, S' = q S − Λᵀ R has a hand-written backward (`_Transition`):
+    # it must give autograd's gradients over the same formula, also when only one of M', S' reaches the loss
+    g = torch.Generator().manual_seed(0)
+    B, C, out, inp = 3, 4, 5, 6
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    args = [r(B, out, inp), r(B, out, inp), r(B, C, out), r(B, C, out), r(B, C, inp), r(B), r(B), r(B)]
+    if not momentum:
+        args[1] = args[3] = args[6] = args[7] = None
+    w_M, w_S = (torch.randn(B, out, inp, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def reference(M, S, L, Lam, R, p, s, q):
+        new_M = p[:, None, None] * M - L.mT @ R
+        if S is None:
+            return new_M, None
+        return new_M + s[:, None, None] * S, q[:, None, None] * S - Lam.mT @ R
+
+    def loss(new_M, new_S):
+        terms = []
+        if used in ("both", "weights"):
+            terms.append((w_M * new_M).sum())
+        if used in ("both", "momentum") and new_S is not None:
+            terms.append((w_S * new_S).sum())
+        return sum(terms)
+
+    tensors = [a for a in args if a is not None]
+    want = torch.autograd.grad(loss(*reference(*args)), tensors, allow_unused=True)
+    got = torch.autograd.grad(loss(*_Transition.apply(*args)), tensors, allow_unused=True)
+    for i, (w, o) in enumerate(zip(want, got, strict=True)):
+        if w is None:
+            assert o is None or not o.any(), f"argument {i}: no gradient expected"
+        else:
+            assert o is not None, f"argument {i} received no gradient"
+            assert_close(f"grad of argument {i}", w, o, 1e-12)
+
+    def transition(*ts):  # finite differences too, independent of both backwards
+        it = iter(ts)
+        return tuple(x for x in _Transition.apply(*(None if a is None else next(it) for a in args)) if x is not None)
+
+    assert torch.autograd.gradcheck(transition, tuple(tensors))

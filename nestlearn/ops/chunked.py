@@ -36,7 +36,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..state import MemoryState
-from .common import KEY_SIDE
+from .common import KEY_SIDE, apply_weight
 from .common import activation as get_activation
 
 __all__ = ["chunked_scan", "segprod"]
@@ -65,12 +65,77 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
-def _minus_outer(base: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """base − Σ_l left_l right_lᵀ: (..., out, in) − (..., C, out)ᵀ (..., C, in), fused into one baddbmm so that the
-    full-size weights are written once (on CPU the time goes to allocating and touching those)."""
-    flat = base.reshape(-1, *base.shape[-2:])
-    lt = _t(left).reshape(-1, left.shape[-1], left.shape[-2])
-    return torch.baddbmm(flat, lt, right.reshape(-1, *right.shape[-2:]), alpha=-1).view(base.shape)
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """⟨x, y⟩ per matrix of a (B, m, n) batch."""
+    return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
+
+
+class _Transition(torch.autograd.Function):
+    """The state at a chunk's end from the state at its start (module docstring, at i = end):
+
+        M' = p M + s S − Lᵀ R        S' = q S − Λᵀ R        (without momentum: M' = p M − Lᵀ R)
+
+    p, s, q: (B,) a scalar per memory; M, S: (B, out, in); L, Λ: (B, C, out); R: (B, C, in). Written by hand
+    because on CPU this is where the time goes: autograd over mul, addcmul and baddbmm writes a weight-sized
+    temporary for each scalar's gradient ((g ⊙ M).sum()) and keeps the scaled copies; here the forward writes
+    each output once, in place, and the backward writes only the two weight gradients it must, taking the
+    scalars' gradients as dot products. tests/test_memory_equivalence.py checks it against autograd over the
+    same formula and by finite differences."""
+
+    @staticmethod
+    def forward(ctx, M, S, L, Lam, R, p, s, q):
+        Lt = L.transpose(1, 2)
+        new_M = torch.mul(M, p[:, None, None])
+        if S is not None:
+            new_M.addcmul_(S, s[:, None, None])
+        new_M.baddbmm_(Lt, R, alpha=-1)
+        new_S = None
+        if S is not None:
+            new_S = torch.mul(S, q[:, None, None]).baddbmm_(Lam.transpose(1, 2), R, alpha=-1)
+        ctx.save_for_backward(M, S, L, Lam, R, p, s, q)
+        ctx.set_materialize_grads(False)
+        return new_M, new_S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_M, g_S):
+        M, S, L, Lam, R, p, s, q = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dM = dS = dL = dLam = dR = dp = ds = dq = None
+        if g_M is not None:
+            if need[0]:
+                dM = g_M * p[:, None, None]
+            if need[1] and S is not None:
+                dS = g_M * s[:, None, None]
+            if need[2]:
+                dL = -torch.bmm(R, g_M.transpose(1, 2))  # (B, C, out)
+            if need[4]:
+                dR = -torch.bmm(L, g_M)  # (B, C, in)
+            if need[5]:
+                dp = _dot(g_M, M)
+            if need[6] and S is not None:
+                ds = _dot(g_M, S)
+        if g_S is not None and S is not None:
+            if need[1]:
+                dS = g_S * q[:, None, None] if dS is None else dS.addcmul_(g_S, q[:, None, None])
+            if need[3]:
+                dLam = -torch.bmm(R, g_S.transpose(1, 2))
+            if need[4]:
+                dR = -torch.bmm(Lam, g_S) if dR is None else dR.baddbmm_(Lam, g_S, alpha=-1)
+            if need[7]:
+                dq = _dot(g_S, S)
+        return dM, dS, dL, dLam, dR, dp, ds, dq
+
+
+def _transition(M, S, L, Lam, R, p, s, q):
+    """`_Transition` on (b, h, ·, ·) tensors: flattens the leading axes and restores them."""
+    n = M.dim() - 2  # leading axes, (b, h)
+
+    def flat(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.reshape(-1, *x.shape[n:])
+
+    new_M, new_S = _Transition.apply(*(flat(x) for x in (M, S, L, Lam, R, p, s, q)))
+    return new_M.view(M.shape), (None if new_S is None else new_S.view(S.shape))
 
 
 def chunked_scan(
@@ -268,12 +333,12 @@ def _step(
     pa = ch["P_a"].unsqueeze(-1)  # (b, h, C, 1)
 
     # gradient factors g_l = a_l b_lᵀ at the chunk's starting weights: a (b, h, C, out), b (b, h, C, in)
-    zk = kc @ _t(Wg[key])  # (b, h, C, o) linear, (b, h, C, f) mlp
+    zk = apply_weight(kc, Wg[key])  # (b, h, C, o) linear, (b, h, C, f) mlp
     if memory == "linear":
         pred = zk
     else:
         hk = sigma(zk)  # (b, h, C, f)
-        pred = kc + hk @ _t(Wg["W1"])  # (b, h, C, d)
+        pred = kc + apply_weight(hk, Wg["W1"])  # (b, h, C, d)
     e = pred - vc if objective == "l2" else -vc
     if memory == "linear":
         factors = {"W": (e, kc)}
@@ -290,16 +355,16 @@ def _step(
 
     if dgd:
         # u_i = M_{i−1} k_i by the unit lower-triangular solve (module docstring)
-        Mk = zk if same else kc @ _t(W[key])
+        Mk = zk if same else apply_weight(kc, W[key])
         rhs = ch["P_a_prev"] * Mk - ch["R_grad"] @ a_key
         if has_S:
-            rhs = rhs + ch["dS_prev"] * (kc @ _t(S[key]))
+            rhs = rhs + ch["dS_prev"] * apply_weight(kc, S[key])
         u = torch.linalg.solve_triangular(ch["unit_L"], rhs, upper=False, unitriangular=True)  # (b, h, C, ·)
 
     if dual:  # y_i = M_i(q_i)
-        z = pa * (qc @ _t(W[key])) - ch["A_read"] @ a_key  # M_i q_i for the key-side weight
+        z = pa * apply_weight(qc, W[key]) - ch["A_read"] @ a_key  # M_i q_i for the key-side weight
         if has_S:
-            z = z + ch["dS"].unsqueeze(-1) * (qc @ _t(S[key]))
+            z = z + ch["dS"].unsqueeze(-1) * apply_weight(qc, S[key])
         if dgd:
             z = z - ch["B_read"] @ u
         if memory == "linear":
@@ -307,28 +372,30 @@ def _step(
         else:
             hq = sigma(z)  # (b, h, C, f)
             A1 = ch["K"] * ch["eta_col"] * (hq @ _t(hk))  # weight of e_l in W1_i hq_i
-            y1 = pa * (hq @ _t(W["W1"])) - A1 @ e
+            y1 = pa * apply_weight(hq, W["W1"]) - A1 @ e
             if has_S:
-                y1 = y1 + ch["dS"].unsqueeze(-1) * (hq @ _t(S["W1"]))
+                y1 = y1 + ch["dS"].unsqueeze(-1) * apply_weight(hq, S["W1"])
             y = qc + y1
     elif q_is_k:  # snapshot read at the keys (CMS levels, generating memories): the prediction already is M_0(q)
         y = pred
     elif memory == "linear":  # snapshot: y_i = M_0(q_i)
-        y = qc @ _t(Wg[key])
+        y = apply_weight(qc, Wg[key])
     else:
-        y = qc + sigma(qc @ _t(Wg[key])) @ _t(Wg["W1"])
+        y = qc + apply_weight(sigma(apply_weight(qc, Wg[key])), Wg["W1"])
 
     # state after the chunk's last real token: the formula for M_i at i = end
     wK = (ch["K"][..., end, :] * ch["eta"]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
     new_W, new_S = {}, {}
+    p = ch["P_a"][..., end]  # (b, h)
+    if has_S:
+        s, q = ch["dS"][..., end], ch["P_b"][..., end]
+        wS = (ch["D_b"][..., end, :] * ch["eta"]).unsqueeze(-1)
     for name, (a, bb) in factors.items():
-        base = ch["P_a"][..., end, None, None] * W[name]
-        if has_S:
-            base = torch.addcmul(base, ch["dS"][..., end, None, None], S[name])
-            wS = (ch["D_b"][..., end, :] * ch["eta"]).unsqueeze(-1)
-            new_S[name] = _minus_outer(ch["P_b"][..., end, None, None] * S[name], a * wS, bb)
         left = a * wK
         if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
             left = left + u * (ch["D_a"][..., end, :] * ch["eta"]).unsqueeze(-1)
-        new_W[name] = _minus_outer(base, left, bb)
+        if has_S:
+            new_W[name], new_S[name] = _transition(W[name], S[name], left, a * wS, bb, p, s, q)
+        else:
+            new_W[name], _ = _transition(W[name], None, left, None, bb, p, None, None)
     return y, new_W, new_S if has_S else None

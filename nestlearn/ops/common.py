@@ -15,7 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "MEMORIES", "OBJECTIVES", "RULES", "READS", "apply_memory", "inner_loss", "activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "MEMORIES",
+    "OBJECTIVES",
+    "RULES",
+    "READS",
+    "apply_memory",
+    "apply_weight",
+    "inner_loss",
+    "activation",
+]
 
 MEMORIES = ("linear", "mlp")
 OBJECTIVES = ("l2", "dot")
@@ -55,6 +65,14 @@ def activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor]
     return ACTIVATIONS[name]
 
 
+def apply_weight(x: Tensor, W: Tensor) -> Tensor:
+    """x Wᵀ for x (..., n, in) and weights W (..., out, in), computed as (W xᵀ)ᵀ: the same numbers, but autograd's
+    gradient for W is then a contiguous (out, in) matrix like W. Written as x @ Wᵀ it comes out transposed, and
+    every weight-sized operation on it (accumulating, scaling, the next chunk's step) runs strided, several times
+    slower on CPU (docs/benchmarks.md)."""
+    return (W @ x.transpose(-1, -2)).transpose(-1, -2)
+
+
 def apply_memory(weights: dict[str, Tensor], x: Tensor, memory: str, act: str) -> Tensor:
     """M(x) for a batch of per-head memories.
 
@@ -66,9 +84,9 @@ def apply_memory(weights: dict[str, Tensor], x: Tensor, memory: str, act: str) -
         (b, h, n, o). `linear`: x Wᵀ. `mlp`: x + σ(x W2ᵀ) W1ᵀ, the residual 2-layer MLP of eq. 89.
     """
     if memory == "linear":
-        return x @ weights["W"].transpose(-1, -2)
+        return apply_weight(x, weights["W"])
     sigma, _ = activation(act)
-    return x + sigma(x @ weights["W2"].transpose(-1, -2)) @ weights["W1"].transpose(-1, -2)
+    return x + apply_weight(sigma(apply_weight(x, weights["W2"])), weights["W1"])
 
 
 def inner_loss(weights: dict[str, Tensor], k: Tensor, v: Tensor, memory: str, objective: str, act: str) -> Tensor:
