@@ -13,6 +13,8 @@ memory of self-modifying Titans, in-context CMS levels and the deep-momentum opt
     chunks      gradients of a chunk of C tokens are taken at the weights the chunk started from (eq. 90);
                 retention, momentum and the DGD factor still run token by token. C = 1 is the online recurrence.
     read        `dual`: y_t = M_t(q_t);  `snapshot`: y_t reads the chunk's starting weights (eq. 90 as printed)
+    self_target the value written is the memory's own read v̂_t = M_{t0−1}(v_t) at the chunk's starting weights
+                (eq. 87, self-modifying Titans), not v_t itself
 
 Shapes: q, k (b, h, t, d); v (b, h, t, o); lr, retention, momentum (b, h, t); weights (b, h, out, in), or
 (h, out, in) for an initial state shared by the batch. Symbols: docs/notation.md; choices: docs/deviations.md.
@@ -109,6 +111,7 @@ def scan(
     checkpoint: bool = False,
     max_grad_norm: float | None = None,
     compile: bool = False,
+    self_target: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Write (k_t, v_t) for every token into the memory and read M(q_t), in one causal pass.
 
@@ -134,6 +137,9 @@ def scan(
             every chunk; the first call compiles, about a minute on 2 CPU cores). Same results up to float rounding.
             Each new shape or set of options compiles again; past dynamo's recompile limit (8 by default,
             `torch._dynamo.config.recompile_limit`) the step runs eager, with dynamo's warning.
+        self_target: write v̂_t = M_{t0−1}(v_t), the memory's own output at v_t from the weights its chunk started
+            from (eq. 87: each memory of self-modifying Titans generates its own target), instead of v_t. Needs o = d.
+            v̂ is a constant of the inner gradient and differentiable for the outer one, as any value is.
 
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
@@ -150,6 +156,9 @@ def scan(
     bh, T, d = q.shape[:2], q.shape[2], q.shape[3]
     _check_qkv("k", k, bh, T, d)
     _check_qkv("v", v, bh, T, d if memory == "mlp" else None)
+    if self_target and v.shape[-1] != d:
+        raise ValueError(f"self_target=True reads the memory at v, so v's width must be the key width {d}; got "
+                         f"{v.shape[-1]}")  # fmt: skip
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     lr = _check_gate("lr", lr, q, low=0.0, high=None, values=check_values)
@@ -167,7 +176,7 @@ def scan(
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a positive number, or None for no clipping")
     opts = dict(memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read, activation=activation,
-                max_grad_norm=max_grad_norm)  # fmt: skip
+                max_grad_norm=max_grad_norm, self_target=self_target)  # fmt: skip
     if impl == "reference":
         return naive_scan(q, k, v, lr, retention, momentum, state, **opts)
     return chunked_scan(q, k, v, lr, retention, momentum, state, **opts, checkpoint=checkpoint, compile=compile)

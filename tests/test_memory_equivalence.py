@@ -10,6 +10,7 @@ import torch
 
 from nestlearn.memory import scan
 from nestlearn.ops.chunked import _Transition, segprod
+from nestlearn.ops.common import apply_memory
 
 from .conftest import make_inputs, state_tensors, tensors_of
 
@@ -183,6 +184,36 @@ def test_compiled_chunk_step_matches_eager():
     eager, compiled = outputs_and_gradients(inputs, opts), outputs_and_gradients(inputs, opts, compile=True)
     for a, b in zip(eager, compiled, strict=True):
         assert_close("compiled", a, b, 1e-4)
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("rule", ["gd", "dgd"])
+@pytest.mark.parametrize("read", ["dual", "snapshot"])
+@pytest.mark.parametrize("q_is_k", [False, True])
+def test_self_generated_targets_match_reference(memory, rule, read, q_is_k):
+    # eq. 87: the memory writes its own read v̂_t = M_{t0−1}(v_t); the chunked path reads v̂ in the prediction's pass
+    inputs = make_inputs(memory, True, requires_grad=True)
+    if q_is_k:
+        inputs["q"] = inputs["k"]
+    opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=4, read=read, max_grad_norm=2.0, self_target=True)
+    assert_both_match(inputs, opts, 1e-8)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_self_generated_target_is_the_memory_read_at_the_chunk_start(impl):
+    # in one chunk every v̂_t is the initial memory read at v_t: the same as writing those values explicitly
+    inputs = make_inputs("mlp", True)
+    v_hat = apply_memory(inputs["state"].weights, inputs["v"], "mlp", "gelu")  # unbatched weights broadcast
+    opts = dict(memory="mlp", objective="l2", rule="dgd", chunk_size=11, impl=impl)
+    y_self, s_self = scan(**inputs, **opts, self_target=True)
+    y_explicit, s_explicit = scan(**{**inputs, "v": v_hat}, **opts)
+    torch.testing.assert_close(y_self, y_explicit)
+    for name, w in state_tensors(s_self).items():
+        torch.testing.assert_close(w, state_tensors(s_explicit)[name])
+    assert not torch.allclose(y_self, scan(**inputs, **opts)[0])  # and not the same as writing v itself
+    with pytest.raises(ValueError, match="self_target=True reads the memory at v"):
+        lin = make_inputs("linear", False)
+        scan(**{**lin, "v": lin["v"][..., :3]}, memory="linear", self_target=True)
 
 
 TRANSITION_CASES = [(False, "weights"), (True, "both"), (True, "weights"), (True, "momentum")]

@@ -36,7 +36,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..state import MemoryState
-from .common import KEY_SIDE, apply_weight
+from .common import KEY_SIDE, apply_weight, backprop_activation
 from .common import activation as get_activation
 
 __all__ = ["chunked_scan", "segprod"]
@@ -156,13 +156,14 @@ def chunked_scan(
     checkpoint: bool = False,
     max_grad_norm: float | None = None,
     compile: bool = False,
+    self_target: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract as `naive_scan`. A state that stopped part-way through a chunk (offset r > 0) first finishes
     that chunk, C − r tokens whose gradients use the saved snapshot, then continues in whole chunks."""
     T, C, r = q.shape[2], chunk_size, state.offset
     opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, checkpoint=checkpoint)
     opts["q_is_k"] = q is k  # a snapshot read at the keys reuses the gradient's forward pass
-    opts["max_grad_norm"], opts["compile"] = max_grad_norm, compile
+    opts["max_grad_norm"], opts["compile"], opts["self_target"] = max_grad_norm, compile, self_target
     W, S = state.weights, state.momentum
 
     def part(lo: int, hi: int) -> tuple[Tensor, ...]:
@@ -210,6 +211,7 @@ def _scan_chunks(
     q_is_k: bool = False,
     max_grad_norm: float | None = None,
     compile: bool = False,
+    self_target: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
     """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
     at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
@@ -266,7 +268,7 @@ def _scan_chunks(
     unbound = [x.unbind(0) for x in kernels.values()]
     per_chunk = [dict(zip(kernels, xs, strict=True)) for xs in zip(*unbound, strict=True)]
     flags = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, q_is_k=q_is_k,
-                 max_grad_norm=max_grad_norm)  # fmt: skip
+                 max_grad_norm=max_grad_norm, self_target=self_target)  # fmt: skip
     fn = _compiled_step() if compile else _step
 
     def step(c: int, W: dict, S: dict | None, Wg: dict | None):
@@ -320,30 +322,38 @@ def _step(
     activation: str,
     q_is_k: bool,
     max_grad_norm: float | None,
+    self_target: bool,
 ):
     """One chunk from weights W (momentum S), its gradients taken at Wg (None: at W); `ch` holds the chunk's
     inputs and kernels (see `_scan_chunks`), `end` its last real token. Returns y, W and S after the chunk.
 
     A pure function of its arguments, so that `torch.compile` can fuse it once and reuse it for every chunk."""
-    sigma, dsigma = get_activation(activation)
+    sigma, _ = get_activation(activation)
     key, dgd, dual, has_S = KEY_SIDE[memory], rule == "dgd", read == "dual", S is not None
     same = Wg is None
     Wg = W if same else Wg
     qc, kc, vc = ch["q"], ch["k"], ch["v"]  # (b, h, C, ·)
     pa = ch["P_a"].unsqueeze(-1)  # (b, h, C, 1)
 
-    # gradient factors g_l = a_l b_lᵀ at the chunk's starting weights: a (b, h, C, out), b (b, h, C, in)
-    zk = apply_weight(kc, Wg[key])  # (b, h, C, o) linear, (b, h, C, f) mlp
+    # gradient factors g_l = a_l b_lᵀ at the chunk's starting weights: a (b, h, C, out), b (b, h, C, in). With a
+    # self-generated target the same forward pass also reads v̂ = M_0(v) (eq. 87): one product of 2C rows.
+    C = kc.shape[-2]
+    x = torch.cat([kc, vc], dim=-2) if self_target else kc  # (b, h, C or 2C, d)
+    z = apply_weight(x, Wg[key])  # (b, h, ·, o) linear, (b, h, ·, f) mlp
     if memory == "linear":
-        pred = zk
+        out = z
     else:
-        hk = sigma(zk)  # (b, h, C, f)
-        pred = kc + apply_weight(hk, Wg["W1"])  # (b, h, C, d)
+        hz = sigma(z)
+        out = x + apply_weight(hz, Wg["W1"])  # (b, h, ·, d)
+        hk = hz[..., :C, :]  # (b, h, C, f)
+    zk, pred = z[..., :C, :], out[..., :C, :]
+    if self_target:
+        vc = out[..., C:, :]  # v̂
     e = pred - vc if objective == "l2" else -vc
     if memory == "linear":
         factors = {"W": (e, kc)}
     else:
-        delta = (e @ Wg["W1"]) * dsigma(zk)  # (b, h, C, f): e backpropagated through W1 and σ
+        delta = backprop_activation(activation, e @ Wg["W1"], zk)  # (b, h, C, f): e backpropagated through W1 and σ
         factors = {"W1": (e, hk), "W2": (delta, kc)}
     if max_grad_norm is not None:
         # ‖a bᵀ‖_F = ‖a‖ ‖b‖ per token and layer; scaling e scales every layer's factor (δ is linear in e)

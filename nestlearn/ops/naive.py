@@ -12,6 +12,7 @@ not by hand, so the chunked path's hand-derived gradients are checked against an
     dgd:  M_t = M_{t−1}(α_t I − η_t k_t k_tᵀ) + U_t             (eq. 88) on the key-side weight; α_t on the rest
     dual:     y_t = M_t(q_t)        snapshot:  y_t = M_{t0−1}(q_t)   (eq. 90 as printed)
     max_grad_norm c (optional): g_t ← g_t · min(1, c / ‖g_t‖), ‖·‖ over every layer of the memory
+    self_target (optional): the value is v̂_t = M_{t0−1}(v_t), the memory's own read at v_t (eq. 87)
 
 Symbols: docs/notation.md.
 """
@@ -44,6 +45,7 @@ def naive_scan(
     read: str,
     activation: str,
     max_grad_norm: float | None = None,
+    self_target: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Inputs already validated and batched: q, k (b, h, t, d), v (b, h, t, o), gates (b, h, t), state tensors
     (b, h, out, in). Returns y (b, h, t, o) and the final state."""
@@ -61,6 +63,8 @@ def naive_scan(
         q_t, k_t, v_t = q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]  # (b, h, 1, ·)
         eta = lr[:, :, t, None, None]  # (b, h, 1, 1)
         alpha = retention[:, :, t, None, None]
+        if self_target:  # eq. 87: the memory generates its own target, at the weights the gradient is taken at
+            v_t = apply_memory(snapshot, v_t, memory, activation)
         g = grad(loss)(snapshot, k_t, v_t)  # {name: (b, h, out, in)}
         if max_grad_norm is not None:  # clip this token's whole gradient (every layer) to norm max_grad_norm
             sq = sum((x * x).sum((-2, -1), keepdim=True) for x in g.values())  # (b, h, 1, 1)
