@@ -5,7 +5,9 @@
 
 Training: one forward + backward of the LM loss on a batch of --batch sequences of T tokens, in a fresh process
 per measurement, so that its peak resident memory (VmHWM) belongs to it alone; we report the peak minus the
-resident memory before the step. Time: the faster of two steps for T <= 512, else one step. Decoding: prefill
+resident memory before the first step. Time: the first step is untimed (it faults in the memory every later
+step reuses, 1.3-1.6x slower than the rest for Hope), then the faster of two timed steps for T <= 2048, else one,
+each step in a function so that nothing of its graph outlives it (see `step` below). Decoding: prefill
 --context tokens without gradients, then time --decode single-token steps, and report the size of the state
 (KV caches, memories) before and after. Each process runs under an address-space limit (--mem-limit-gb), so that
 a measurement that does not fit fails with an allocation error instead of bringing the machine down.
@@ -43,28 +45,28 @@ def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = Fal
             sub.checkpoint = checkpoint
     model = build(config)
     x = torch.randint(0, model.config.vocab_size, (batch, T + 1))
-    compile_s = 0.0
+
+    def step() -> float:
+        # A function, so that the loss and the final state (and through them the graph's leftovers) are gone before
+        # the next step: kept alive, they fragment the heap and Hope's next step ran 1.3x slower (docs/benchmarks.md)
+        t0 = time.perf_counter()
+        loss, _ = model.loss(x)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
     if compile:  # as `nestlearn train --compile`: the memories' chunk steps, or the whole attention-only model
         if model.has_memories():
             model.compile_chunks()
         else:
             model.compile()  # nn.Module.compile: the forward, in place
-        t0 = time.perf_counter()  # the first step compiles
-        loss, _ = model.loss(x)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        compile_s = time.perf_counter() - t0
     base = rss_mb("VmRSS")
-    times = []
-    for _ in range(2 if T <= 512 else 1):
-        t0 = time.perf_counter()
-        loss, _ = model.loss(x)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
+    first = step()  # untimed: compiles (with --compile) and faults in the memory the later steps reuse
+    peak = rss_mb("VmHWM") - base  # the compiling step's peak is the compiler's, hence not reported then
+    times = [step() for _ in range(2 if T <= 2048 else 1)]
     return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
-            "peak_mb": rss_mb("VmHWM") - base, "params": model.num_parameters(),
-            "compile_s": max(0.0, compile_s - min(times))}  # fmt: skip
+            "peak_mb": peak, "params": model.num_parameters(), "first_s": first,
+            "compile_s": max(0.0, first - min(times)) if compile else 0.0}  # fmt: skip
 
 
 @torch.no_grad()
@@ -132,7 +134,8 @@ def main() -> None:
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
-        extra = f"  compile {row['compile_s']:.0f} s" if row.get("compile_s") else ""
+        extra = f"  first step {row['first_s']:.1f} s" if "first_s" in row else ""
+        extra += f"  compile {row['compile_s']:.0f} s" if row.get("compile_s") else ""
         print(f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB"
               f"{extra}", flush=True)  # fmt: skip
 

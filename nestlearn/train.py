@@ -787,6 +787,9 @@ def train(config: TrainConfig) -> dict:
             if config.carry_state:
                 carried[m] = state.detach()
             loss_sum += loss.item()
+            # Gone before the next forward: kept alive, this step's graph leftovers fragment the heap, and Hope's
+            # next step ran 1.3x slower on CPU (fresh memory faulted in; docs/benchmarks.md)
+            del logits, state, loss
         grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
