@@ -2,6 +2,7 @@
 
     python benchmarks/bench_models.py                          # the table in docs/benchmarks.md (~20 min, 2 cores)
     python benchmarks/bench_models.py --presets transformer hope --lengths 512 --size debug
+    python benchmarks/bench_models.py --skip-decode --lengths 2048 --flops   # + matrix-product FLOPs per token
 
 Training: one forward + backward of the LM loss on a batch of --batch sequences of T tokens, in a fresh process
 per measurement, so that its peak resident memory (VmHWM) belongs to it alone; we report the peak minus the
@@ -35,7 +36,9 @@ def state_mb(state) -> float:
     return sum(sizes) / 2**20
 
 
-def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = False, compile: bool = False) -> dict:
+def train_one(
+    preset: str, size: str, T: int, batch: int, checkpoint: bool = False, compile: bool = False, flops: bool = False
+) -> dict:
     from nestlearn import build, presets
 
     torch.manual_seed(0)
@@ -64,9 +67,18 @@ def train_one(preset: str, size: str, T: int, batch: int, checkpoint: bool = Fal
     first = step()  # untimed: compiles (with --compile) and faults in the memory the later steps reuse
     peak = rss_mb("VmHWM") - base  # the compiling step's peak is the compiler's, hence not reported then
     times = [step() for _ in range(2 if T <= 2048 else 1)]
+    extra = {}
+    if flops:  # matrix products only, in one more (untimed) step
+        from torch.utils.flop_counter import FlopCounterMode, baddbmm_flop, register_flop_formula
+
+        # the memories' end-of-chunk update is an in-place baddbmm_, which the counter does not know by itself
+        register_flop_formula(torch.ops.aten.baddbmm_, get_raw=True)(baddbmm_flop)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        extra["mflop_per_token"] = counter.get_total_flops() / (batch * T) / 1e6
     return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
             "peak_mb": peak, "params": model.num_parameters(), "first_s": first,
-            "compile_s": max(0.0, first - min(times)) if compile else 0.0}  # fmt: skip
+            "compile_s": max(0.0, first - min(times)) if compile else 0.0, **extra}  # fmt: skip
 
 
 @torch.no_grad()
@@ -102,6 +114,7 @@ def main() -> None:
     p.add_argument("--checkpoint", action="store_true", help="training: recompute the memories' chunks in backward")
     p.add_argument("--compile", action="store_true", help="training: as `train --compile`, first step untimed")
     p.add_argument("--skip-decode", action="store_true", help="measure training only")
+    p.add_argument("--flops", action="store_true", help="training: also count matrix-product FLOPs per token")
     p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -109,8 +122,10 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         torch.set_flush_denormal(True)
         kind, preset, T = args.one
-        row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile) if kind == "train" else (
-            decode_one(preset, args.size, int(T), args.decode))  # fmt: skip
+        if kind == "train":
+            row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops)
+        else:
+            row = decode_one(preset, args.size, int(T), args.decode)
         print(json.dumps(row))
         return
 
@@ -126,6 +141,7 @@ def main() -> None:
                str(args.batch), "--decode", str(args.decode), "--mem-limit-gb", str(args.mem_limit_gb)]  # fmt: skip
         cmd += ["--checkpoint"] if args.checkpoint else []
         cmd += ["--compile"] if args.compile else []
+        cmd += ["--flops"] if args.flops else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             err = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
@@ -136,11 +152,13 @@ def main() -> None:
         rows.append(row)
         extra = f"  first step {row['first_s']:.1f} s" if "first_s" in row else ""
         extra += f"  compile {row['compile_s']:.0f} s" if row.get("compile_s") else ""
+        extra += f"  {row['mflop_per_token']:.1f} MFLOP/token" if "mflop_per_token" in row else ""
         print(f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB"
               f"{extra}", flush=True)  # fmt: skip
 
-    print("\n| preset | T | train tokens/s | vs transformer | peak extra memory (MiB) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    flop_cols = " MFLOP/token | GFLOP/s |" if args.flops else ""
+    print(f"\n| preset | T | train tokens/s | vs transformer | peak extra memory (MiB) |{flop_cols}")
+    print("| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if args.flops else ""))
     ref = {r["T"]: r for r in rows if r["kind"] == "train" and r["preset"] == "transformer" and "failed" not in r}
     for r in rows:
         if r["kind"] != "train":
@@ -149,7 +167,10 @@ def main() -> None:
             print(f"| {r['preset']} | {r['T']} | failed: {r['failed']} | | |")
             continue
         rel = f"{r['tokens_per_s'] / ref[r['T']]['tokens_per_s']:.2f}x" if r["T"] in ref else "n/a"
-        print(f"| {r['preset']} | {r['T']} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_mb']:,.0f} |")
+        flops = ""
+        if "mflop_per_token" in r:
+            flops = f" {r['mflop_per_token']:.1f} | {r['mflop_per_token'] * r['tokens_per_s'] / 1e3:.1f} |"
+        print(f"| {r['preset']} | {r['T']} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_mb']:,.0f} |{flops}")
     print(f"\n| preset | decode tokens/s at {args.context} context | state (MiB) after {args.context} | "
           f"after {args.decode} more tokens | peak extra memory (MiB) |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: |")
