@@ -232,7 +232,8 @@ def _scan_chunks(
     def chunks(x: Tensor) -> Tensor:
         return x.reshape(b, h, n, C, *x.shape[3:]).movedim(2, 0).contiguous()
 
-    q, k, v = chunks(q), chunks(k), chunks(v)  # (n, b, h, C, ·)
+    k, v = chunks(k), chunks(v)  # (n, b, h, C, ·)
+    q = k if q_is_k else chunks(q)
     eta, alpha = chunks(lr), chunks(retention)  # (n, b, h, C)
     eta_col = eta.unsqueeze(-2)  # (n, b, h, 1, C): η_l on column l
 
@@ -247,21 +248,28 @@ def _scan_chunks(
         dS = (D_a @ P_b.unsqueeze(-1)).squeeze(-1)  # coefficient of S_0 in M_i, (n, b, h, C)
     else:
         K = D_a
-    KQ = q @ _t(k)  # (n, b, h, C, C): q_iᵀ k_l
-    A_read = K * eta_col * KQ  # weight of a_l in the read of the key-side weight at token i
+    dual = read == "dual"  # a snapshot read needs none of the read kernels
+    KK = k @ _t(k) if dgd or (dual and q_is_k) else None  # (n, b, h, C, C): k_iᵀ k_l
+    if dual:
+        KQ = KK if q_is_k else q @ _t(k)  # q_iᵀ k_l
+        A_read = K * eta_col * KQ  # weight of a_l in the read of the key-side weight at token i
     if dgd:
-        KK = k @ _t(k)  # k_iᵀ k_l
         unit_L = _prev(D_a, -2, 0.0) * eta_col * KK + torch.eye(C, dtype=q.dtype, device=q.device)  # row i: Dα[i−1]
         R_grad = _prev(K, -2, 0.0) * eta_col * KK
         P_a_prev = _prev(P_a, -1, 1.0).unsqueeze(-1)  # (n, b, h, C, 1)
         dS_prev = _prev(dS, -1, 0.0).unsqueeze(-1) if has_S else None
-        B_read = D_a * eta_col * KQ  # weight of u_l in the read at token i
+        if dual:
+            B_read = D_a * eta_col * KQ  # weight of u_l in the read at token i
 
-    kernels = dict(q=q, k=k, v=v, eta=eta, eta_col=eta_col, P_a=P_a, K=K, D_a=D_a, A_read=A_read)
+    kernels = dict(q=q, k=k, v=v, eta=eta, eta_col=eta_col, P_a=P_a, K=K, D_a=D_a)
+    if dual:
+        kernels["A_read"] = A_read
     if has_S:
         kernels.update(dS=dS, D_b=D_b, P_b=P_b)
     if dgd:
-        kernels.update(unit_L=unit_L, R_grad=R_grad, P_a_prev=P_a_prev, B_read=B_read)
+        kernels.update(unit_L=unit_L, R_grad=R_grad, P_a_prev=P_a_prev)
+        if dual:
+            kernels["B_read"] = B_read
         if has_S:
             kernels["dS_prev"] = dS_prev
     # Unbind once: indexing [c] in the loop would make autograd build a full-size zero gradient per chunk, O(n²).
