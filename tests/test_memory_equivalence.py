@@ -221,7 +221,7 @@ TRANSITION_CASES = [(False, "weights"), (True, "both"), (True, "weights"), (True
 
 @pytest.mark.parametrize(("momentum", "used"), TRANSITION_CASES)
 def test_chunk_transition_backward_matches_autograd(momentum, used):
-    # the end-of-chunk state M' = p M + s S − Lᵀ R, S' = q S − Λᵀ R has a hand-written backward (`_Transition`):
+    # the end-of-chunk state M' = pM M + sM S − Lᵀ R, S' = pS S − Λᵀ R has a hand-written backward (`_Transition`):
     # it must give autograd's gradients over the same formula, also when only one of M', S' reaches the loss
     g = torch.Generator().manual_seed(0)
     B, C, out, inp = 3, 4, 5, 6
@@ -234,11 +234,11 @@ def test_chunk_transition_backward_matches_autograd(momentum, used):
         args[1] = args[3] = args[6] = args[7] = None
     w_M, w_S = (torch.randn(B, out, inp, generator=g, dtype=torch.float64) for _ in range(2))
 
-    def reference(M, S, L, Lam, R, p, s, q):
-        new_M = p[:, None, None] * M - L.mT @ R
+    def reference(M, S, L, Lam, R, pM, sM, pS):
+        new_M = pM[:, None, None] * M - L.mT @ R
         if S is None:
             return new_M, None
-        return new_M + s[:, None, None] * S, q[:, None, None] * S - Lam.mT @ R
+        return new_M + sM[:, None, None] * S, pS[:, None, None] * S - Lam.mT @ R
 
     def loss(new_M, new_S):
         terms = []

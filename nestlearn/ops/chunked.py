@@ -18,9 +18,11 @@ with the formula above at row i−1 gives a unit lower-triangular system (the UT
     u_i + Σ_{l<i} Dα[i−1, l] η_l (k_lᵀ k_i) u_l
         = Pα[i−1] M_0 k_i + dS[i−1] S_0 k_i − Σ_{l<i} K[i−1, l] η_l (b_lᵀ k_i) a_l
 
-Reads of M_i(q_i) ("dual" form) are then masked (C × C) matmuls, and the end-of-chunk state is the formula at
-its last token. Only the chunks run in a Python loop, because the next chunk's gradients need this chunk's weights.
-A length that C does not divide is padded, and the last chunk's state is read at its last real token.
+Reads of M_i(q_i) ("dual" form) are then masked (C × C) matmuls, and the end-of-chunk state is the formula at its
+last token (`_Transition`, with a hand-written backward). A self-generated target (eq. 87) replaces v_l by M_0(v_l),
+read in the same pass as M_0(k_l). Only the chunks run in a Python loop, because the next chunk's gradients need
+this chunk's weights. A length that C does not divide is padded, and the last chunk's state is read at its last real
+token.
 
     b batch, h heads, n chunks, c/C tokens in a chunk, d key feature, o value feature, f MLP hidden width
 """
@@ -73,68 +75,67 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 class _Transition(torch.autograd.Function):
     """The state at a chunk's end from the state at its start (module docstring, at i = end):
 
-        M' = p M + s S − Lᵀ R        S' = q S − Λᵀ R        (without momentum: M' = p M − Lᵀ R)
+        M' = pM M + sM S − Lᵀ R        S' = pS S − Λᵀ R        (without momentum: M' = pM M − Lᵀ R)
 
-    p, s, q: (B,) a scalar per memory; M, S: (B, out, in); L, Λ: (B, C, out); R: (B, C, in). Written by hand
-    because on CPU this is where the time goes: autograd over mul, addcmul and baddbmm writes a weight-sized
-    temporary for each scalar's gradient ((g ⊙ M).sum()) and keeps the scaled copies; here the forward writes
-    each output once, in place, and the backward writes only the two weight gradients it must, taking the
-    scalars' gradients as dot products. tests/test_memory_equivalence.py checks it against autograd over the
-    same formula and by finite differences."""
+    M, S: (B, out, in); L, Λ: (B, C, out); R: (B, C, in); pM, sM, pS: (B,), a scalar per memory (Pα, dS and Pβ at
+    the chunk's last token). Written by hand because on CPU this is where the time goes: autograd over mul, addcmul
+    and baddbmm writes a weight-sized temporary for each scalar's gradient ((g ⊙ M).sum()) and keeps the scaled copies;
+    here the forward writes each output once, in place, and the backward writes only the two weight gradients it
+    must, taking the scalars' gradients as dot products. tests/test_memory_equivalence.py checks it against autograd
+    over the same formula and by finite differences."""
 
     @staticmethod
-    def forward(ctx, M, S, L, Lam, R, p, s, q):
-        Lt = L.transpose(1, 2)
-        new_M = torch.mul(M, p[:, None, None])
+    def forward(ctx, M, S, L, Lam, R, pM, sM, pS):
+        new_M = torch.mul(M, pM[:, None, None])
         if S is not None:
-            new_M.addcmul_(S, s[:, None, None])
-        new_M.baddbmm_(Lt, R, alpha=-1)
+            new_M.addcmul_(S, sM[:, None, None])
+        new_M.baddbmm_(L.transpose(1, 2), R, alpha=-1)
         new_S = None
         if S is not None:
-            new_S = torch.mul(S, q[:, None, None]).baddbmm_(Lam.transpose(1, 2), R, alpha=-1)
-        ctx.save_for_backward(M, S, L, Lam, R, p, s, q)
+            new_S = torch.mul(S, pS[:, None, None]).baddbmm_(Lam.transpose(1, 2), R, alpha=-1)
+        ctx.save_for_backward(M, S, L, Lam, R, pM, sM, pS)
         ctx.set_materialize_grads(False)
         return new_M, new_S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_M, g_S):
-        M, S, L, Lam, R, p, s, q = ctx.saved_tensors
+        M, S, L, Lam, R, pM, sM, pS = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dM = dS = dL = dLam = dR = dp = ds = dq = None
+        dM = dS = dL = dLam = dR = dpM = dsM = dpS = None
         if g_M is not None:
             if need[0]:
-                dM = g_M * p[:, None, None]
+                dM = g_M * pM[:, None, None]
             if need[1] and S is not None:
-                dS = g_M * s[:, None, None]
+                dS = g_M * sM[:, None, None]
             if need[2]:
                 dL = -torch.bmm(R, g_M.transpose(1, 2))  # (B, C, out)
             if need[4]:
                 dR = -torch.bmm(L, g_M)  # (B, C, in)
             if need[5]:
-                dp = _dot(g_M, M)
+                dpM = _dot(g_M, M)
             if need[6] and S is not None:
-                ds = _dot(g_M, S)
+                dsM = _dot(g_M, S)
         if g_S is not None and S is not None:
             if need[1]:
-                dS = g_S * q[:, None, None] if dS is None else dS.addcmul_(g_S, q[:, None, None])
+                dS = g_S * pS[:, None, None] if dS is None else dS.addcmul_(g_S, pS[:, None, None])
             if need[3]:
                 dLam = -torch.bmm(R, g_S.transpose(1, 2))
             if need[4]:
                 dR = -torch.bmm(Lam, g_S) if dR is None else dR.baddbmm_(Lam, g_S, alpha=-1)
             if need[7]:
-                dq = _dot(g_S, S)
-        return dM, dS, dL, dLam, dR, dp, ds, dq
+                dpS = _dot(g_S, S)
+        return dM, dS, dL, dLam, dR, dpM, dsM, dpS
 
 
-def _transition(M, S, L, Lam, R, p, s, q):
+def _transition(M, S, L, Lam, R, pM, sM, pS):
     """`_Transition` on (b, h, ·, ·) tensors: flattens the leading axes and restores them."""
     n = M.dim() - 2  # leading axes, (b, h)
 
     def flat(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.reshape(-1, *x.shape[n:])
 
-    new_M, new_S = _Transition.apply(*(flat(x) for x in (M, S, L, Lam, R, p, s, q)))
+    new_M, new_S = _Transition.apply(*(flat(x) for x in (M, S, L, Lam, R, pM, sM, pS)))
     return new_M.view(M.shape), (None if new_S is None else new_S.view(S.shape))
 
 
@@ -404,16 +405,16 @@ def _step(
     # state after the chunk's last real token: the formula for M_i at i = end
     wK = (ch["K"][..., end, :] * ch["eta"]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
     new_W, new_S = {}, {}
-    p = ch["P_a"][..., end]  # (b, h)
+    pM = ch["P_a"][..., end]  # (b, h)
     if has_S:
-        s, q = ch["dS"][..., end], ch["P_b"][..., end]
+        sM, pS = ch["dS"][..., end], ch["P_b"][..., end]
         wS = (ch["D_b"][..., end, :] * ch["eta"]).unsqueeze(-1)
     for name, (a, bb) in factors.items():
         left = a * wK
         if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
             left = left + u * (ch["D_a"][..., end, :] * ch["eta"]).unsqueeze(-1)
         if has_S:
-            new_W[name], new_S[name] = _transition(W[name], S[name], left, a * wS, bb, p, s, q)
+            new_W[name], new_S[name] = _transition(W[name], S[name], left, a * wS, bb, pM, sM, pS)
         else:
-            new_W[name], _ = _transition(W[name], None, left, None, bb, p, None, None)
+            new_W[name], _ = _transition(W[name], None, left, None, bb, pM, None, None)
     return y, new_W, new_S if has_S else None
