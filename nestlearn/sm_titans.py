@@ -118,7 +118,8 @@ class SelfModifyingTitans(nn.Module):
             else:
                 out, gen = run(i, i1, gen)
             parts.append(out)
-        # new names: `run` reads the pieces of q again when the checkpointed backward recomputes a group
+        # qn: the normalised (or generated) queries; `run` keeps reading the raw ones when a checkpointed group is
+        # recomputed in the backward pass
         k, v, lr, retention, qn = (torch.cat(z, dim=2) for z in zip(*parts, strict=True))  # (b, h, t, ·)
         # M_memory feeds nothing back into the generating memories, so it writes the whole sequence in one scan,
         # each chunk's target v̂ = M_memory(v_t) read at the weights that chunk started from (eq. 87)
