@@ -144,6 +144,19 @@ def scan(
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
     """
+    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
+        # Under autocast (`--precision bf16`) the recurrence runs in float32 with autocast off: its state is written
+        # C-token update after update, where bfloat16's 8-bit mantissa would round most of each update away, and the
+        # layers around it hand it a mix of float32 and bfloat16. y comes back in float32; autocast casts it on use.
+        def f32(x):
+            return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
+
+        with torch.autocast(q.device.type, enabled=False):
+            return scan(f32(q), f32(q) if k is q else f32(k), f32(v), f32(lr), f32(retention), f32(momentum),
+                        memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read,
+                        state=state.to(torch.float32) if isinstance(state, MemoryState) else state, impl=impl,
+                        activation=activation, check_values=check_values, checkpoint=checkpoint,
+                        max_grad_norm=max_grad_norm, compile=compile, self_target=self_target)  # fmt: skip
     _check_option("memory", memory, MEMORIES)
     _check_option("objective", objective, OBJECTIVES)
     _check_option("rule", rule, RULES)

@@ -780,9 +780,10 @@ def train(config: TrainConfig) -> dict:
             x = gather(train_tokens, rows, T + 1).to(device)
             sync = m == config.grad_accum - 1 or env.world == 1 or config.parallel != "ddp"
             ddp = getattr(net, "_orig_mod", net)  # under torch.compile, no_sync lives on the wrapped DDP module
-            with contextlib.nullcontext() if sync else ddp.no_sync(), autocast(device, config.precision):
-                logits, state = net(x[:, :-1], carried[m])
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with autocast(device, config.precision):  # the forward only, as torch.amp recommends
+                    logits, state = net(x[:, :-1], carried[m])
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
                 (loss / config.grad_accum).backward()
             if config.carry_state:
                 carried[m] = state.detach()

@@ -116,6 +116,28 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(name):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_and_decodes_under_bf16_autocast(preset):
+    # `--precision bf16` (the default on GPU) runs the model under autocast; the memories then get a mix of float32
+    # and bfloat16 inputs and must still run, in float32 (memory.scan). CPU autocast takes the same path as CUDA's.
+    torch.manual_seed(0)
+    model = build(presets.PRESETS[preset]("debug"))
+    x = tokens(t=140)  # past the slowest in-context level (128), so that every parameter is used
+    ref, _ = model.loss(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, state = model.loss(x)
+        loss.backward()  # inside too: the memories' hand-written backward must not be autocast
+    assert abs(loss.item() - ref.item()) < 0.02 * ref.item(), (loss.item(), ref.item())
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    memories = []
+    tree_map(lambda t: memories.append(t) if t.dim() == 4 else None, state.layers)  # (b, h, out, in) fast weights
+    assert preset == "transformer" or memories and all(t.dtype == torch.float32 for t in memories)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(x[:1, :9], max_new_tokens=4)
+    assert out.shape == (1, 13)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("size", ["mini", "tiny", "170m", "340m", "760m", "1.3b"])
 def test_named_sizes_are_within_ten_percent(preset, size):
     target = presets.SIZES[size][-1]

@@ -94,12 +94,20 @@ class _Transition(torch.autograd.Function):
         if S is not None:
             new_S = torch.mul(S, pS[:, None, None]).baddbmm_(Lam.transpose(1, 2), R, alpha=-1)
         ctx.save_for_backward(M, S, L, Lam, R, pM, sM, pS)
+        ctx.device_type = M.device.type
         ctx.set_materialize_grads(False)
         return new_M, new_S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_M, g_S):
+        # as the forward ran (memory.scan turns autocast off): a backward called under autocast would otherwise run
+        # these products in bfloat16 and accumulate them into float32 tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _Transition._backward(ctx, g_M, g_S)
+
+    @staticmethod
+    def _backward(ctx, g_M, g_S):
         M, S, L, Lam, R, pM, sM, pS = ctx.saved_tensors
         need = ctx.needs_input_grad
         dM = dS = dL = dLam = dR = dpM = dsM = dpS = None
