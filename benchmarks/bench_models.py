@@ -3,6 +3,7 @@
     python benchmarks/bench_models.py                          # the table in docs/benchmarks.md (~20 min, 2 cores)
     python benchmarks/bench_models.py --presets transformer hope --lengths 512 --size debug
     python benchmarks/bench_models.py --skip-decode --lengths 2048 --flops   # + matrix-product FLOPs per token
+    python benchmarks/bench_models.py --device cuda --precision bf16 --size 170m --batch 8   # on a GPU
 
 Training: one forward + backward of the LM loss on a batch of --batch sequences of T tokens, in a fresh process
 per measurement, so that its peak resident memory (VmHWM) belongs to it alone; we report the peak minus the
@@ -12,11 +13,17 @@ each step in a function so that nothing of its graph outlives it (see `step` bel
 --context tokens without gradients, then time --decode single-token steps, and report the size of the state
 (KV caches, memories) before and after. Each process runs under an address-space limit (--mem-limit-gb), so that
 a measurement that does not fit fails with an allocation error instead of bringing the machine down.
+
+On a GPU (--device cuda) every timed step ends with a synchronisation, and peak memory is the allocator's peak
+(torch.cuda.max_memory_allocated) minus what was allocated before the first step; no address-space limit then.
+--precision bf16 runs the forward under bfloat16 autocast, as `nestlearn train` does on a GPU by default (the
+memories' recurrences stay float32, docs/training.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -36,26 +43,65 @@ def state_mb(state) -> float:
     return sum(sizes) / 2**20
 
 
+class Device:
+    """Where a measurement runs: synchronisation, autocast and peak memory for CPU (resident memory) or CUDA."""
+
+    def __init__(self, name: str, precision: str):
+        self.device, self.cuda = torch.device(name), name.startswith("cuda")
+        self.precision = precision
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self):
+        bf16 = self.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def memory_mb(self) -> float:
+        """Memory in use now (and, by `peak_mb`, at most since `reset`)."""
+        return torch.cuda.memory_allocated(self.device) / 2**20 if self.cuda else rss_mb("VmRSS")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mb(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else rss_mb("VmHWM")
+
+
 def train_one(
-    preset: str, size: str, T: int, batch: int, checkpoint: bool = False, compile: bool = False, flops: bool = False
+    preset: str,
+    size: str,
+    T: int,
+    batch: int,
+    checkpoint: bool = False,
+    compile: bool = False,
+    flops: bool = False,
+    dev: Device | None = None,
 ) -> dict:
     from nestlearn import build, presets
+
+    dev = dev or Device("cpu", "fp32")
 
     torch.manual_seed(0)
     config = presets.PRESETS[preset](size)
     for sub in (config.titans, config.sm_titans, config.cms):
         if sub is not None:
             sub.checkpoint = checkpoint
-    model = build(config)
-    x = torch.randint(0, model.config.vocab_size, (batch, T + 1))
+    model = build(config).to(dev.device)
+    x = torch.randint(0, model.config.vocab_size, (batch, T + 1), device=dev.device)
 
     def step() -> float:
         # A function, so that the loss and the final state (and through them the graph's leftovers) are gone before
         # the next step: kept alive, they fragment the heap and Hope's next step ran 1.3x slower (docs/benchmarks.md)
+        dev.sync()
         t0 = time.perf_counter()
-        loss, _ = model.loss(x)
+        with dev.autocast():
+            loss, _ = model.loss(x)
         loss.backward()
         model.zero_grad(set_to_none=True)
+        dev.sync()
         return time.perf_counter() - t0
 
     if compile:  # as `nestlearn train --compile`: the memories' chunk steps, or the whole attention-only model
@@ -63,9 +109,10 @@ def train_one(
             model.compile_chunks()
         else:
             model.compile()  # nn.Module.compile: the forward, in place
-    base = rss_mb("VmRSS")
+    dev.reset()
+    base = dev.memory_mb()
     first = step()  # untimed: compiles (with --compile) and faults in the memory the later steps reuse
-    peak = rss_mb("VmHWM") - base  # the compiling step's peak is the compiler's, hence not reported then
+    peak = dev.peak_mb() - base  # the compiling step's peak is the compiler's, hence not reported then
     times = [step() for _ in range(2 if T <= 2048 else 1)]
     extra = {}
     if flops:  # matrix products only, in one more (untimed) step
@@ -82,22 +129,28 @@ def train_one(
 
 
 @torch.no_grad()
-def decode_one(preset: str, size: str, context: int, steps: int) -> dict:
+def decode_one(preset: str, size: str, context: int, steps: int, dev: Device | None = None) -> dict:
     from nestlearn import build, presets
 
+    dev = dev or Device("cpu", "fp32")
     torch.manual_seed(0)
-    model = build(presets.PRESETS[preset](size)).eval()
-    x = torch.randint(0, model.config.vocab_size, (1, context))
-    base = rss_mb("VmRSS")
-    _, state = model(x)
+    model = build(presets.PRESETS[preset](size)).to(dev.device).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, context), device=dev.device)
+    dev.reset()
+    base = dev.memory_mb()
+    with dev.autocast():
+        _, state = model(x)
     before = state_mb(state)
     tok = x[:, -1:]
+    dev.sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits, state = model(tok, state)
+        with dev.autocast():
+            logits, state = model(tok, state)
         tok = logits[:, -1:].argmax(-1)
+    dev.sync()
     seconds = time.perf_counter() - t0
-    peak = rss_mb("VmHWM") - base
+    peak = dev.peak_mb() - base
     return {"kind": "decode", "preset": preset, "T": context, "tokens_per_s": steps / seconds,
             "state_mb_before": before, "state_mb_after": state_mb(state), "peak_mb": peak}  # fmt: skip
 
@@ -115,30 +168,39 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="training: as `train --compile`, first step untimed")
     p.add_argument("--skip-decode", action="store_true", help="measure training only")
     p.add_argument("--flops", action="store_true", help="training: also count matrix-product FLOPs per token")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (default: fp32)")
     p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device} but torch sees no GPU (torch {torch.__version__}); use --device cpu")
     if args.one:
-        limit = int(args.mem_limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        torch.set_flush_denormal(True)
+        dev = Device(args.device, args.precision)
+        if not dev.cuda:  # CUDA reserves far more address space than it uses: no limit there
+            limit = int(args.mem_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            torch.set_flush_denormal(True)
         kind, preset, T = args.one
         if kind == "train":
-            row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops)
+            row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops, dev)
         else:
-            row = decode_one(preset, args.size, int(T), args.decode)
+            row = decode_one(preset, args.size, int(T), args.decode, dev)
         print(json.dumps(row))
         return
 
-    machine = platform.processor() or platform.machine()
-    print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, size {args.size}, "
-          f"batch {args.batch}{', memory checkpointing' if args.checkpoint else ''}"
-          f"{', compiled' if args.compile else ''}")  # fmt: skip
+    if args.device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name(torch.device(args.device))}"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# {machine}, torch {torch.__version__}, size {args.size}, batch {args.batch}, {args.precision}"
+          f"{', memory checkpointing' if args.checkpoint else ''}{', compiled' if args.compile else ''}")  # fmt: skip
     jobs = [("train", pr, T) for T in args.lengths for pr in args.presets]
     jobs += [] if args.skip_decode else [("decode", pr, args.context) for pr in args.presets]
     rows = []
     for kind, preset, T in jobs:
         cmd = [sys.executable, __file__, "--one", kind, preset, str(T), "--size", args.size, "--batch",
-               str(args.batch), "--decode", str(args.decode), "--mem-limit-gb", str(args.mem_limit_gb)]  # fmt: skip
+               str(args.batch), "--decode", str(args.decode), "--mem-limit-gb", str(args.mem_limit_gb),
+               "--device", args.device, "--precision", args.precision]  # fmt: skip
         cmd += ["--checkpoint"] if args.checkpoint else []
         cmd += ["--compile"] if args.compile else []
         cmd += ["--flops"] if args.flops else []

@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end at toy sizes (their figures are in docs/benchmarks.md, not checked here), so
+that a session lent a GPU can run them as they are: `--device cuda` is the same code with a synchronisation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_models_measures_training_and_decoding_in_bf16():
+    out = run("bench_models.py", "--presets", "transformer", "titans", "--lengths", "32", "--size", "debug",
+              "--context", "16", "--decode", "2", "--precision", "bf16")  # fmt: skip
+    assert "FAILED" not in out and "failed" not in out, out
+    assert "| transformer | 32 |" in out and "| titans | 32 |" in out and "1.00x" in out, out
+    assert out.count("\n  decode ") == 2, out  # one line per preset
+
+
+def test_bench_memory_compares_chunked_with_reference():
+    out = run("bench_memory.py", "--lengths", "32", "--reference-lengths", "32", "--rules", "gd", "--repeats", "1")
+    assert "FAILED" not in out and "chunked is" in out, out
+
+
+def test_bench_models_refuses_a_gpu_it_does_not_have():
+    done = subprocess.run([sys.executable, str(BENCH / "bench_models.py"), "--device", "cuda:7"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    if torch.cuda.device_count() > 7:
+        return
+    assert done.returncode != 0 and "--device cuda:7" in done.stderr, done.stderr
