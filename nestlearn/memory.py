@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .ops.chunked import chunked_scan
-from .ops.common import ACTIVATIONS, MEMORIES, OBJECTIVES, READS, RULES, apply_memory
+from .ops.common import ACTIVATIONS, MEMORIES, OBJECTIVES, READS, RULES, apply_memory, autocast_enabled
 from .ops.naive import naive_scan
 from .state import MemoryState
 
@@ -144,7 +144,7 @@ def scan(
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
     """
-    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
+    if isinstance(q, Tensor) and autocast_enabled(q.device.type):
         # Under autocast (`--precision bf16`) the recurrence runs in float32 with autocast off: its state is written
         # C-token update after update, where bfloat16's 8-bit mantissa would round most of each update away, and the
         # layers around it hand it a mix of float32 and bfloat16. y comes back in float32; autocast casts it on use.

@@ -123,7 +123,8 @@ class LanguageModel(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an int64 tensor of shape (batch, time); got {got}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+        checkable = tokens.numel() and tokens.device.type != "meta"  # a meta tensor has no values to check
+        if checkable and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(
                 f"tokens must lie in [0, vocab_size={self.config.vocab_size}); got [{tokens.min()}, {tokens.max()}]"
             )

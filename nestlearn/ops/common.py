@@ -26,6 +26,7 @@ __all__ = [
     "backprop_activation",
     "inner_loss",
     "activation",
+    "autocast_enabled",
 ]
 
 MEMORIES = ("linear", "mlp")
@@ -110,3 +111,11 @@ def inner_loss(weights: dict[str, Tensor], k: Tensor, v: Tensor, memory: str, ob
     if objective == "l2":
         return 0.5 * (pred - v).pow(2).sum(-1)
     return -(pred * v).sum(-1)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for a device type, False for those autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
