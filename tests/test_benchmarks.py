@@ -31,6 +31,14 @@ def test_bench_memory_compares_chunked_with_reference():
     assert "FAILED" not in out and "chunked is" in out, out
 
 
+def test_device_check_passes_on_cpu():
+    # the script a GPU session runs first (docs/benchmarks.md); on CPU its device-vs-CPU comparisons are trivial,
+    # its comparisons with the reference, causality, streaming, generation and bf16 training are not
+    out = run("device_check.py", "--device", "cpu")
+    assert out.rstrip().endswith("0 failed") and "FAIL" not in out, out
+    assert out.count("  ok   ") == 16 + 4 * 4 + 4, out  # memory grid, 4 checks per preset, bf16 per preset
+
+
 def test_bench_models_refuses_a_gpu_it_does_not_have():
     done = subprocess.run([sys.executable, str(BENCH / "bench_models.py"), "--device", "cuda:7"], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
