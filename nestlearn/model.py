@@ -118,13 +118,18 @@ class LanguageModel(nn.Module):
 
     # --- forward ---
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
-        """tokens: int64 (b, t). Returns logits (b, t, V) and the state after the last token."""
+    def forward(
+        self, tokens: Tensor, state: ModelState | None = None, *, check_tokens: bool = True
+    ) -> tuple[Tensor, ModelState]:
+        """tokens: int64 (b, t). Returns logits (b, t, V) and the state after the last token.
+
+        check_tokens: check that every token is in [0, vocab_size), one host-device synchronisation per call; off
+        for tokens known to be valid (`generate` feeds back its own samples), so that a GPU never waits on it."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an int64 tensor of shape (batch, time); got {got}")
-        checkable = tokens.numel() and tokens.device.type != "meta"  # a meta tensor has no values to check
-        if checkable and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+        checkable = check_tokens and tokens.numel() and tokens.device.type != "meta"  # meta tensors have no values
+        if checkable and ((tokens < 0) | (tokens >= self.config.vocab_size)).any():
             raise ValueError(
                 f"tokens must lie in [0, vocab_size={self.config.vocab_size}); got [{tokens.min()}, {tokens.max()}]"
             )
@@ -174,7 +179,7 @@ class LanguageModel(nn.Module):
             nxt = sample_next(logits, temperature, top_k, generator)
             out.append(nxt)
             if i + 1 < max_new_tokens:
-                logits, state = self(nxt, state)
+                logits, state = self(nxt, state, check_tokens=False)  # sampled from the vocabulary
         result = torch.cat(out, dim=1)
         return result[0] if squeeze else result
 
