@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py --presets transformer hope --lengths 512 --size debug
     python benchmarks/bench_models.py --skip-decode --lengths 2048 --flops   # + matrix-product FLOPs per token
     python benchmarks/bench_models.py --device cuda --precision bf16 --size 170m --batch 8   # on a GPU
+    python benchmarks/bench_models.py --presets transformer hope --set sm_titans.chunk_size=64   # a variant
 
 Training: one forward + backward of the LM loss on a batch of --batch sequences of T tokens, in a fresh process
 per measurement, so that its peak resident memory (VmHWM) belongs to it alone; we report the peak minus the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import platform
 import resource
@@ -70,6 +72,33 @@ class Device:
         return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else rss_mb("VmHWM")
 
 
+def apply_settings(config, settings: list[str]):
+    """Each "sub.field=value" or "field=value" (value as JSON, else a string) set on the config through
+    dataclasses.replace, all of one sub-config at once, so that it checks them together (sm_titans.chunk_size=64
+    with sm_titans.memory_chunk_size=64). Returns the new config and the settings applied."""
+    groups: dict[str | None, dict] = {}
+    for item in settings:
+        path, sep, raw = item.partition("=")
+        names = path.split(".")
+        if not sep or len(names) > 2:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE or SUB.FIELD=VALUE, e.g. sm_titans.chunk_size=64")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        sub, field = (None, names[0]) if len(names) == 1 else names
+        groups.setdefault(sub, {})[field] = tuple(value) if isinstance(value, list) else value
+    applied = list(settings)
+    for sub, changes in groups.items():
+        if sub is None:
+            config = dataclasses.replace(config, **changes)
+        elif getattr(config, sub, None) is not None:
+            config = dataclasses.replace(config, **{sub: dataclasses.replace(getattr(config, sub), **changes)})
+        else:  # this preset has no such sub-config
+            applied = [item for item in applied if not item.startswith(sub + ".")]
+    return config, applied
+
+
 def train_one(
     preset: str,
     size: str,
@@ -79,13 +108,14 @@ def train_one(
     compile: bool = False,
     flops: bool = False,
     dev: Device | None = None,
+    settings: list[str] = (),
 ) -> dict:
     from nestlearn import build, presets
 
     dev = dev or Device("cpu", "fp32")
 
     torch.manual_seed(0)
-    config = presets.PRESETS[preset](size)
+    config, applied = apply_settings(presets.PRESETS[preset](size), list(settings))
     for sub in (config.titans, config.sm_titans, config.cms):
         if sub is not None:
             sub.checkpoint = checkpoint
@@ -125,7 +155,7 @@ def train_one(
         extra["mflop_per_token"] = counter.get_total_flops() / (batch * T) / 1e6
     return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
             "peak_mb": peak, "params": model.num_parameters(), "first_s": first,
-            "compile_s": max(0.0, first - min(times)) if compile else 0.0, **extra}  # fmt: skip
+            "compile_s": max(0.0, first - min(times)) if compile else 0.0, "settings": applied, **extra}  # fmt: skip
 
 
 @torch.no_grad()
@@ -170,10 +200,22 @@ def main() -> None:
     p.add_argument("--flops", action="store_true", help="training: also count matrix-product FLOPs per token")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (default: fp32)")
+    p.add_argument("--set", nargs="+", default=[], metavar="SUB.FIELD=VALUE",
+                   help="training: change a config field of every preset that has it, e.g. sm_titans.chunk_size=64 "
+                   "(docs/deviations.md lists the fields)")  # fmt: skip
     p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device} but torch sees no GPU (torch {torch.__version__}); use --device cpu")
+    if args.set and not args.one:  # refuse a bad setting before any measurement
+        from nestlearn import presets
+
+        try:
+            used = {s for pr in args.presets for s in apply_settings(presets.PRESETS[pr](args.size), args.set)[1]}
+        except (ValueError, TypeError) as e:
+            p.error(f"--set: {e}")
+        if unused := [s for s in args.set if s not in used]:
+            p.error(f"--set {' '.join(unused)}: no preset in --presets {' '.join(args.presets)} has that field")
     if args.one:
         dev = Device(args.device, args.precision)
         if not dev.cuda:  # CUDA reserves far more address space than it uses: no limit there
@@ -182,7 +224,8 @@ def main() -> None:
             torch.set_flush_denormal(True)
         kind, preset, T = args.one
         if kind == "train":
-            row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops, dev)
+            row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops, dev,
+                            args.set)  # fmt: skip
         else:
             row = decode_one(preset, args.size, int(T), args.decode, dev)
         print(json.dumps(row))
@@ -193,7 +236,8 @@ def main() -> None:
     else:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# {machine}, torch {torch.__version__}, size {args.size}, batch {args.batch}, {args.precision}"
-          f"{', memory checkpointing' if args.checkpoint else ''}{', compiled' if args.compile else ''}")  # fmt: skip
+          f"{', memory checkpointing' if args.checkpoint else ''}{', compiled' if args.compile else ''}"
+          f"{', set ' + ' '.join(args.set) if args.set else ''}")  # fmt: skip
     jobs = [("train", pr, T) for T in args.lengths for pr in args.presets]
     jobs += [] if args.skip_decode else [("decode", pr, args.context) for pr in args.presets]
     rows = []
@@ -204,6 +248,7 @@ def main() -> None:
         cmd += ["--checkpoint"] if args.checkpoint else []
         cmd += ["--compile"] if args.compile else []
         cmd += ["--flops"] if args.flops else []
+        cmd += ["--set", *args.set] if args.set else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             err = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
@@ -214,6 +259,7 @@ def main() -> None:
         rows.append(row)
         extra = f"  first step {row['first_s']:.1f} s" if "first_s" in row else ""
         extra += f"  compile {row['compile_s']:.0f} s" if row.get("compile_s") else ""
+        extra += f"  set {' '.join(row['settings'])}" if row.get("settings") else ""
         extra += f"  {row['mflop_per_token']:.1f} MFLOP/token" if "mflop_per_token" in row else ""
         print(f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB"
               f"{extra}", flush=True)  # fmt: skip

@@ -26,6 +26,15 @@ def test_bench_models_measures_training_and_decoding_in_bf16():
     assert out.count("\n  decode ") == 2, out  # one line per preset
 
 
+def test_bench_models_measures_a_variant_and_refuses_a_bad_one():
+    out = run("bench_models.py", "--presets", "hope", "--lengths", "32", "--size", "debug", "--skip-decode", "--set",
+              "sm_titans.chunk_size=8", "sm_titans.memory_chunk_size=16")  # fmt: skip
+    assert "set sm_titans.chunk_size=8 sm_titans.memory_chunk_size=16" in out and "| hope | 32 |" in out, out
+    bad = subprocess.run([sys.executable, str(BENCH / "bench_models.py"), "--set", "sm_titans.chunk_size=64"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "memory_chunk_size=16: must be a multiple of chunk_size=64" in bad.stderr
+
+
 def test_bench_memory_compares_chunked_with_reference():
     out = run("bench_memory.py", "--lengths", "32", "--reference-lengths", "32", "--rules", "gd", "--repeats", "1")
     assert "FAILED" not in out and "chunked is" in out, out
