@@ -189,7 +189,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["transformer", "titans", "hope_attention", "hope"])
     p.add_argument("--size", default="tiny")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192], help="training lengths T")
+    p.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192],
+                   help="training lengths T; none (`--lengths` alone): decoding only")  # fmt: skip
     p.add_argument("--batch", type=int, default=1, help="sequences per training step")
     p.add_argument("--context", type=int, default=8192, help="decoding: tokens of context before timing")
     p.add_argument("--decode", type=int, default=32, help="decoding: timed single-token steps")

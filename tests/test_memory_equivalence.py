@@ -216,6 +216,20 @@ def test_self_generated_target_is_the_memory_read_at_the_chunk_start(impl):
         scan(**{**lin, "v": lin["v"][..., :3]}, memory="linear", self_target=True)
 
 
+def test_a_call_shorter_than_a_chunk_costs_its_own_length():
+    # decoding writes one token a call: the chunked path must not pad it to a whole chunk (128x the work for a CMS
+    # level of period 128). Matrix-product FLOPs of 3 tokens with chunk_size=128 equal those with chunk_size=3
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = make_inputs("mlp", True, T=3)
+    flops = []
+    for chunk_size in (3, 128):
+        with FlopCounterMode(display=False) as counter:
+            scan(**inputs, memory="mlp", rule="dgd", chunk_size=chunk_size, read="dual")
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0, flops
+
+
 TRANSITION_CASES = [(False, "weights"), (True, "both"), (True, "weights"), (True, "momentum")]
 
 

@@ -227,6 +227,10 @@ def _scan_chunks(
     """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
     at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
     b, h, T, _ = q.shape
+    # Fewer tokens than a chunk (decoding: one token a call) form one chunk of T: the kernels' first T rows are
+    # those of a chunk of C, so this is exact, and padding to C would do C/T times the work (128× for one token
+    # of a CMS level with period 128)
+    C = min(C, T)
     n = -(-T // C)
     pad = n * C - T
     dgd, has_S = rule == "dgd", momentum is not None
