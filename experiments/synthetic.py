@@ -39,7 +39,7 @@ def batch_of(task: str, batch: int, args, generator: torch.Generator, length: in
 def train(preset: str, task: str, args) -> dict:
     model, fit = train_synthetic(preset, lambda batch, g: batch_of(task, batch, args, g), steps=args.steps,
                                  batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                                 lr_init=args.lr_init, rule=args.rule,
+                                 lr_init=args.lr_init, rule=args.rule, read=args.read,
                                  update_periods=args.update_periods, desc=f"{preset} {task}",
                                  quiet=args.quiet)  # fmt: skip
     g_eval = torch.Generator().manual_seed(10_000 + args.seed)

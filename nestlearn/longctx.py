@@ -37,21 +37,23 @@ Batch = tuple[Tensor, Tensor, Tensor]  # tokens, targets, mask; each (b, t)
 
 def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batch], *, steps: int, batch: int,
                     lr: float = 3e-3, seed: int = 0, max_lr: float | None = None, lr_init: float | None = None,
-                    rule: str | None = None, update_periods: tuple[int | None, ...] | None = None,
+                    rule: str | None = None, read: str | None = None,
+                    update_periods: tuple[int | None, ...] | None = None,
                     vocab_size: int | None = None, device: str | torch.device = "cpu", desc: str = "",
                     quiet: bool = False) -> tuple[LanguageModel, dict]:  # fmt: skip
     """Train `preset` at `debug` size from scratch on batch_fn(batch, generator) with AdamW (no weight decay, 20
     warm-up steps, then constant lr; gradient clipping 1.0), the loss on the masked positions only.
 
-    `max_lr`, `lr_init`, `rule` override the token mixers' memories (the cap of η_t, its initial value, GD or DGD)
-    and `update_periods` the CMS levels ((None,): one SwiGLU level, Hope "w/o CMS"); None keeps the preset's.
+    `max_lr`, `lr_init`, `rule`, `read` override the token mixers' memories (the cap of η_t, its initial value, GD
+    or DGD, dual or snapshot reads) and `update_periods` the CMS levels ((None,): one SwiGLU level, Hope "w/o
+    CMS"); None keeps the preset's.
     Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last 10), "seconds", "params"}.
     """
     torch.manual_seed(seed)
     config = presets.PRESETS[preset]("debug")
     # the token mixers' memories (Titans, self-modifying Titans): the cap of η_t, its initial value, the update rule.
     # In-context CMS levels keep their own cap: they write with GD, which diverges long before η = 2.
-    memory = {k: v for k, v in dict(max_lr=max_lr, lr_init=lr_init, rule=rule).items() if v is not None}
+    memory = {k: v for k, v in dict(max_lr=max_lr, lr_init=lr_init, rule=rule, read=read).items() if v is not None}
     config.titans = dataclasses.replace(config.titans, **memory)  # checks them (lr_init < max_lr) before training
     config.sm_titans = dataclasses.replace(config.sm_titans, **memory)
     if update_periods is not None:
@@ -225,7 +227,7 @@ def run_formal(args: argparse.Namespace) -> list[dict]:
             model, fit = train_synthetic(
                 preset, lambda b, g, lang=lang: synthetic.formal_language(lang, b, 1, L, generator=g),
                 steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                lr_init=args.lr_init, rule=args.rule, device=args.device, desc=f"{preset} {lang}",
+                lr_init=args.lr_init, rule=args.rule, read=args.read, device=args.device, desc=f"{preset} {lang}",
                 quiet=args.quiet)  # fmt: skip
             row = {"language": lang, "preset": preset, **fit}
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
@@ -269,7 +271,7 @@ def run_mqar(args: argparse.Namespace) -> list[dict]:
         model, fit = train_synthetic(
             preset, lambda b, g: synthetic.mqar(b, args.pairs, vocab, generator=g), steps=args.steps,
             batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr, lr_init=args.lr_init, rule=args.rule,
-            device=args.device, desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
+            read=args.read, device=args.device, desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
         g_eval = torch.Generator().manual_seed(10_000 + args.seed)
         for pairs in test_pairs:
             tokens, targets, mask = synthetic.mqar(args.eval_samples, pairs, vocab, generator=g_eval)
@@ -301,8 +303,8 @@ def run_babi(args: argparse.Namespace) -> list[dict]:
             model, fit = train_synthetic(
                 preset, lambda b, g, task=task: synthetic.babi(task, b, args.facts, args.people, generator=g),
                 steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                lr_init=args.lr_init, rule=args.rule, vocab_size=vocab, device=args.device, desc=f"{preset} {task}",
-                quiet=args.quiet)  # fmt: skip
+                lr_init=args.lr_init, rule=args.rule, read=args.read, vocab_size=vocab, device=args.device,
+                desc=f"{preset} {task}", quiet=args.quiet)  # fmt: skip
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
             for facts in test_facts:
                 tokens, targets, mask = synthetic.babi(task, args.eval_samples, facts, args.people, generator=g_eval)
@@ -337,6 +339,9 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
                    help="the memories' initial η_t (default η_max / 2); below --max-lr")  # fmt: skip
     p.add_argument("--rule", choices=["gd", "dgd"], default=None,
                    help="the memories' update rule (default: the preset's, gd for Titans, dgd for Hope)")  # fmt: skip
+    p.add_argument("--read", choices=["dual", "snapshot"], default=None,
+                   help="how the memories are read inside a chunk: dual (token t sees its own write, the default) "
+                        "or snapshot (eq. 90: the weights the chunk started from; docs/deviations.md)")  # fmt: skip
 
 
 def _training_args(p: argparse.ArgumentParser, name: str) -> None:

@@ -64,6 +64,13 @@ def test_synthetic_experiment_takes_memory_and_cms_flags_and_refuses_a_bad_lr_in
     assert "--lr-init must lie strictly between 0 and the cap η_max = 2.0; got 2.0" in capsys.readouterr().err
 
 
+def test_synthetic_experiment_read_flag_reaches_the_memories():
+    # --read snapshot (eq. 90) and dual train different models from the same seed: the flag is not a no-op
+    args = ["--task", "mqar", "--presets", "titans", "--steps", "3", "--batch", "4", "--pairs", "6", "--quiet"]
+    dual, snapshot = (synthetic.main([*args, "--read", read])[0] for read in ("dual", "snapshot"))
+    assert dual["first_loss"] != snapshot["first_loss"]
+
+
 def test_continual_table_reads_run_folders_and_refuses_empty_ones(tmp_path, capsys):
     from nestlearn.continual import ContinualConfig
 
