@@ -38,7 +38,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..state import MemoryState
-from .common import KEY_SIDE, apply_weight, autocast_enabled, backprop_activation
+from .common import KEY_SIDE, apply_weight, autocast_off, backprop_activation
 from .common import activation as get_activation
 
 __all__ = ["chunked_scan", "segprod"]
@@ -103,9 +103,7 @@ class _Transition(torch.autograd.Function):
     def backward(ctx, g_M, g_S):
         # as the forward ran (memory.scan turns autocast off): a backward called under autocast would otherwise run
         # these products in bfloat16 and accumulate them into float32 tensors
-        if not autocast_enabled(ctx.device_type):
-            return _Transition._backward(ctx, g_M, g_S)
-        with torch.autocast(ctx.device_type, enabled=False):
+        with autocast_off(ctx.device_type):
             return _Transition._backward(ctx, g_M, g_S)
 
     @staticmethod

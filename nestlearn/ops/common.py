@@ -8,6 +8,7 @@ Weights are stored as (b, h, out, in) matrices and applied to row vectors: y = x
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ __all__ = [
     "inner_loss",
     "activation",
     "autocast_enabled",
+    "autocast_off",
 ]
 
 MEMORIES = ("linear", "mlp")
@@ -119,3 +121,11 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:
         return False
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on this device type (nothing for those autocast does not know, such as meta)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
