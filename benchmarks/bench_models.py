@@ -159,12 +159,15 @@ def train_one(
 
 
 @torch.no_grad()
-def decode_one(preset: str, size: str, context: int, steps: int, dev: Device | None = None) -> dict:
+def decode_one(
+    preset: str, size: str, context: int, steps: int, dev: Device | None = None, settings: list[str] = ()
+) -> dict:
     from nestlearn import build, presets
 
     dev = dev or Device("cpu", "fp32")
     torch.manual_seed(0)
-    model = build(presets.PRESETS[preset](size)).to(dev.device).eval()
+    config, _ = apply_settings(presets.PRESETS[preset](size), list(settings))
+    model = build(config).to(dev.device).eval()
     x = torch.randint(0, model.config.vocab_size, (1, context), device=dev.device)
     dev.reset()
     base = dev.memory_mb()
@@ -202,8 +205,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (default: fp32)")
     p.add_argument("--set", nargs="+", default=[], metavar="SUB.FIELD=VALUE",
-                   help="training: change a config field of every preset that has it, e.g. sm_titans.chunk_size=64 "
-                   "(docs/deviations.md lists the fields)")  # fmt: skip
+                   help="change a config field of every preset, e.g. sm_titans.chunk_size=64 (nestlearn/config.py "
+                   "lists the fields, docs/deviations.md the choices behind them)")  # fmt: skip
     p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -228,7 +231,7 @@ def main() -> None:
             row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops, dev,
                             args.set)  # fmt: skip
         else:
-            row = decode_one(preset, args.size, int(T), args.decode, dev)
+            row = decode_one(preset, args.size, int(T), args.decode, dev, args.set)
         print(json.dumps(row))
         return
 
