@@ -23,7 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import rss_mb
+from common import Device
 
 RULES = {"gd": dict(rule="gd", momentum=False), "dgd+momentum": dict(rule="dgd", momentum=True)}
 
@@ -54,30 +54,24 @@ def measure_one(impl: str, T: int, rule: str, device: str, repeats: int) -> dict
         loss = y.square().mean() + sum(w.square().mean() for w in s.weights.values())
         loss.backward()
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
+    dev = Device(device)
     args, state = inputs()
     times = []
     runs = repeats + 1 if impl == "chunked" else 1
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = rss_mb("VmRSS")
+    dev.reset()
+    base = dev.memory_mb()
     for _ in range(runs):
-        sync()
+        dev.sync()
         t0 = time.perf_counter()
         step(args, state)
-        sync()
+        dev.sync()
         times.append(time.perf_counter() - t0)
         for x in list(args) + list(state.weights.values()):
             if x is not None:
                 x.grad = None
     if impl == "chunked":
         times = times[1:]  # the first run warms up allocators and kernels
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM")
+    peak = dev.peak_mb()
     return {"impl": impl, "T": T, "rule": rule, "seconds": statistics.median(times), "peak_mb": peak - base}
 
 

@@ -24,7 +24,6 @@ memories' recurrences stay float32, docs/training.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import platform
@@ -34,7 +33,7 @@ import sys
 import time
 
 import torch
-from common import rss_mb
+from common import Device
 
 
 def state_mb(state) -> float:
@@ -45,37 +44,10 @@ def state_mb(state) -> float:
     return sum(sizes) / 2**20
 
 
-class Device:
-    """Where a measurement runs: synchronisation, autocast and peak memory for CPU (resident memory) or CUDA."""
-
-    def __init__(self, name: str, precision: str):
-        self.device, self.cuda = torch.device(name), name.startswith("cuda")
-        self.precision = precision
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def autocast(self):
-        bf16 = self.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    def memory_mb(self) -> float:
-        """Memory in use now (and, by `peak_mb`, at most since `reset`)."""
-        return torch.cuda.memory_allocated(self.device) / 2**20 if self.cuda else rss_mb("VmRSS")
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_mb(self) -> float:
-        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else rss_mb("VmHWM")
-
-
 def apply_settings(config, settings: list[str]):
     """Each "sub.field=value" or "field=value" (value as JSON, else a string) set on the config through
     dataclasses.replace, all of one sub-config at once, so that it checks them together (sm_titans.chunk_size=64
-    with sm_titans.memory_chunk_size=64). Returns the new config and the settings applied."""
+    with sm_titans.memory_chunk_size=64). Every preset has every sub-config (attention, titans, sm_titans, cms)."""
     groups: dict[str | None, dict] = {}
     for item in settings:
         path, sep, raw = item.partition("=")
@@ -88,15 +60,14 @@ def apply_settings(config, settings: list[str]):
             value = raw
         sub, field = (None, names[0]) if len(names) == 1 else names
         groups.setdefault(sub, {})[field] = tuple(value) if isinstance(value, list) else value
-    applied = list(settings)
     for sub, changes in groups.items():
         if sub is None:
             config = dataclasses.replace(config, **changes)
-        elif getattr(config, sub, None) is not None:
+        elif not dataclasses.is_dataclass(getattr(config, sub, None)):
+            raise ValueError(f"{sub!r} is not a sub-config; expected one of attention, titans, sm_titans, cms")
+        else:
             config = dataclasses.replace(config, **{sub: dataclasses.replace(getattr(config, sub), **changes)})
-        else:  # this preset has no such sub-config
-            applied = [item for item in applied if not item.startswith(sub + ".")]
-    return config, applied
+    return config
 
 
 def train_one(
@@ -115,7 +86,7 @@ def train_one(
     dev = dev or Device("cpu", "fp32")
 
     torch.manual_seed(0)
-    config, applied = apply_settings(presets.PRESETS[preset](size), list(settings))
+    config = apply_settings(presets.PRESETS[preset](size), list(settings))
     for sub in (config.titans, config.sm_titans, config.cms):
         if sub is not None:
             sub.checkpoint = checkpoint
@@ -154,8 +125,8 @@ def train_one(
             step()
         extra["mflop_per_token"] = counter.get_total_flops() / (batch * T) / 1e6
     return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
-            "peak_mb": peak, "params": model.num_parameters(), "first_s": first,
-            "compile_s": max(0.0, first - min(times)) if compile else 0.0, "settings": applied, **extra}  # fmt: skip
+            "peak_mb": peak, "params": model.num_parameters(), "first_s": first, "settings": list(settings),
+            "compile_s": max(0.0, first - min(times)) if compile else 0.0, **extra}  # fmt: skip
 
 
 @torch.no_grad()
@@ -166,8 +137,7 @@ def decode_one(
 
     dev = dev or Device("cpu", "fp32")
     torch.manual_seed(0)
-    config, _ = apply_settings(presets.PRESETS[preset](size), list(settings))
-    model = build(config).to(dev.device).eval()
+    model = build(apply_settings(presets.PRESETS[preset](size), list(settings))).to(dev.device).eval()
     x = torch.randint(0, model.config.vocab_size, (1, context), device=dev.device)
     dev.reset()
     base = dev.memory_mb()
@@ -215,11 +185,10 @@ def main() -> None:
         from nestlearn import presets
 
         try:
-            used = {s for pr in args.presets for s in apply_settings(presets.PRESETS[pr](args.size), args.set)[1]}
+            for preset in args.presets:
+                apply_settings(presets.PRESETS[preset](args.size), args.set)
         except (ValueError, TypeError) as e:
             p.error(f"--set: {e}")
-        if unused := [s for s in args.set if s not in used]:
-            p.error(f"--set {' '.join(unused)}: no preset in --presets {' '.join(args.presets)} has that field")
     if args.one:
         dev = Device(args.device, args.precision)
         if not dev.cuda:  # CUDA reserves far more address space than it uses: no limit there

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .ops.chunked import chunked_scan
-from .ops.common import ACTIVATIONS, MEMORIES, OBJECTIVES, READS, RULES, apply_memory, autocast_enabled
+from .ops.common import ACTIVATIONS, MEMORIES, OBJECTIVES, READS, RULES, apply_memory, autocast_enabled, autocast_off
 from .ops.naive import naive_scan
 from .state import MemoryState
 
@@ -151,7 +151,7 @@ def scan(
         def f32(x):
             return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
 
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             return scan(f32(q), f32(q) if k is q else f32(k), f32(v), f32(lr), f32(retention), f32(momentum),
                         memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read,
                         state=state.to(torch.float32) if isinstance(state, MemoryState) else state, impl=impl,

@@ -38,7 +38,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..state import MemoryState
-from .common import KEY_SIDE, apply_weight, autocast_off, backprop_activation
+from .common import KEY_SIDE, apply_memory, apply_weight, autocast_off, backprop_activation
 from .common import activation as get_activation
 
 __all__ = ["chunked_scan", "segprod"]
@@ -409,15 +409,13 @@ def _step(
             y = qc + y1
     elif q_is_k:  # snapshot read at the keys (CMS levels, generating memories): the prediction already is M_0(q)
         y = pred
-    elif memory == "linear":  # snapshot: y_i = M_0(q_i)
-        y = apply_weight(qc, Wg[key])
-    else:
-        y = qc + apply_weight(sigma(apply_weight(qc, Wg[key])), Wg["W1"])
+    else:  # snapshot: y_i = M_0(q_i)
+        y = apply_memory(Wg, qc, memory, activation)
 
     # state after the chunk's last real token: the formula for M_i at i = end
     wK = (ch["K"][..., end, :] * ch["eta"]).unsqueeze(-1)  # (b, h, C, 1): weight of a_l b_lᵀ
     new_W, new_S = {}, {}
-    pM = ch["P_a"][..., end]  # (b, h)
+    pM, sM, pS, wS = ch["P_a"][..., end], None, None, None  # (b, h)
     if has_S:
         sM, pS = ch["dS"][..., end], ch["P_b"][..., end]
         wS = (ch["D_b"][..., end, :] * ch["eta"]).unsqueeze(-1)
@@ -425,8 +423,6 @@ def _step(
         left = a * wK
         if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
             left = left + u * (ch["D_a"][..., end, :] * ch["eta"]).unsqueeze(-1)
-        if has_S:
-            new_W[name], new_S[name] = _transition(W[name], S[name], left, a * wS, bb, pM, sM, pS)
-        else:
-            new_W[name], _ = _transition(W[name], None, left, None, bb, pM, None, None)
+        Sn = S[name] if has_S else None
+        new_W[name], new_S[name] = _transition(W[name], Sn, left, None if Sn is None else a * wS, bb, pM, sM, pS)
     return y, new_W, new_S if has_S else None
