@@ -54,3 +54,16 @@ def test_bench_models_refuses_a_gpu_it_does_not_have():
     if torch.cuda.device_count() > 7:
         return
     assert done.returncode != 0 and "--device cuda:7" in done.stderr, done.stderr
+
+
+def test_bench_block_times_and_counts_a_mixer_and_refuses_a_bad_width():
+    out = run("bench_block.py", "--presets", "transformer", "hope", "--size", "debug", "--lengths", "32",
+              "--head-width", "8", "--repeats", "1")  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| hope") or line.startswith("| transf")]
+    assert len(rows) == 2, out
+    hope_calls = int(rows[1][6].replace(",", ""))
+    transformer_calls = int(rows[0][6].replace(",", ""))
+    assert rows[1][3].strip() == "8" and hope_calls > 10 * transformer_calls > 0, out  # a loop over chunks vs one pass
+    bad = subprocess.run([sys.executable, str(BENCH / "bench_block.py"), "--head-width", "0"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "--head-width [0]: every value must be a positive int" in bad.stderr
