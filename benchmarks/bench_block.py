@@ -74,7 +74,7 @@ def measure(preset: str, size: str, part: str, T: int, head_width: int | None, s
         if best is None or t2 - t0 < sum(best):
             best = (t1 - t0, t2 - t1)
     ops = None
-    if not compile_:  # a compiled graph under a dispatch mode does not run as it does in training
+    if not compile_:  # the counts describe eager execution; compiled graphs fuse calls, so none are taken there
         with CountOps() as fwd_ops:
             y = forward()
         with CountOps() as bwd_ops:
