@@ -21,7 +21,7 @@ import platform
 import time
 
 import torch
-from bench_models import apply_settings
+from bench_models import apply_settings, check_settings
 from torch.utils._python_dispatch import TorchDispatchMode
 
 PARTS = ("mixer", "cms", "block")
@@ -79,9 +79,9 @@ def measure(preset: str, size: str, part: str, T: int, head_width: int | None, s
             y = forward()
         with CountOps() as bwd_ops:
             y.square().mean().backward()
-        ops = f"{fwd_ops.calls:,} | {bwd_ops.calls:,}"
+        ops = (fwd_ops.calls, bwd_ops.calls)
     return {"preset": preset, "part": part, "T": T, "head_width": config.dim // config.num_heads,
-            "forward_s": best[0], "backward_s": best[1], "ops": ops or "n/a | n/a"}  # fmt: skip
+            "forward_s": best[0], "backward_s": best[1], "ops": ops}  # fmt: skip
 
 
 def main() -> None:
@@ -101,15 +101,12 @@ def main() -> None:
             p.error(f"{name} {values}: every value must be a positive int")
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: must be at least 1")
-    try:
-        from nestlearn import presets
+    from nestlearn import presets
 
-        for preset in args.presets:
-            if preset not in presets.PRESETS:
-                raise ValueError(f"preset {preset!r} is not known; expected one of {list(presets.PRESETS)}")
-            apply_settings(presets.PRESETS[preset](args.size), args.set)
-    except (ValueError, TypeError) as e:
-        p.error(str(e))
+    unknown = [name for name in args.presets if name not in presets.PRESETS]
+    if unknown:
+        p.error(f"--presets {unknown}: not known; expected some of {list(presets.PRESETS)}")
+    check_settings(p, args.presets, args.size, args.set)
     torch.set_flush_denormal(True)  # as `nestlearn train` does
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, size {args.size}, part {args.part}" + (", compiled" if args.compile else "")
@@ -120,8 +117,9 @@ def main() -> None:
         for T in args.lengths:
             for width in args.head_width:
                 r = measure(preset, args.size, args.part, T, width, args.set, args.compile, args.repeats)
+                calls = "n/a | n/a" if r["ops"] is None else f"{r['ops'][0]:,} | {r['ops'][1]:,}"
                 print(f"| {preset} | {T} | {r['head_width']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | "
-                      f"{r['ops']} |", flush=True)  # fmt: skip
+                      f"{calls} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

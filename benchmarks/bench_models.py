@@ -70,6 +70,17 @@ def apply_settings(config, settings: list[str]):
     return config
 
 
+def check_settings(parser: argparse.ArgumentParser, names: list[str], size: str, settings: list[str]) -> None:
+    """Refuse a bad --set before any measurement: apply it to every preset's config at `size` (which validates it)."""
+    from nestlearn import presets
+
+    try:
+        for name in names:
+            apply_settings(presets.PRESETS[name](size), settings)
+    except (ValueError, TypeError) as e:
+        parser.error(f"--set: {e}")
+
+
 def train_one(
     preset: str,
     size: str,
@@ -181,14 +192,8 @@ def main() -> None:
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device} but torch sees no GPU (torch {torch.__version__}); use --device cpu")
-    if args.set and not args.one:  # refuse a bad setting before any measurement
-        from nestlearn import presets
-
-        try:
-            for preset in args.presets:
-                apply_settings(presets.PRESETS[preset](args.size), args.set)
-        except (ValueError, TypeError) as e:
-            p.error(f"--set: {e}")
+    if args.set and not args.one:
+        check_settings(p, args.presets, args.size, args.set)
     if args.one:
         dev = Device(args.device, args.precision)
         if not dev.cuda:  # CUDA reserves far more address space than it uses: no limit there
