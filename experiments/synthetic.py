@@ -26,20 +26,19 @@ import torch
 
 from nestlearn import TitansConfig, presets
 from nestlearn.data.synthetic import accuracy, mqar, parity
-from nestlearn.longctx import memory_arguments, train_synthetic
+from nestlearn.longctx import memory_arguments, memory_options, train_synthetic
 from nestlearn.train import parse_periods
 
 
 def batch_of(task: str, batch: int, args, generator: torch.Generator, length: int | None = None):
     if task == "mqar":
-        return mqar(batch, args.pairs, generator=generator)
+        return mqar(batch, args.pairs, generator=generator, gap=args.gap)
     return parity(batch, length or args.length, generator=generator)
 
 
 def train(preset: str, task: str, args) -> dict:
     model, fit = train_synthetic(preset, lambda batch, g: batch_of(task, batch, args, g), steps=args.steps,
-                                 batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                                 lr_init=args.lr_init, rule=args.rule, read=args.read,
+                                 batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args),
                                  update_periods=args.update_periods, desc=f"{preset} {task}",
                                  quiet=args.quiet)  # fmt: skip
     g_eval = torch.Generator().manual_seed(10_000 + args.seed)
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--pairs", type=int, default=8, help="MQAR: key/value pairs per sequence")
+    p.add_argument("--gap", type=int, default=0, help="MQAR: filler tokens between the pairs and the queries")
     p.add_argument("--length", type=int, default=32, help="parity: training length")
     memory_arguments(p)
     p.add_argument("--update-periods", type=parse_periods, default=None,

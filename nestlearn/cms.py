@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import CMSConfig
+from .config import CMSConfig, retention_gate_bias
 from .memory import scan
 from .state import MemoryState
 from .titans import mlp_memory_parameters
@@ -69,12 +69,13 @@ class InContextLevel(nn.Module):
         super().__init__()
         self.period, self.num_heads, self.head_dim = period, num_heads, dim // num_heads
         self.max_lr, self.checkpoint, self.max_grad_norm = config.max_lr, config.checkpoint, config.max_grad_norm
+        self.retain_to = config.retain_to
         d, f = self.head_dim, config.memory_hidden_mult * self.head_dim
         self.value = nn.Linear(dim, dim, bias=False)  # v_t = h_t W_v: what the level learns to store
         self.gates = nn.Linear(dim, 2 * num_heads)  # η_t and α_t per head
         with torch.no_grad():
             self.gates.weight.mul_(0.1)
-            self.gates.bias.view(2, num_heads)[1].fill_(4.0)  # α ≈ 0.98 at first
+            self.gates.bias.view(2, num_heads)[1].fill_(retention_gate_bias(config))  # α ≈ 0.98 by default
         self.W1, self.W2 = mlp_memory_parameters(num_heads, d, f)  # M_0, meta-learned (eq. 73)
         self.out = nn.Linear(dim, dim, bias=False)
         self.compile_chunks = False  # torch.compile each chunk's step (LanguageModel.compile_chunks)
@@ -91,7 +92,8 @@ class InContextLevel(nn.Module):
         lr, retention = self.max_lr * torch.sigmoid(g[0]), torch.sigmoid(g[1])
         y, state = scan(k, k, v, lr, retention, memory="mlp", objective="l2", rule="gd", chunk_size=self.period,
                         read="snapshot", state=state, check_values=False, checkpoint=self.checkpoint,
-                        max_grad_norm=self.max_grad_norm, compile=self.compile_chunks)  # fmt: skip
+                        max_grad_norm=self.max_grad_norm, compile=self.compile_chunks,
+                        origin={"W1": self.W1, "W2": self.W2} if self.retain_to == "init" else None)  # fmt: skip
         y = (y - k).transpose(1, 2).reshape(b, t, dim)  # the MLP part of M(k) = k + W1 σ(W2 k)
         return self.out(y), state
 

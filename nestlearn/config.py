@@ -14,7 +14,16 @@ from typing import Any
 
 from .ops.common import ACTIVATIONS
 
-__all__ = ["AttentionConfig", "TitansConfig", "SelfModConfig", "CMSConfig", "ModelConfig", "MIXERS", "lr_gate_bias"]
+__all__ = [
+    "AttentionConfig",
+    "TitansConfig",
+    "SelfModConfig",
+    "CMSConfig",
+    "ModelConfig",
+    "MIXERS",
+    "lr_gate_bias",
+    "retention_gate_bias",
+]
 
 MIXERS = ("attention", "titans", "sm_titans")
 
@@ -30,9 +39,21 @@ def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
             _fail(type(config).__name__, name, v, "must be a positive int")
 
 
+RETAIN_TO = ("init", "zero")
+
+
+def _check_retain_to(config: Any) -> None:
+    if config.retain_to not in RETAIN_TO:
+        _fail(type(config).__name__, "retain_to", config.retain_to,
+              "expected 'init' (retention pulls the memory back to its meta-learned initial state) or 'zero' "
+              "(the paper's weight decay, under which an MLP memory dies within ~1,000 tokens)")  # fmt: skip
+
+
 def _check_memory_options(config: Any) -> None:
-    """The options every memory mixer shares: activation, rule, read mode, max_lr."""
+    """The options every memory mixer shares: activation, rule, read mode, max_lr, retain_to."""
     cls = type(config).__name__
+    _check_retain_to(config)
+    _check_retention_init(config)
     if config.activation not in ACTIVATIONS:
         _fail(cls, "activation", config.activation, f"expected one of {sorted(ACTIVATIONS)}")
     if config.rule not in ("gd", "dgd"):
@@ -53,6 +74,21 @@ def lr_gate_bias(config: Any) -> float:
         return 0.0
     p = config.lr_init / config.max_lr
     return math.log(p / (1 - p))
+
+
+def retention_gate_bias(config: Any) -> float:
+    """The bias that makes α_t = sigmoid(·) start at `retention_init` (its logit); 4 (α ≈ 0.982) for None."""
+    if config.retention_init is None:
+        return 4.0
+    return math.log(config.retention_init / (1 - config.retention_init))
+
+
+def _check_retention_init(config: Any) -> None:
+    r = config.retention_init
+    if r is not None and not 0 < r < 1:
+        _fail(type(config).__name__, "retention_init", r,
+              "must lie strictly between 0 and 1 (α_t at initialisation; 1 − α is the share forgotten per token), "
+              "or be None (0.982)")  # fmt: skip
 
 
 def _check_clip(config: Any) -> None:
@@ -92,6 +128,13 @@ class TitansConfig:
     # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
     # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
     max_grad_norm: float | None = 1.0
+    # what retention α_t pulls the memory towards: "init", its meta-learned initial state M_0 (M_t = M_0 + α_t (M_{t−1}
+    # − M_0) − η_t ∇ℓ), or "zero", the paper's weight decay, under which every MLP memory reaches the all-zero state
+    # (where it can never learn again) within ~1,000 tokens of a stream (docs/deviations.md)
+    retain_to: str = "init"
+    # α_t at initialisation (per token: the memory keeps α of what it holds); None: sigmoid(4) ≈ 0.982, a time
+    # constant of 1 / (1 − α) ≈ 55 tokens
+    retention_init: float | None = None
     checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
@@ -123,6 +166,13 @@ class SelfModConfig:
     # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
     # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
     max_grad_norm: float | None = 1.0
+    # what retention α_t pulls the memory towards: "init", its meta-learned initial state M_0 (M_t = M_0 + α_t (M_{t−1}
+    # − M_0) − η_t ∇ℓ), or "zero", the paper's weight decay, under which every MLP memory reaches the all-zero state
+    # (where it can never learn again) within ~1,000 tokens of a stream (docs/deviations.md)
+    retain_to: str = "init"
+    # α_t at initialisation (per token: the memory keeps α of what it holds); None: sigmoid(4) ≈ 0.982, a time
+    # constant of 1 / (1 − α) ≈ 55 tokens
+    retention_init: float | None = None
     checkpoint: bool = False  # keep memories every ⌈√n⌉ chunks, recompute in backward: less memory (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
@@ -157,6 +207,8 @@ class CMSConfig:
     # clip each token's inner gradient to this norm before it is written (titans-pytorch's max_grad_norm). Without
     # it the MLP memories diverged at `tiny`; None is the paper's unclipped update (docs/deviations.md §2)
     max_grad_norm: float | None = 1.0
+    retain_to: str = "init"  # in-context levels: retention towards their initial state, or "zero" (TitansConfig)
+    retention_init: float | None = None  # in-context levels: α_t at initialisation; None: ≈ 0.982 (TitansConfig)
     checkpoint: bool = False  # the same for in-context levels: keep every ⌈√n⌉-th chunk's weights, recompute the rest
 
     def __post_init__(self) -> None:
@@ -171,6 +223,8 @@ class CMSConfig:
         if self.hidden_mult <= 0:
             _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
         _check_clip(self)
+        _check_retain_to(self)
+        _check_retention_init(self)
         if self.variant not in ("sequential", "independent", "nested"):
             _fail("CMSConfig", "variant", self.variant,
                   "expected 'sequential' (eq. 73), 'independent' (eq. 74) or 'nested' (eq. 72)")  # fmt: skip
@@ -234,6 +288,11 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        d = dict(d)
+        for name in ("titans", "sm_titans", "cms"):
+            # a config saved before `retain_to` existed was trained with retention towards zero: keep it so
+            if isinstance(d.get(name), dict) and "retain_to" not in d[name]:
+                d[name] = {**d[name], "retain_to": "zero"}
         return cls(**d)
 
     def to_json(self) -> str:

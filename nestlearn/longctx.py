@@ -28,25 +28,27 @@ from tqdm import tqdm
 
 from . import presets
 from .data import synthetic
-from .model import LanguageModel, build
+from .health import MemoryHealth, unhealthy, warn_about
+from .model import LanguageModel, ModelState, build
 
-__all__ = ["main", "train_synthetic", "memory_arguments", "niah_grids", "formal_table"]
+__all__ = ["main", "train_synthetic", "memory_arguments", "memory_options", "niah_grids", "formal_table"]
 
 Batch = tuple[Tensor, Tensor, Tensor]  # tokens, targets, mask; each (b, t)
 
 
 def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batch], *, steps: int, batch: int,
                     lr: float = 3e-3, seed: int = 0, max_lr: float | None = None, lr_init: float | None = None,
-                    rule: str | None = None, read: str | None = None,
-                    update_periods: tuple[int | None, ...] | None = None,
+                    rule: str | None = None, read: str | None = None, retain_to: str | None = None,
+                    retention_init: float | None = None, update_periods: tuple[int | None, ...] | None = None,
                     vocab_size: int | None = None, device: str | torch.device = "cpu", desc: str = "",
                     quiet: bool = False) -> tuple[LanguageModel, dict]:  # fmt: skip
     """Train `preset` at `debug` size from scratch on batch_fn(batch, generator) with AdamW (no weight decay, 20
     warm-up steps, then constant lr; gradient clipping 1.0), the loss on the masked positions only.
 
     `max_lr`, `lr_init`, `rule`, `read` override the token mixers' memories (the cap of η_t, its initial value, GD
-    or DGD, dual or snapshot reads) and `update_periods` the CMS levels ((None,): one SwiGLU level, Hope "w/o
-    CMS"); None keeps the preset's.
+    or DGD, dual or snapshot reads), `retain_to` and `retention_init` every memory's (in-context CMS levels' too:
+    what retention pulls towards, α_t at initialisation) and `update_periods` the CMS levels ((None,): one SwiGLU
+    level, Hope "w/o CMS"); None keeps the preset's.
     Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last 10), "seconds", "params"}.
     """
     torch.manual_seed(seed)
@@ -56,6 +58,10 @@ def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batc
     memory = {k: v for k, v in dict(max_lr=max_lr, lr_init=lr_init, rule=rule, read=read).items() if v is not None}
     config.titans = dataclasses.replace(config.titans, **memory)  # checks them (lr_init < max_lr) before training
     config.sm_titans = dataclasses.replace(config.sm_titans, **memory)
+    retention = {k: v for k, v in dict(retain_to=retain_to, retention_init=retention_init).items() if v is not None}
+    config.titans = dataclasses.replace(config.titans, **retention)
+    config.sm_titans = dataclasses.replace(config.sm_titans, **retention)
+    config.cms = dataclasses.replace(config.cms, **retention)
     if update_periods is not None:
         config.cms = dataclasses.replace(config.cms, update_periods=update_periods)  # checks them
     if vocab_size is not None:
@@ -175,10 +181,25 @@ def run_niah(args: argparse.Namespace) -> dict:
     samples = niah.make_samples(args.kinds, args.lengths, args.depths, args.samples, tokenizer, docs, args.seed,
                                 args.max_new_tokens)  # fmt: skip
     records = niah.score_samples(samples, niah.model_answerer(model, tokenizer, device), progress=not args.no_progress)
+    dead: dict[str, tuple[int, MemoryHealth]] = {}  # memory -> (fewest prompt tokens it was found dead after, health)
+
+    def check(state: ModelState, tokens: int) -> None:
+        for m in unhealthy(model, state):
+            if m.name not in dead or tokens < dead[m.name][0]:
+                dead[m.name] = (tokens, m)
+
     if args.gain:
-        gains = niah.retrieval_gain(samples, niah.model_bits(model, tokenizer, device), args.seed,
+        gains = niah.retrieval_gain(samples, niah.model_bits(model, tokenizer, device, on_state=check), args.seed,
                                     progress=not args.no_progress)  # fmt: skip
         records = [{**r, **g} for r, g in zip(records, gains, strict=True)]
+    else:  # one pass over the longest prompt: are the memories still alive at its end?
+        longest = max(samples, key=lambda s: s.length)
+        with torch.no_grad():
+            ids = torch.tensor([tokenizer.encode(longest.prompt)], device=device)
+            check(model(ids)[1], ids.shape[1])
+    if dead:
+        shortest = min(t for t, _ in dead.values())
+        warn_about([m for _, m in dead.values()], f"after prompts of {shortest:,} tokens or more")
     grids = niah_grids(records, args.kinds, args.lengths, args.depths)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +213,7 @@ def run_niah(args: argparse.Namespace) -> dict:
               "tokenizer": tokenizer.kind, "haystack": args.haystack, "split": args.split, "seed": args.seed,
               "samples": args.samples, "lengths": args.lengths, "depths": args.depths,
               "kinds": {k: {"ruler": niah.KINDS[k].ruler, **grids[k]} for k in args.kinds},
+              "dead_memories": {name: tokens for name, (tokens, _) in dead.items()},
               "records": records}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nRULER-style needle in a haystack: {model.config.name} (trained on {model.config.seq_len}-token windows), "
@@ -226,8 +248,8 @@ def run_formal(args: argparse.Namespace) -> list[dict]:
         for preset in args.presets:
             model, fit = train_synthetic(
                 preset, lambda b, g, lang=lang: synthetic.formal_language(lang, b, 1, L, generator=g),
-                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                lr_init=args.lr_init, rule=args.rule, read=args.read, device=args.device, desc=f"{preset} {lang}",
+                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args),
+                device=args.device, desc=f"{preset} {lang}",
                 quiet=args.quiet)  # fmt: skip
             row = {"language": lang, "preset": preset, **fit}
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
@@ -264,27 +286,27 @@ def run_mqar(args: argparse.Namespace) -> list[dict]:
     test_pairs = args.test_pairs or [args.pairs, 2 * args.pairs]
     vocab = presets.SIZES["debug"][3]
     for pairs in [args.pairs, *test_pairs]:  # refuse a bad setting before training, not after
-        synthetic.mqar(1, pairs, vocab)
+        synthetic.mqar(1, pairs, vocab, gap=args.gap)
     chance = 1 / (vocab - vocab // 2)  # values are uniform over the upper half of the vocabulary
     rows = []
     for preset in args.presets:
         model, fit = train_synthetic(
-            preset, lambda b, g: synthetic.mqar(b, args.pairs, vocab, generator=g), steps=args.steps,
-            batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr, lr_init=args.lr_init, rule=args.rule,
-            read=args.read, device=args.device, desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
+            preset, lambda b, g: synthetic.mqar(b, args.pairs, vocab, generator=g, gap=args.gap), steps=args.steps,
+            batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args), device=args.device,
+            desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
         g_eval = torch.Generator().manual_seed(10_000 + args.seed)
         for pairs in test_pairs:
-            tokens, targets, mask = synthetic.mqar(args.eval_samples, pairs, vocab, generator=g_eval)
+            tokens, targets, mask = synthetic.mqar(args.eval_samples, pairs, vocab, generator=g_eval, gap=args.gap)
             accuracy = _scores(_predict(model, tokens, _argmax), targets, mask)[0]  # over every queried value
-            rows.append({"preset": preset, "train_pairs": args.pairs, "pairs": pairs, "accuracy": accuracy,
-                         "chance": chance, **fit})  # fmt: skip
+            rows.append({"preset": preset, "train_pairs": args.pairs, "pairs": pairs, "gap": args.gap,
+                         "accuracy": accuracy, "chance": chance, **fit})  # fmt: skip
     _write(args.out_dir, {"steps": args.steps, "seed": args.seed, "rows": rows})
-    print(f"\nMQAR: trained with {args.pairs} key/value pairs (sequences of {4 * args.pairs} tokens); accuracy on the "
-          f"queried values of {args.eval_samples} new sequences\n")  # fmt: skip
+    print(f"\nMQAR: trained with {args.pairs} key/value pairs (sequences of {4 * args.pairs + args.gap} tokens, a gap "
+          f"of {args.gap}); accuracy on the queried values of {args.eval_samples} new sequences\n")  # fmt: skip
     print("| preset | pairs | tokens | accuracy | chance | time (s) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['preset']} | {r['pairs']} | {4 * r['pairs']} | {r['accuracy']:.3f} | {r['chance']:.3f} | "
-              f"{r['seconds']:.0f} |")  # fmt: skip
+        print(f"| {r['preset']} | {r['pairs']} | {4 * r['pairs'] + args.gap} | {r['accuracy']:.3f} | "
+              f"{r['chance']:.3f} | {r['seconds']:.0f} |")  # fmt: skip
     return rows
 
 
@@ -302,8 +324,8 @@ def run_babi(args: argparse.Namespace) -> list[dict]:
         for preset in args.presets:
             model, fit = train_synthetic(
                 preset, lambda b, g, task=task: synthetic.babi(task, b, args.facts, args.people, generator=g),
-                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_lr=args.max_lr,
-                lr_init=args.lr_init, rule=args.rule, read=args.read, vocab_size=vocab, device=args.device,
+                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args),
+                vocab_size=vocab, device=args.device,
                 desc=f"{preset} {task}", quiet=args.quiet)  # fmt: skip
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
             for facts in test_facts:
@@ -330,8 +352,15 @@ def _write(out_dir: str, result: dict) -> None:
 # --- command line ---
 
 
+def memory_options(args: argparse.Namespace) -> dict:
+    """The memory options of `memory_arguments`, as `train_synthetic` takes them."""
+    names = ("max_lr", "lr_init", "rule", "read", "retain_to", "retention_init")
+    return {name: getattr(args, name) for name in names}
+
+
 def memory_arguments(p: argparse.ArgumentParser) -> None:
-    """--max-lr, --lr-init, --rule: the token mixers' memories, as `train_synthetic` takes them."""
+    """--max-lr, --lr-init, --rule, --read, --retain-to, --retention-init: the memories, as `train_synthetic` takes
+    them."""
     p.add_argument("--max-lr", type=float, default=None,
                    help="override the memories' inner learning-rate cap η_max (0.1); 2 with DGD lets them track "
                         "state (docs/deviations.md)")  # fmt: skip
@@ -342,6 +371,13 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read", choices=["dual", "snapshot"], default=None,
                    help="how the memories are read inside a chunk: dual (token t sees its own write, the default) "
                         "or snapshot (eq. 90: the weights the chunk started from; docs/deviations.md)")  # fmt: skip
+    p.add_argument("--retain-to", choices=["init", "zero"], default=None,
+                   help="what every memory's retention pulls towards: init, its meta-learned initial state (the "
+                        "default), or zero, the paper's weight decay (MLP memories die on long streams; "
+                        "docs/deviations.md)")  # fmt: skip
+    p.add_argument("--retention-init", type=float, default=None,
+                   help="every memory's retention α_t at initialisation, in (0, 1) (default 0.982: a time constant "
+                        "of about 55 tokens)")  # fmt: skip
 
 
 def _training_args(p: argparse.ArgumentParser, name: str) -> None:
@@ -399,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("mqar", help="multi-query associative recall, trained at one number of pairs, tested at more")
     p.add_argument("--pairs", type=int, default=8, help="key/value pairs per training sequence (default: 8)")
     p.add_argument("--test-pairs", nargs="+", type=int, default=None, help="(default: --pairs and twice that)")
+    p.add_argument("--gap", type=int, default=0,
+                   help="filler tokens between the pairs and the queries: how long the pairs must be held "
+                        "(default: 0)")  # fmt: skip
     _training_args(p, "mqar")
 
     p = sub.add_parser("babi", help="bAbI-style fact tracking as bytes, trained on short stories, tested on longer")

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cms import InContextLevel
+from .health import memories as _memories
+from .health import memory_state as _memory_state
+from .health import unhealthy, warn_about
 from .model import LanguageModel, Level, ModelState, load
 from .optim import OPTIMIZERS, Levels, optimizer_class
-from .sm_titans import SelfModifyingTitans
-from .state import MemoryState
-from .titans import TitansMixer
 
 __all__ = ["Learner", "MemorizeReport", "stream_loss"]
 
@@ -84,6 +83,8 @@ class MemorizeReport:
     loss_after_in_context: float | None
     levels: list[LevelReport] = field(default_factory=list)
     memories: list[MemoryReport] = field(default_factory=list)
+    # memories that reached the dead state (nestlearn.health) and the stream position where each was first found
+    dead_memories: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +105,8 @@ class MemorizeReport:
             lines.append(f"| {lv.name} | outer | {period} | {lv.lr:g} | {lv.steps} | {lv.change:.3g} |")
         for m in self.memories:
             lines.append(f"| {m.name} | in-context | {m.period} | | {m.writes} | {m.change:.3g} |")
+        for name, at in self.dead_memories.items():
+            lines.append(f"\nwarning: {name} reached the dead state by token {at} and could no longer learn")
         return "\n".join(lines)
 
 
@@ -120,31 +123,6 @@ def _carve(levels: list[Level], periods: dict[str, int] | None) -> list[Level]:
             del base.params[n]
         levels.append(Level(pattern, period, hits))
     return [lv for lv in levels if lv.params]
-
-
-def _memories(model: LanguageModel) -> dict[str, int]:
-    """Every in-context memory of the model by its place in the state, with its chunk size / period."""
-    out = {}
-    for i, block in enumerate(model.blocks):
-        mixer = block.mixer
-        if isinstance(mixer, TitansMixer):
-            out[f"blocks.{i}.mixer.memory"] = mixer.config.chunk_size
-        elif isinstance(mixer, SelfModifyingTitans):
-            out[f"blocks.{i}.mixer.gen"] = mixer.config.chunk_size
-            out[f"blocks.{i}.mixer.memory"] = mixer.config.memory_chunk_size
-        for j, level in enumerate(block.cms.levels):
-            if isinstance(level, InContextLevel):
-                out[f"blocks.{i}.cms.levels.{j}"] = level.period
-    return out
-
-
-def _memory_state(state: ModelState, name: str) -> MemoryState:
-    parts = name.split(".")
-    layer = state.layers[int(parts[1])]
-    if parts[2] == "mixer":
-        return layer["mixer"][parts[3]]
-    cms = layer["cms"]
-    return (cms["levels"] if isinstance(cms, dict) else cms)[int(parts[4])]
 
 
 def _relative_change(before: dict[str, Tensor], after: dict[str, Tensor]) -> float:
@@ -252,7 +230,7 @@ class Learner:
         before = {n_: p.detach().clone() for lv in self.learning for n_, p in lv.params.items()}
         steps0 = {lv.name: lv.steps for lv in self.levels.levels} if self.levels else {}
         loss_before = stream_loss(model, tokens, S) if measure else None
-        total = 0.0
+        total, dead = 0.0, {}
         for lo in tqdm(range(0, n, S), desc="memorize", unit="segment", disable=not progress, leave=False):
             x = tokens[:, lo : lo + S + 1]
             with torch.set_grad_enabled(bool(self.params)):
@@ -266,11 +244,15 @@ class Learner:
                 self.levels.step(S)
                 self.levels.zero_grad()
             state = state.detach()
+            bad = [m for m in unhealthy(model, state) if m.name not in dead]
+            warn_about(bad, f"after {lo + S:,} tokens of the stream")
+            dead |= {m.name: lo + S for m in bad}
         model.train(was_training)
         report = MemorizeReport(
             tokens=n, segments=n // S, loss_before=loss_before, loss_online=total / (n // S),
             loss_after=stream_loss(model, tokens, S) if measure else None,
             loss_after_in_context=stream_loss(model, tokens, S, state) if measure else None,
+            dead_memories=dead,
         )  # fmt: skip
         for lv in self.learning:
             num = sum(((p.detach() - before[k]) ** 2).sum() for k, p in lv.params.items())

@@ -9,6 +9,10 @@ memory of self-modifying Titans, in-context CMS levels and the deep-momentum opt
     objective   `l2`: ℓ = ½‖M(k) − v‖²;  `dot`: ℓ = −⟨M(k), v⟩                                     (eqs. 92–93)
     rule        `gd`:  M_t = α_t M_{t−1} − η_t ∇ℓ(M_{t−1}; k_t, v_t)
                 `dgd`: M_t = M_{t−1}(α_t I − η_t k_t k_tᵀ) − η_t ∇ℓ(M_{t−1}; k_t, v_t)               (eq. 88)
+    origin      what retention pulls towards: zero above (the paper), or weights O, typically the meta-learned
+                initial state: the rule then acts on M − O, M_t = O + α_t (M_{t−1} − O) − η_t ∇ℓ. An MLP memory
+                retained towards zero reaches the all-zero state, where it can never learn again (each layer's
+                gradient goes through the other), within about 1,000 tokens at α ≈ 0.98 (docs/deviations.md)
     momentum    S_t = β_t S_{t−1} − η_t ∇ℓ, and S_t replaces −η_t ∇ℓ above                  (Titans eqs. 10–14)
     chunks      gradients of a chunk of C tokens are taken at the weights the chunk started from (eq. 90);
                 retention, momentum and the DGD factor still run token by token. C = 1 is the online recurrence.
@@ -112,6 +116,7 @@ def scan(
     max_grad_norm: float | None = None,
     compile: bool = False,
     self_target: bool = False,
+    origin: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Write (k_t, v_t) for every token into the memory and read M(q_t), in one causal pass.
 
@@ -140,6 +145,10 @@ def scan(
         self_target: write v̂_t = M_{t0−1}(v_t), the memory's own output at v_t from the weights its chunk started
             from (eq. 87: each memory of self-modifying Titans generates its own target), instead of v_t. Needs o = d.
             v̂ is a constant of the inner gradient and differentiable for the outer one, as any value is.
+        origin: weights shaped like the state's, (h, out, in) or (b, h, out, in), that retention pulls towards:
+            M_t = O + α_t (M_{t−1} − O) + …, and DGD's (α_t I − η_t k_t k_tᵀ) acts on M − O (module docstring).
+            Layers pass their meta-learned initial state, so that a memory forgets back to it and never decays to
+            the dead all-zero state. None (the paper's form) retains towards zero. Gradients flow into it.
 
     Returns:
         y (b, h, t, o) and the final MemoryState, batched (b, h, out, in).
@@ -156,7 +165,8 @@ def scan(
                         memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read,
                         state=state.to(torch.float32) if isinstance(state, MemoryState) else state, impl=impl,
                         activation=activation, check_values=check_values, checkpoint=checkpoint,
-                        max_grad_norm=max_grad_norm, compile=compile, self_target=self_target)  # fmt: skip
+                        max_grad_norm=max_grad_norm, compile=compile, self_target=self_target,
+                        origin=None if origin is None else {n: f32(w) for n, w in origin.items()})  # fmt: skip
     _check_option("memory", memory, MEMORIES)
     _check_option("objective", objective, OBJECTIVES)
     _check_option("rule", rule, RULES)
@@ -179,6 +189,12 @@ def scan(
     if momentum is not None:
         momentum = _check_gate("momentum", momentum, q, low=0.0, high=1.0, values=check_values)
     state = _batched_state(state, memory, q, d, v.shape[-1], momentum)
+    if origin is not None:
+        if not isinstance(origin, dict):
+            raise ValueError(
+                f"origin must be a dict of weights like state.weights, or None; got {type(origin).__name__}"
+            )
+        origin = _batched_state(MemoryState(origin), memory, q, d, v.shape[-1], None, what="origin").weights
     if T == 0:
         return v.new_zeros(*bh, 0, v.shape[-1]), state
     if state.offset >= chunk_size:
@@ -189,7 +205,7 @@ def scan(
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a positive number, or None for no clipping")
     opts = dict(memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read, activation=activation,
-                max_grad_norm=max_grad_norm, self_target=self_target)  # fmt: skip
+                max_grad_norm=max_grad_norm, self_target=self_target, origin=origin)  # fmt: skip
     if impl == "reference":
         return naive_scan(q, k, v, lr, retention, momentum, state, **opts)
     return chunked_scan(q, k, v, lr, retention, momentum, state, **opts, checkpoint=checkpoint, compile=compile)
@@ -235,7 +251,13 @@ def _check_gate(name: str, x, q: Tensor, low: float, high: float | None, values:
 
 
 def _batched_state(
-    state: MemoryState | None, memory: str, q: Tensor, d: int, o: int | None, momentum: Tensor | None
+    state: MemoryState | None,
+    memory: str,
+    q: Tensor,
+    d: int,
+    o: int | None,
+    momentum: Tensor | None,
+    what: str = "state",
 ) -> MemoryState:
     b, h = q.shape[:2]
     if state is None:
@@ -263,16 +285,19 @@ def _batched_state(
         zeros = {n: torch.zeros_like(w) for n, w in state.weights.items()}
         state = MemoryState(state.weights, zeros, state.snapshot, state.offset)
 
+    def where(group: str) -> str:
+        return what if what != "state" else f"state.{group}"
+
     def expand(group: str, name: str, w: Tensor) -> Tensor:
         out_in = want[name]
         ok_tail = all(want_ == -1 or got == want_ for got, want_ in zip(w.shape[-2:], out_in, strict=True))
         if w.dim() not in (3, 4) or not ok_tail or w.shape[-3] != h or (w.dim() == 4 and w.shape[0] != b):
             shape = f"(batch={b} or none, heads={h}, {out_in[0]}, {out_in[1]})".replace("-1", "hidden")
-            raise ValueError(f"state.{group}[{name!r}] has shape {tuple(w.shape)}; expected {shape}")
+            raise ValueError(f"{where(group)}[{name!r}] has shape {tuple(w.shape)}; expected {shape}")
         if w.dtype != q.dtype or w.device != q.device:
             raise ValueError(
-                f"state.{group}[{name!r}] is {w.dtype} on {w.device}, but q is {q.dtype} on {q.device}; "
-                "use state.to(q) first"
+                f"{where(group)}[{name!r}] is {w.dtype} on {w.device}, but q is {q.dtype} on {q.device}; "
+                f"use {what}.to(q) first"
             )
         return w.expand(b, *w.shape[-3:]) if w.dim() == 3 else w
 
@@ -281,7 +306,7 @@ def _batched_state(
         if tensors is None:
             return None
         if set(tensors) != set(want):
-            raise ValueError(f"state.{name} has keys {sorted(tensors)}; memory={memory!r} expects {sorted(want)}")
+            raise ValueError(f"{where(name)} has keys {sorted(tensors)}; memory={memory!r} expects {sorted(want)}")
         return {n: expand(name, n, w) for n, w in tensors.items()}
 
     if not isinstance(state.offset, int) or state.offset < 0:

@@ -343,15 +343,19 @@ def counterfactual_prompt(sample: NeedleSample, seed: int = 0) -> str:
     return _NEEDLE_RE.sub(swap, sample.prompt)
 
 
-def model_bits(model, tokenizer: Tokenizer, device: torch.device | str = "cpu") -> Callable[[str, str], float]:
+def model_bits(model, tokenizer: Tokenizer, device: torch.device | str = "cpu",
+               on_state: Callable[[object, int], None] | None = None) -> Callable[[str, str], float]:  # fmt: skip
     """−log₂ p(continuation | context) under the model, from one forward pass over context + continuation (the
-    context as `model_answerer` feeds it: no end-of-document id in front)."""
+    context as `model_answerer` feeds it: no end-of-document id in front). on_state(state, tokens), if given, sees
+    the state after each pass (`nestlearn longctx niah` checks that the memories are alive)."""
 
     @torch.no_grad()
     def bits(context: str, continuation: str) -> float:
         ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
         ids = torch.tensor([ctx + cont], device=device)
-        logits, _ = model(ids[:, :-1])  # (1, t − 1, vocab): position i predicts id i + 1
+        logits, state = model(ids[:, :-1])  # (1, t − 1, vocab): position i predicts id i + 1
+        if on_state is not None:
+            on_state(state, ids.shape[1] - 1)
         logp = F.log_softmax(logits[0, len(ctx) - 1 :].float(), dim=-1)  # (len(cont), vocab)
         return -float(logp.gather(-1, ids[0, len(ctx) :, None]).sum()) / math.log(2)
 

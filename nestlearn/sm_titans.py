@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .config import SelfModConfig, lr_gate_bias
+from .config import SelfModConfig, lr_gate_bias, retention_gate_bias
 from .memory import scan
 from .ops.common import apply_memory
 from .state import MemoryState
@@ -66,7 +66,7 @@ class SelfModifyingTitans(nn.Module):
         # g_η, g_α: a linear read-out per head of M_η(x_t), M_α(x_t), then a sigmoid
         self.readout = nn.Parameter(torch.randn(2, h, d) * 0.02)
         # η = lr_init (max_lr / 2 by default) and α ≈ 0.98 at first
-        self.readout_bias = nn.Parameter(torch.tensor([[lr_gate_bias(config)] * h, [4.0] * h]))
+        self.readout_bias = nn.Parameter(torch.tensor([[lr_gate_bias(config)] * h, [retention_gate_bias(config)] * h]))
         if config.momentum:
             self.beta = nn.Linear(dim, h)  # β_t per head from x_t, as in Titans
         self.out = MemoryOutput(dim, d)
@@ -78,6 +78,12 @@ class SelfModifyingTitans(nn.Module):
             "gen": MemoryState({"W1": self.gen_W1, "W2": self.gen_W2}),
             "memory": MemoryState({"W1": self.mem_W1, "W2": self.mem_W2}),
         }
+
+    def origins(self) -> dict[str, dict[str, Tensor] | None]:
+        """What retention pulls each memory towards: its M_□,0 with `retain_to="init"`, zero (None) with "zero"."""
+        if self.config.retain_to != "init":
+            return {"gen": None, "memory": None}
+        return {"gen": {"W1": self.gen_W1, "W2": self.gen_W2}, "memory": {"W1": self.mem_W1, "W2": self.mem_W2}}
 
     def forward(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
         b, t, dim = x.shape
@@ -126,7 +132,8 @@ class SelfModifyingTitans(nn.Module):
         o, mem = scan(qn, k, v, lr, retention, beta, memory="mlp", objective="l2", rule=cfg.rule,
                       chunk_size=cfg.memory_chunk_size, read=cfg.read, state=state["memory"],
                       activation=cfg.activation, check_values=False, max_grad_norm=cfg.max_grad_norm,
-                      self_target=True, checkpoint=cfg.checkpoint, compile=self.compile_chunks)  # fmt: skip
+                      self_target=True, checkpoint=cfg.checkpoint, compile=self.compile_chunks,
+                      origin=self.origins()["memory"])  # fmt: skip
         return self.out(o, x), {"conv": conv, "gen": gen, "memory": mem}  # o: (b, h, t, d)
 
 
@@ -150,7 +157,8 @@ def _chunk(self: SelfModifyingTitans, xc: Tensor, qc: Tensor, bc: Tensor | None,
     lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
     _, gen = scan(km, km, v.repeat(1, m, 1, 1), lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule,
                   chunk_size=cfg.chunk_size, read="snapshot", state=gen, activation=cfg.activation,
-                  check_values=False, max_grad_norm=cfg.max_grad_norm, self_target=True)  # fmt: skip
+                  check_values=False, max_grad_norm=cfg.max_grad_norm, self_target=True,
+                  origin=self.origins()["gen"])  # fmt: skip
     return (k, v, lr, retention, qc), gen
 
 

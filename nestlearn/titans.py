@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TitansConfig, lr_gate_bias
+from .config import TitansConfig, lr_gate_bias, retention_gate_bias
 from .memory import init_state, scan
 from .state import MemoryState
 
@@ -82,7 +82,7 @@ class TitansMixer(nn.Module):
             self.gates.weight.mul_(0.1)
             bias = self.gates.bias.view(self.num_gates, num_heads)
             bias[0].fill_(lr_gate_bias(config))  # η = lr_init, max_lr / 2 by default
-            bias[1].fill_(4.0)  # α ≈ 0.98: retain most of the memory at first
+            bias[1].fill_(retention_gate_bias(config))  # α ≈ 0.98 by default: retain most of the memory
             if config.momentum:
                 bias[2].fill_(0.0)  # β ≈ 0.5
         self.W1, self.W2 = mlp_memory_parameters(num_heads, d, f)  # M_0, one per head
@@ -96,6 +96,10 @@ class TitansMixer(nn.Module):
             "memory": MemoryState({"W1": self.W1, "W2": self.W2}),
         }
 
+    def origin(self) -> dict[str, Tensor] | None:
+        """What retention pulls the memory towards: M_0 with `retain_to="init"`, zero (None) with "zero"."""
+        return {"W1": self.W1, "W2": self.W2} if self.config.retain_to == "init" else None
+
     def forward(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
         b, t, dim = x.shape
         h, d, cfg = self.num_heads, self.head_dim, self.config
@@ -108,5 +112,6 @@ class TitansMixer(nn.Module):
         o, memory = scan(q, k, v, lr, retention, momentum, memory="mlp", objective="l2", rule=cfg.rule,
                          chunk_size=cfg.chunk_size, read=cfg.read, state=state["memory"],
                          activation=cfg.activation, check_values=False, checkpoint=cfg.checkpoint,
-                         max_grad_norm=cfg.max_grad_norm, compile=self.compile_chunks)  # fmt: skip
+                         max_grad_norm=cfg.max_grad_norm, compile=self.compile_chunks,
+                         origin=self.origin())  # fmt: skip
         return self.out(o, x), {"conv": conv, "memory": memory}

@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import presets
-from .config import ModelConfig
+from .config import RETAIN_TO, ModelConfig
 from .data.corpora import data_dir, load_split
 from .data.shards import ShardMeta, open_shard, prepare
 from .data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
+from .health import MemoryHealth, unhealthy, warn_about
 from .model import LanguageModel, ModelState, build, load
 from .optim import OPTIMIZERS
 from .state import MemoryState
@@ -75,6 +76,11 @@ class TrainConfig:
     seq_len: int | None = _help("tokens per training window (default: the preset's seq_len)", default=None)
     memory_checkpoint: bool = _help("recompute the memories' chunks in backward (in groups of √n): much less memory "
                                     "for titans/hope, a little more time", default=False)  # fmt: skip
+    retain_to: str | None = _help("what the memories' retention pulls towards: init (their meta-learned initial "
+                                  "state) or zero (the paper's weight decay: MLP memories die on long streams; "
+                                  "docs/deviations.md) (default: the preset's, init)", default=None)  # fmt: skip
+    retention_init: float | None = _help("the memories' retention α_t at initialisation, in (0, 1) (default: the "
+                                         "preset's, 0.982)", default=None)  # fmt: skip
     # data
     data: str = _help("corpus name (nestlearn fetch-data --list) or a folder with train/validation/test.txt",
                       default="wiki")  # fmt: skip
@@ -147,6 +153,11 @@ class TrainConfig:
             raise ValueError(f"seq_len={self.seq_len} must be >= 1")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.retain_to not in (None, *RETAIN_TO):
+            raise ValueError(f"retain_to={self.retain_to!r} is not one of {list(RETAIN_TO)}")
+        if self.retention_init is not None and not 0 < self.retention_init < 1:
+            raise ValueError(f"retention_init={self.retention_init} must lie strictly between 0 and 1 (α_t at "
+                             "initialisation; 0.982 by default)")  # fmt: skip
         self.periods()  # parse errors now, not after the data is prepared
         _optimizer_class(self)([{"params": [nn.Parameter(torch.zeros(2, 2))], "weight_decay": 0.0}])
 
@@ -375,6 +386,11 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
         for sub in (model_config.titans, model_config.sm_titans, model_config.cms):
             if sub is not None:
                 sub.checkpoint = True
+    retention = {k: v for k, v in (("retain_to", config.retain_to), ("retention_init", config.retention_init))
+                 if v is not None}  # fmt: skip
+    if retention:  # every memory: the mixers' and the in-context CMS levels'; dataclasses.replace checks the values
+        for name in ("titans", "sm_titans", "cms"):
+            setattr(model_config, name, dataclasses.replace(getattr(model_config, name), **retention))
     return model_config
 
 
@@ -571,13 +587,18 @@ def evaluate(
     if n < 1:
         raise ValueError(f"the split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
     total, count, bad, t0 = 0.0, 0, 0, time.perf_counter()
+    lm = getattr(model, "module", model)  # under DDP, the LanguageModel inside
+    dead: list[MemoryHealth] = []
     was_training = model.training
     model.eval()
     for lo in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
         starts = np.arange(lo, min(n, lo + batch_size)) * seq_len
         x = gather(tokens, starts, seq_len + 1).to(device)
         with autocast(device, precision):
-            logits, _ = model(x[:, :-1])
+            logits, state = model(x[:, :-1])
+        if not dead and isinstance(lm, LanguageModel):  # a window long enough to kill a memory kills it in every batch
+            dead = unhealthy(lm, state)
+            warn_about(dead, f"at the end of a {seq_len}-token eval window")
         nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none").sum(1)  # (windows,)
         bad += int((~torch.isfinite(nll)).sum())
         total += nll.sum().item()
@@ -589,7 +610,8 @@ def evaluate(
     bpb = total / (math.log(2) * bytes_covered)
     # non-finite windows are counted, not dropped: a model whose memories diverge on some input must show it
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bpb, "tokens": count,
-            "tokens_per_s": count / seconds, "nonfinite_windows": bad, "windows": n}  # fmt: skip
+            "tokens_per_s": count / seconds, "nonfinite_windows": bad, "windows": n,
+            "dead_memories": [m.name for m in dead]}  # fmt: skip
 
 
 # --- the loop ---

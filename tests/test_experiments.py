@@ -26,6 +26,33 @@ def test_mqar_targets_are_the_values_of_the_queried_keys():
             assert targets[b, i] == pairs[tokens[b, i].item()] == tokens[b, i + 1 if i + 1 < 20 else i]
 
 
+def test_mqar_gap_holds_the_pairs_across_filler_that_is_never_a_key():
+    tokens, targets, mask = mqar(4, 5, generator=torch.Generator().manual_seed(0), gap=30)
+    assert tokens.shape == (4, 50) and mask.sum() == 4 * 5
+    filler = tokens[:, 10:40]
+    assert (filler >= 128).all()  # the value range: no filler token reads as a query
+    assert not mask[:, :40].any()  # only the queries after the gap are scored
+    for b in range(4):
+        pairs = dict(zip(tokens[b, 0:10:2].tolist(), tokens[b, 1:10:2].tolist(), strict=True))
+        for i in mask[b].nonzero().flatten().tolist():
+            assert targets[b, i] == pairs[tokens[b, i].item()]
+    with pytest.raises(ValueError, match="gap=-1 must be an int >= 0"):
+        mqar(1, 5, gap=-1)
+
+
+def test_long_stream_reports_loss_by_position_and_the_dead_memories(tmp_path, capsys):
+    import long_stream
+
+    out = tmp_path / "r.json"
+    rows = long_stream.main(["fresh:titans:zero", "fresh:titans", "--data", "random", "--length", "2048",
+                             "--streams", "1", "--out", str(out)])  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| fresh:titans:zero |" in table and "blocks.0.mixer.memory (4/4)" in table
+    assert list(rows[0]["bits_per_token"]) == ["0-64", "64-128", "128-256", "256-512", "512-1024", "1024-2048"]
+    assert rows[1]["health"][-1]["memories"][0]["dead"] == 0 and len(rows[1]["health"]) == 4
+    assert json.loads(out.read_text())["rows"][0]["model"] == "titans-debug"
+
+
 def test_parity_targets_are_running_parities():
     tokens, targets, mask = parity(3, 9, generator=torch.Generator().manual_seed(0))
     bits = tokens - 1

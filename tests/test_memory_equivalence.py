@@ -234,7 +234,8 @@ TRANSITION_CASES = [(False, "weights"), (True, "both"), (True, "weights"), (True
 
 
 @pytest.mark.parametrize(("momentum", "used"), TRANSITION_CASES)
-def test_chunk_transition_backward_matches_autograd(momentum, used):
+@pytest.mark.parametrize("with_origin", [False, True])
+def test_chunk_transition_backward_matches_autograd(momentum, used, with_origin):
     # the end-of-chunk state M' = pM M + sM S − Lᵀ R, S' = pS S − Λᵀ R has a hand-written backward (`_Transition`):
     # it must give autograd's gradients over the same formula, also when only one of M', S' reaches the loss
     g = torch.Generator().manual_seed(0)
@@ -244,12 +245,15 @@ def test_chunk_transition_backward_matches_autograd(momentum, used):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
     args = [r(B, out, inp), r(B, out, inp), r(B, C, out), r(B, C, out), r(B, C, inp), r(B), r(B), r(B)]
+    args.append(r(B, out, inp) if with_origin else None)  # O: retention towards an origin
     if not momentum:
         args[1] = args[3] = args[6] = args[7] = None
     w_M, w_S = (torch.randn(B, out, inp, generator=g, dtype=torch.float64) for _ in range(2))
 
-    def reference(M, S, L, Lam, R, pM, sM, pS):
+    def reference(M, S, L, Lam, R, pM, sM, pS, O):
         new_M = pM[:, None, None] * M - L.mT @ R
+        if O is not None:
+            new_M = new_M + (1 - pM)[:, None, None] * O
         if S is None:
             return new_M, None
         return new_M + sM[:, None, None] * S, pS[:, None, None] * S - Lam.mT @ R
@@ -277,3 +281,47 @@ def test_chunk_transition_backward_matches_autograd(momentum, used):
         return tuple(x for x in _Transition.apply(*(None if a is None else next(it) for a in args)) if x is not None)
 
     assert torch.autograd.gradcheck(transition, tuple(tensors))
+
+
+ORIGIN_GRID = list(itertools.product(["linear", "mlp"], ["gd", "dgd"], [False, True], ["dual", "snapshot"]))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize(
+    ("memory", "rule", "momentum", "read"), ORIGIN_GRID, ids=["-".join(map(str, c)) for c in ORIGIN_GRID]
+)
+def test_retention_towards_an_origin_matches_reference(memory, rule, momentum, read, chunk_size):
+    # retention towards O (the meta-learned initial state in the layers) instead of zero: the chunked kernel adds
+    # (1 − Pα) O to its reads and transitions and takes DGD's u on M − O; outputs, state and the gradient of every
+    # argument, O's included, equal the reference's
+    inputs = make_inputs(memory, momentum, requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    origin = {n: (torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.3).requires_grad_() for n, w in
+              inputs["state"].weights.items()}  # fmt: skip
+    opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=chunk_size, read=read, activation="gelu")
+    results = []
+    for impl in ("reference", "chunked"):
+        y, state = scan(**inputs, **opts, impl=impl, origin=origin)
+        outs = {"y": y, **state_tensors(state)}
+        gen = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs.values())
+        results.append((outs, torch.autograd.grad(loss, [*tensors_of(inputs), *origin.values()], allow_unused=True)))
+    (ref, ref_grads), (out, grads) = results
+    for name in ref:
+        assert_close(name, ref[name], out[name], 1e-8)
+    for i, (gr, gc) in enumerate(zip(ref_grads, grads, strict=True)):
+        assert gr is not None and gc is not None, f"argument {i} received no gradient"
+        assert_close(f"grad of argument {i}", gr, gc, 1e-8)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_no_write_and_an_origin_decays_the_memory_to_the_origin(impl):
+    # η = 0 leaves only retention: M_t − O = (Π α)(M_0 − O), so the memory moves towards O and not towards zero
+    inputs = make_inputs("mlp", False, T=12)
+    inputs["lr"] = torch.zeros_like(inputs["lr"])
+    origin = {n: torch.randn(w.shape, dtype=w.dtype) for n, w in inputs["state"].weights.items()}
+    _, state = scan(**inputs, memory="mlp", chunk_size=4, impl=impl, origin=origin)
+    decay = inputs["retention"].prod(-1)[..., None, None]  # (b, h, 1, 1)
+    for n, w0 in inputs["state"].weights.items():
+        want = origin[n] + decay * (w0 - origin[n])
+        assert torch.allclose(state.weights[n], want, atol=1e-10), n

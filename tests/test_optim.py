@@ -45,6 +45,30 @@ def test_deep_momentum_with_linear_memory_and_dot_objective_equals_sgd_momentum(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("retain_to", ["init", "zero"])
+def test_deep_momentum_mlp_memory_stays_alive_and_keeps_descending(retain_to):
+    # least squares, 400 steps. Retention towards zero (the paper's decay) takes the MLP memory to the dead
+    # all-zero state: W₂ falls from ~13 to ~0.03, the read-out vanishes and the loss stalls with a large gradient
+    # left. Towards its initial state the memory stays alive and the loss keeps falling (issue #18).
+    torch.manual_seed(0)
+    A, b = torch.randn(64, 32), torch.randn(64)
+    w = torch.nn.Parameter(torch.zeros(32, 4))
+    opt = DeepMomentum([w], lr=1e-2, momentum=0.9, retain_to=retain_to)
+    losses = []
+    for _ in range(400):
+        loss = ((A @ w).sum(1) - b).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    w2 = opt.state[w]["memory"]["W2"].norm().item()
+    progress = losses[199] - losses[-1]  # what the last 200 steps gained
+    if retain_to == "init":
+        assert w2 > 10 and progress > 5e-3, (w2, progress)
+    else:
+        assert w2 < 0.1 and progress < 1e-3, (w2, progress)
+
+
 def test_deep_momentum_mlp_starts_like_momentum_and_then_departs_from_it():
     # W₁ = 0 at the start: the first read-out is η‖σ(W₂c)‖² g, a positive multiple of g per row.
     p = torch.nn.Parameter(torch.zeros(3, 4))

@@ -29,21 +29,27 @@ __all__ = [
 ]  # fmt: skip
 
 
-def mqar(batch: int, num_pairs: int, vocab_size: int = 256, generator: torch.Generator | None = None):
-    """Keys from [1, vocab/2), values from [vocab/2, vocab); sequence length 4 · num_pairs."""
+def mqar(batch: int, num_pairs: int, vocab_size: int = 256, generator: torch.Generator | None = None, gap: int = 0):
+    """Keys from [1, vocab/2), values from [vocab/2, vocab); sequence length 4 · num_pairs + gap.
+
+    gap: filler tokens between the pairs and the queries, drawn uniformly from the value range (never a key, so they
+    cannot be mistaken for a query): what a memory must hold the pairs across."""
     half = vocab_size // 2
     if num_pairs >= half - 1:
         raise ValueError(f"num_pairs={num_pairs} needs distinct keys: at most {half - 2} with vocab_size={vocab_size}")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+        raise ValueError(f"gap={gap!r} must be an int >= 0 (filler tokens between the pairs and the queries)")
     keys = torch.stack([torch.randperm(half - 1, generator=generator)[:num_pairs] + 1 for _ in range(batch)])
     values = torch.randint(half, vocab_size, (batch, num_pairs), generator=generator)
     order = torch.stack([torch.randperm(num_pairs, generator=generator) for _ in range(batch)])
     qk, qv = keys.gather(1, order), values.gather(1, order)
     first = torch.stack([keys, values], dim=2).reshape(batch, -1)  # k1 v1 k2 v2 ...
     second = torch.stack([qk, qv], dim=2).reshape(batch, -1)  # the keys again, each followed by its value
-    tokens = torch.cat([first, second], dim=1)  # (b, 4N)
+    filler = torch.randint(half, vocab_size, (batch, gap), generator=generator)
+    tokens = torch.cat([first, filler, second], dim=1)  # (b, 4N + gap)
     targets = torch.roll(tokens, -1, dims=1)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[:, 2 * num_pairs :: 2] = True  # after each queried key, predict its value
+    mask[:, 2 * num_pairs + gap :: 2] = True  # after each queried key, predict its value
     return tokens, targets, mask
 
 

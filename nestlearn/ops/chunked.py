@@ -18,6 +18,9 @@ with the formula above at row i−1 gives a unit lower-triangular system (the UT
     u_i + Σ_{l<i} Dα[i−1, l] η_l (k_lᵀ k_i) u_l
         = Pα[i−1] M_0 k_i + dS[i−1] S_0 k_i − Σ_{l<i} K[i−1, l] η_l (b_lᵀ k_i) a_l
 
+With an origin O (retention towards O instead of zero, `memory.scan`'s `origin`) the same formulas hold for the
+deviation M − O: M_i gains (1 − Pα[i]) O, and u_i = (M_{i−1} − O) k_i.
+
 Reads of M_i(q_i) ("dual" form) are then masked (C × C) matmuls, and the end-of-chunk state is the formula at its
 last token (`_Transition`, with a hand-written backward). A self-generated target (eq. 87) replaces v_l by M_0(v_l),
 read in the same pass as M_0(k_l). Only the chunks run in a Python loop, because the next chunk's gradients need
@@ -75,25 +78,29 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 class _Transition(torch.autograd.Function):
     """The state at a chunk's end from the state at its start (module docstring, at i = end):
 
-        M' = pM M + sM S − Lᵀ R        S' = pS S − Λᵀ R        (without momentum: M' = pM M − Lᵀ R)
+        M' = pM M + (1 − pM) O + sM S − Lᵀ R        S' = pS S − Λᵀ R
 
-    M, S: (B, out, in); L, Λ: (B, C, out); R: (B, C, in); pM, sM, pS: (B,), a scalar per memory (Pα, dS and Pβ at
-    the chunk's last token). Written by hand because on CPU this is where the time goes: autograd over mul, addcmul
-    and baddbmm writes a weight-sized temporary for each scalar's gradient ((g ⊙ M).sum()) and keeps the scaled copies;
-    here the forward writes each output once, in place, and the backward writes only the two weight gradients it
-    must, taking the scalars' gradients as dot products. tests/test_memory_equivalence.py checks it against autograd
+    (without momentum no S terms; without an origin no O term). M, S, O: (B, out, in); L, Λ: (B, C, out);
+    R: (B, C, in); pM, sM, pS: (B,), a scalar per memory (Pα, dS and Pβ at the chunk's last token).
+
+    Written by hand because on CPU this is where the time goes: autograd over mul, addcmul and baddbmm writes a
+    weight-sized temporary for each scalar's gradient ((g ⊙ M).sum()) and keeps the scaled copies; here the forward
+    writes each output once, in place, and the backward writes only the weight gradients it must, taking the
+    scalars' gradients as dot products. tests/test_memory_equivalence.py checks it against autograd
     over the same formula and by finite differences."""
 
     @staticmethod
-    def forward(ctx, M, S, L, Lam, R, pM, sM, pS):
+    def forward(ctx, M, S, L, Lam, R, pM, sM, pS, O=None):
         new_M = torch.mul(M, pM[:, None, None])
+        if O is not None:
+            new_M.addcmul_(O, (1 - pM)[:, None, None])
         if S is not None:
             new_M.addcmul_(S, sM[:, None, None])
         new_M.baddbmm_(L.transpose(1, 2), R, alpha=-1)
         new_S = None
         if S is not None:
             new_S = torch.mul(S, pS[:, None, None]).baddbmm_(Lam.transpose(1, 2), R, alpha=-1)
-        ctx.save_for_backward(M, S, L, Lam, R, pM, sM, pS)
+        ctx.save_for_backward(M, S, L, Lam, R, pM, sM, pS, O)
         ctx.device_type = M.device.type
         ctx.set_materialize_grads(False)
         return new_M, new_S
@@ -108,12 +115,14 @@ class _Transition(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_M, g_S):
-        M, S, L, Lam, R, pM, sM, pS = ctx.saved_tensors
+        M, S, L, Lam, R, pM, sM, pS, O = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dM = dS = dL = dLam = dR = dpM = dsM = dpS = None
+        dM = dS = dL = dLam = dR = dpM = dsM = dpS = dO = None
         if g_M is not None:
             if need[0]:
                 dM = g_M * pM[:, None, None]
+            if O is not None and need[8]:
+                dO = g_M * (1 - pM)[:, None, None]
             if need[1] and S is not None:
                 dS = g_M * sM[:, None, None]
             if need[2]:
@@ -121,7 +130,7 @@ class _Transition(torch.autograd.Function):
             if need[4]:
                 dR = -torch.bmm(L, g_M)  # (B, C, in)
             if need[5]:
-                dpM = _dot(g_M, M)
+                dpM = _dot(g_M, M) if O is None else _dot(g_M, M) - _dot(g_M, O)
             if need[6] and S is not None:
                 dsM = _dot(g_M, S)
         if g_S is not None and S is not None:
@@ -133,17 +142,17 @@ class _Transition(torch.autograd.Function):
                 dR = -torch.bmm(Lam, g_S) if dR is None else dR.baddbmm_(Lam, g_S, alpha=-1)
             if need[7]:
                 dpS = _dot(g_S, S)
-        return dM, dS, dL, dLam, dR, dpM, dsM, dpS
+        return dM, dS, dL, dLam, dR, dpM, dsM, dpS, dO
 
 
-def _transition(M, S, L, Lam, R, pM, sM, pS):
+def _transition(M, S, L, Lam, R, pM, sM, pS, O=None):
     """`_Transition` on (b, h, ·, ·) tensors: flattens the leading axes and restores them."""
     n = M.dim() - 2  # leading axes, (b, h)
 
     def flat(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.reshape(-1, *x.shape[n:])
 
-    new_M, new_S = _Transition.apply(*(flat(x) for x in (M, S, L, Lam, R, pM, sM, pS)))
+    new_M, new_S = _Transition.apply(*(flat(x) for x in (M, S, L, Lam, R, pM, sM, pS, O)))
     return new_M.view(M.shape), (None if new_S is None else new_S.view(S.shape))
 
 
@@ -166,6 +175,7 @@ def chunked_scan(
     max_grad_norm: float | None = None,
     compile: bool = False,
     self_target: bool = False,
+    origin: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract as `naive_scan`. A state that stopped part-way through a chunk (offset r > 0) first finishes
     that chunk, C − r tokens whose gradients use the saved snapshot, then continues in whole chunks."""
@@ -173,6 +183,8 @@ def chunked_scan(
     opts = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, checkpoint=checkpoint)
     opts["q_is_k"] = q is k  # a snapshot read at the keys reuses the gradient's forward pass
     opts["max_grad_norm"], opts["compile"], opts["self_target"] = max_grad_norm, compile, self_target
+    # contiguous once per call, so that no chunk's transition copies an expanded (shared) origin again
+    opts["origin"] = None if origin is None else {n: o.contiguous() for n, o in origin.items()}
     W, S = state.weights, state.momentum
 
     def part(lo: int, hi: int) -> tuple[Tensor, ...]:
@@ -221,6 +233,7 @@ def _scan_chunks(
     max_grad_norm: float | None = None,
     compile: bool = False,
     self_target: bool = False,
+    origin: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
     """Chunks of C tokens from weights W (and momentum S). The first chunk takes its gradients and snapshot reads
     at `snapshot` if given, else at W. Returns y, the final W and S, and the weights the last chunk started from."""
@@ -294,7 +307,7 @@ def _scan_chunks(
 
     def step(c: int, W: dict, S: dict | None, Wg: dict | None):
         end = C - 1 if c < n - 1 else (T - 1) % C  # the chunk's last real token
-        return fn(per_chunk[c], W, S, Wg, end=end, **flags)
+        return fn(per_chunk[c], W, S, Wg, origin, end=end, **flags)
 
     def run(c0: int, c1: int, W: dict, S: dict | None):
         """Chunks c0..c1−1; also returns the weights the last of them started from (where its gradients were)."""
@@ -334,6 +347,7 @@ def _step(
     W: dict[str, Tensor],
     S: dict[str, Tensor] | None,
     Wg: dict[str, Tensor] | None,
+    O: dict[str, Tensor] | None,
     *,
     end: int,
     memory: str,
@@ -345,8 +359,9 @@ def _step(
     max_grad_norm: float | None,
     self_target: bool,
 ):
-    """One chunk from weights W (momentum S), its gradients taken at Wg (None: at W); `ch` holds the chunk's
-    inputs and kernels (see `_scan_chunks`), `end` its last real token. Returns y, W and S after the chunk.
+    """One chunk from weights W (momentum S), its gradients taken at Wg (None: at W), retention towards the origin
+    O (None: towards zero); `ch` holds the chunk's inputs and kernels (see `_scan_chunks`), `end` its last real
+    token. Returns y, W and S after the chunk.
 
     A pure function of its arguments, so that `torch.compile` can fuse it once and reuse it for every chunk."""
     sigma, _ = get_activation(activation)
@@ -387,6 +402,8 @@ def _step(
     if dgd:
         # u_i = M_{i−1} k_i by the unit lower-triangular solve (module docstring)
         Mk = zk if same else apply_weight(kc, W[key])
+        if O is not None:  # u_i = (M_{i−1} − O) k_i: DGD acts on the deviation from the origin
+            Mk = Mk - apply_weight(kc, O[key])
         rhs = ch["P_a_prev"] * Mk - ch["R_grad"] @ a_key
         if has_S:
             rhs = rhs + ch["dS_prev"] * apply_weight(kc, S[key])
@@ -394,6 +411,8 @@ def _step(
 
     if dual:  # y_i = M_i(q_i)
         z = pa * apply_weight(qc, W[key]) - ch["A_read"] @ a_key  # M_i q_i for the key-side weight
+        if O is not None:
+            z = z + (1 - pa) * apply_weight(qc, O[key])
         if has_S:
             z = z + ch["dS"].unsqueeze(-1) * apply_weight(qc, S[key])
         if dgd:
@@ -404,6 +423,8 @@ def _step(
             hq = sigma(z)  # (b, h, C, f)
             A1 = ch["K"] * ch["eta_col"] * (hq @ _t(hk))  # weight of e_l in W1_i hq_i
             y1 = pa * apply_weight(hq, W["W1"]) - A1 @ e
+            if O is not None:
+                y1 = y1 + (1 - pa) * apply_weight(hq, O["W1"])
             if has_S:
                 y1 = y1 + ch["dS"].unsqueeze(-1) * apply_weight(hq, S["W1"])
             y = qc + y1
@@ -424,5 +445,6 @@ def _step(
         if dgd and name == key:  # the DGD term shares the right factor k_l: one matmul for both
             left = left + u * (ch["D_a"][..., end, :] * ch["eta"]).unsqueeze(-1)
         Sn = S[name] if has_S else None
-        new_W[name], new_S[name] = _transition(W[name], Sn, left, None if Sn is None else a * wS, bb, pM, sM, pS)
+        On = None if O is None else O[name]
+        new_W[name], new_S[name] = _transition(W[name], Sn, left, None if Sn is None else a * wS, bb, pM, sM, pS, On)
     return y, new_W, new_S if has_S else None

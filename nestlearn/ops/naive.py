@@ -10,6 +10,8 @@ not by hand, so the chunked path's hand-derived gradients are checked against an
     U_t   = S_t with momentum, else −η_t g_t
     gd:   M_t = α_t M_{t−1} + U_t                               (eq. 5 / Titans eq. 13 with retention α_t)
     dgd:  M_t = M_{t−1}(α_t I − η_t k_t k_tᵀ) + U_t             (eq. 88) on the key-side weight; α_t on the rest
+    origin O (optional): the same recurrence on the deviation M − O, so retention pulls towards O, not zero:
+          gd:  M_t = O + α_t (M_{t−1} − O) + U_t       dgd:  M_t = O + (M_{t−1} − O)(α_t I − η_t k_t k_tᵀ) + U_t
     dual:     y_t = M_t(q_t)        snapshot:  y_t = M_{t0−1}(q_t)   (eq. 90 as printed)
     max_grad_norm c (optional): g_t ← g_t · min(1, c / ‖g_t‖), ‖·‖ over every layer of the memory
     self_target (optional): the value is v̂_t = M_{t0−1}(v_t), the memory's own read at v_t (eq. 87)
@@ -46,9 +48,10 @@ def naive_scan(
     activation: str,
     max_grad_norm: float | None = None,
     self_target: bool = False,
+    origin: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
-    """Inputs already validated and batched: q, k (b, h, t, d), v (b, h, t, o), gates (b, h, t), state tensors
-    (b, h, out, in). Returns y (b, h, t, o) and the final state."""
+    """Inputs already validated and batched: q, k (b, h, t, d), v (b, h, t, o), gates (b, h, t), state and origin
+    tensors (b, h, out, in). Returns y (b, h, t, o) and the final state."""
 
     def loss(w: dict[str, Tensor], k_t: Tensor, v_t: Tensor) -> Tensor:
         # summed over (b, h): each memory's gradient only sees its own term
@@ -78,12 +81,13 @@ def naive_scan(
             U = {name: -eta * g[name] for name in weights}
         new = {}
         for name, M in weights.items():
+            O = 0.0 if origin is None else origin[name]
             if rule == "dgd" and name == KEY_SIDE[memory]:
                 eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
                 A = alpha * eye - eta * (k_t.transpose(-1, -2) @ k_t)  # α_t I − η_t k_t k_tᵀ, (b, h, d, d)
-                new[name] = M @ A + U[name]
+                new[name] = O + (M - O) @ A + U[name]
             else:
-                new[name] = alpha * M + U[name]
+                new[name] = O + alpha * (M - O) + U[name]
         weights = new
         ys.append(apply_memory(weights if read == "dual" else snapshot, q_t, memory, activation))
     offset = (state.offset + q.shape[2]) % chunk_size

@@ -162,16 +162,23 @@ class DeepMomentum(_Momentum):
     Jacobian of the read-out in the MLP's weights), a preconditioner that the memory learns as it is written.
     W₁ starts at zero, so the first read-out is 0 as for momentum; W₂ starts N(0, 1) from a fixed seed.
 
+    Retention pulls the memory back to its initial state M_0 (`retain_to="init"`, the default), as the model's
+    memories do: M_r ← M_0 + β (M_r − M_0) − η ∇ℓ. W₁'s M_0 is zero, so for W₁ (and for the linear memory, hence
+    the SGD reduction) nothing changes; W₂ returns to its random start instead of decaying to zero. With
+    `retain_to="zero"` W₂ decays by β every step while its writes (∝ W₁ᵀg) shrink with W₁: the memory reaches the
+    dead all-zero state, its read-out goes to zero and the parameters stop moving (docs/optimizers.md).
+
     Args:
         momentum: β, the memory's retention. inner_lr: η. memory: mlp | linear. objective: dot | l2.
         hidden: the MLP's hidden width per row. activation: its σ. seed: of W₂'s initial values.
+        retain_to: `init` (default) or `zero`, what the retention β pulls the memory towards.
     """
 
     name = "DeepMomentum"
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, inner_lr: float = 1.0, memory: str = "mlp",
                  objective: str = "dot", hidden: int = 2, activation: str = "gelu", weight_decay: float = 0.0,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, retain_to: str = "init"):  # fmt: skip
         self._check(lr, momentum, weight_decay)
         check_range(self.name, "inner_lr", inner_lr, 0.0)
         check_range(self.name, "hidden", hidden, 1)
@@ -179,8 +186,10 @@ class DeepMomentum(_Momentum):
                                      ("activation", activation, tuple(mem.ACTIVATIONS))):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{self.name}: {name}={value!r} is not known; expected one of {list(allowed)}")
+        check_choice(self.name, "retain_to", retain_to, ("init", "zero"))
         defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, memory=memory, objective=objective,
-                        hidden=hidden, activation=activation, weight_decay=weight_decay)  # fmt: skip
+                        hidden=hidden, activation=activation, weight_decay=weight_decay,
+                        retain_to=retain_to)  # fmt: skip
         super().__init__(params, defaults)
         self.seed = seed
 
@@ -205,12 +214,16 @@ class DeepMomentum(_Momentum):
             index = sum(1 for _ in self.state) - 1
             weights = self._init_memory(rows, group, index).weights
             state["memory"] = weights
+            state["memory_init"] = {name: w.clone() for name, w in weights.items()}  # M_0, where retention pulls
         c = self._key(rows, group)
         v = rows.to(c.dtype)[None, :, None, :]  # (1, n, 1, d): one token per row
         gate = torch.ones(c.shape[:3], dtype=c.dtype, device=c.device)
         opts = dict(memory=group["memory"], activation=group["activation"])
+        # a state saved before retain_to existed has no M_0: its memory then keeps retaining towards zero
+        origin = state.get("memory_init") if group.get("retain_to", "init") == "init" else None
         _, new = mem.scan(c, c, v, gate * group["inner_lr"], gate * group["momentum"], state=mem.MemoryState(
-            state["memory"]), objective=group["objective"], chunk_size=1, check_values=False, **opts)  # fmt: skip
+            state["memory"]), objective=group["objective"], chunk_size=1, check_values=False, origin=origin,
+            **opts)  # fmt: skip
         state["memory"] = {name: w.contiguous() for name, w in new.weights.items()}
         out = mem.read(c, new, **opts)  # (1, n, 1, d)
         if group["memory"] == "mlp":
