@@ -72,6 +72,8 @@ def measure(path: str, docs: list[str] | None, args) -> dict:
     nll = torch.zeros(args.length)
     state, health = None, []
     for lo in range(0, args.length, args.call):
+        if args.reset and lo % args.reset == 0:
+            state = None  # a fresh state, as in training on windows of --reset tokens
         logits, state = model(x[:, lo : lo + args.call], state)
         hi = lo + logits.shape[1]
         targets = x[:, lo + 1 : hi + 1]
@@ -95,19 +97,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--length", type=int, default=8192, help="tokens per stream (default: 8192)")
     p.add_argument("--call", type=int, default=512, help="tokens per forward call, state carried (default: 512)")
     p.add_argument("--streams", type=int, default=2, help="streams (documents) per checkpoint (default: 2)")
+    p.add_argument("--reset", type=int, default=0,
+                   help="start from a fresh state every N tokens, a multiple of --call: the baseline of windows "
+                        "read independently, as in training (default 0: never, the state is carried)")  # fmt: skip
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     for name in ("length", "call", "streams"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be positive; got {getattr(args, name)}")
+    if args.reset < 0 or args.reset % args.call:
+        p.error(f"--reset must be 0 or a positive multiple of --call={args.call}; got {args.reset}")
     flush_subnormals(torch.device("cpu"))  # as eval, memorize and longctx run
     docs = None if args.data == "random" else load_split(args.data, args.split, args.data_root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeadMemoryWarning)  # reported in the table instead
         rows = [measure(c, docs, args) for c in args.checkpoints]
     cols = list(rows[0]["bits_per_token"])
+    reset = f", a fresh state every {args.reset} tokens" if args.reset else ", the state carried"
     print(f"\nbits per token by position, {args.streams} streams of {args.length} tokens of {args.data}/{args.split}, "
-          f"calls of {args.call}\n")  # fmt: skip
+          f"calls of {args.call}{reset}\n")  # fmt: skip
     print("| checkpoint | " + " | ".join(cols) + " | dead memories at the end |")
     print("| --- |" + " ---: |" * len(cols) + " --- |")
     for r in rows:

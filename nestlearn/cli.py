@@ -17,9 +17,12 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 __all__ = ["main"]
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def _eval(argv: list[str]) -> int:
@@ -177,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[argv[0]][0](argv[1:])
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        if os.environ.get("NESTLEARN_DEBUG"):
-            raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"nestlearn {argv[0]}: error: {message}\n(set NESTLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("NESTLEARN_DEBUG") or not _raised_by_nestlearn(e):
+            raise  # a bug, or torch's own error (shapes, out of memory): the traceback is what helps
+        print(f"nestlearn {argv[0]}: error: {e}\n(set NESTLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+
+
+def _raised_by_nestlearn(e: BaseException) -> bool:
+    """Whether nestlearn's own code raised `e` (its innermost frame is in this package): the project's messages
+    for bad input, which name the value, the rule and the fix, are printed as one line; nothing else is."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
 
 
 if __name__ == "__main__":

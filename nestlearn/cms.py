@@ -102,12 +102,13 @@ class CMS(nn.Module):
     """State: one entry per level, a MemoryState for in-context levels and None for outer levels."""
 
     def __init__(self, dim: int, num_heads: int, seq_len: int, config: CMSConfig):
+        """`seq_len` decides which levels are outer only for a config without `outer_from` (ModelConfig fills it)."""
         super().__init__()
         self.config = config
         hidden = 32 * math.ceil(config.hidden_mult * dim / 32)
         levels = []
         for period in config.update_periods:
-            if period is not None and period < seq_len:
+            if period is not None and period < (config.outer_from or seq_len):
                 levels.append(InContextLevel(dim, num_heads, period, config))
             else:
                 level = SwiGLU(dim, hidden)

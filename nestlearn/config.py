@@ -6,6 +6,7 @@ presets in `nestlearn.presets` are functions returning these. Symbols: docs/nota
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -187,13 +188,18 @@ class SelfModConfig:
 class CMSConfig:
     """Continuum Memory System: a chain of MLP levels, level ℓ updated every update_periods[ℓ] tokens (§7).
 
-    A level whose period is at least `ModelConfig.seq_len` is an outer level: ordinary parameters that carry their
-    period for the optimizer (eq. 71). A Transformer's MLP is one outer level.
+    A level whose period is at least `outer_from` is an outer level: ordinary parameters that carry their period
+    for the optimizer (eq. 71); a shorter period makes an in-context level. A Transformer's MLP is one outer level.
+    `outer_from` is fixed when the config is made (the model's seq_len then), so that training or evaluating at
+    another length never changes the architecture: an in-context level whose period is longer than the window
+    writes only when the state is carried across windows (`--carry-state`, streaming evaluation, `memorize`).
     """
 
     # C^(ℓ) in tokens, fastest first. None: an ordinary MLP stepped with every optimizer step, like the rest of the
     # model (the Transformer's MLP, "frequency 1 in pre-training", paper Fig. 5). The default is one such level.
     update_periods: tuple[int | None, ...] = (None,)
+    # periods ≥ this are outer levels, shorter ones in-context; None: ModelConfig.seq_len when the config is made
+    outer_from: int | None = None
     hidden_mult: float = 8 / 3  # SwiGLU hidden width = hidden_mult × dim, rounded up to a multiple of 32
     # in-context levels (period < seq_len): an MLP memory per head, written every C^(ℓ) tokens (docs/deviations.md)
     # "sequential" chain (eq. 73, Hope's eq. 97), "independent" weighted sum (eq. 74), or "nested" (eq. 72): the
@@ -222,6 +228,10 @@ class CMSConfig:
             _fail("CMSConfig", "update_periods", self.update_periods, "list the levels fastest first (ascending)")
         if self.hidden_mult <= 0:
             _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
+        o = self.outer_from
+        if o is not None and (isinstance(o, bool) or not isinstance(o, int) or o < 1):
+            _fail("CMSConfig", "outer_from", o,
+                  "must be a positive int (periods at least this are outer levels), or None (the seq_len)")  # fmt: skip
         _check_clip(self)
         _check_retain_to(self)
         _check_retention_init(self)
@@ -244,7 +254,7 @@ class ModelConfig:
     dim: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    seq_len: int = 512  # training context; CMS levels with a period ≥ seq_len are outer levels
+    seq_len: int = 512  # training context; fixes CMSConfig.outer_from (periods ≥ it are outer levels) when None
     mixer: str = "attention"
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     titans: TitansConfig = field(default_factory=TitansConfig)
@@ -274,6 +284,8 @@ class ModelConfig:
                 setattr(self, name, cls(**v))
             elif not isinstance(v, cls):
                 _fail("ModelConfig", name, v, f"must be a {cls.__name__}")
+        if self.cms.outer_from is None:  # fixed now: a later change of seq_len leaves the architecture alone
+            self.cms = dataclasses.replace(self.cms, outer_from=self.seq_len)
 
     @property
     def head_dim(self) -> int:

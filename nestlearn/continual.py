@@ -332,7 +332,9 @@ def build_model(config: ContinualConfig):
         model_config = dataclasses.replace(model_config, num_layers=s.num_layers, dim=s.dim, num_heads=s.num_heads,
                                            cms=cms)  # fmt: skip
     if config.update_periods is not None:
-        cms = dataclasses.replace(model_config.cms, update_periods=parse_periods(config.update_periods))
+        # new levels: periods shorter than the training window are in-context, the others outer (as `train`)
+        cms = dataclasses.replace(model_config.cms, update_periods=parse_periods(config.update_periods),
+                                  outer_from=model_config.seq_len)  # fmt: skip
         model_config = dataclasses.replace(model_config, cms=cms)  # checks the periods
     model = build(model_config)
     if source is not None:
@@ -381,8 +383,10 @@ def run(config: ContinualConfig) -> dict:
     if config.strategy == "levels":
         model_levels = model.levels()
         if all(lv.period is None for lv in model_levels):
-            raise ValueError(f"the levels strategy needs CMS levels with a period: {config.preset} has none at "
-                             f"seq_len {config.seq_len}; give --update-periods, e.g. 16,128,2048")  # fmt: skip
+            raise ValueError(f"the levels strategy needs outer CMS levels with a period: {config.preset}'s CMS periods "
+                             f"{model.config.cms.update_periods} have none at least {model.config.cms.outer_from} "
+                             "tokens; give --update-periods, e.g. 16,128,2048 (periods at least --seq-len are "
+                             "outer levels)")  # fmt: skip
         levels = Levels(opt, model_levels)
         levels.due(config.seq_len)
     ewc = EWC(model, config.ewc_lambda, config.ewc_batches) if config.strategy == "ewc" else None

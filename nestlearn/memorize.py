@@ -148,7 +148,9 @@ class Learner:
 
     Args:
         model: a LanguageModel.
-        lr: learning rate of every outer level with a period (default 1e-3).
+        lr: learning rate of every outer level with a period (default None: 1e-3 where there are such levels). A
+            model with none (a default Hope: its only outer level is `base`) refuses an explicit lr > 0, which
+            would train nothing, and names the flags that make levels to train.
         base_lr: learning rate of `base`, the parameters stepped every step in training (embeddings,
             projections, meta-learned initial states, CMS levels of period None). Default 0: frozen, the usual
             deployment; a positive value fine-tunes them on the stream every `segment` tokens.
@@ -161,13 +163,13 @@ class Learner:
         segment: tokens per forward pass (default: the model's seq_len).
     """
 
-    def __init__(self, model: LanguageModel, lr: float = 1e-3, base_lr: float = 0.0,
+    def __init__(self, model: LanguageModel, lr: float | None = None, base_lr: float = 0.0,
                  lrs: dict[str, float] | None = None, periods: dict[str, int] | None = None,
                  optimizer: str = "adamw", optimizer_args: dict | None = None,
                  segment: int | None = None):  # fmt: skip
         if not isinstance(model, LanguageModel):
             raise ValueError(f"Learner needs a nestlearn LanguageModel; got {type(model).__name__}")
-        for name, value in (("lr", lr), ("base_lr", base_lr), *(lrs or {}).items()):
+        for name, value in (("lr", 0.0 if lr is None else lr), ("base_lr", base_lr), *(lrs or {}).items()):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"learning rate {name}={value!r} must be a finite number >= 0 (0 freezes the level)")
         if optimizer not in OPTIMIZERS:
@@ -176,10 +178,18 @@ class Learner:
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
             raise ValueError(f"segment={segment!r} must be a positive number of tokens")
         self.model = model
+        levels = _carve(model.levels(), periods)
+        if lr is not None and lr > 0 and not _outer(levels, lrs):
+            names = ", ".join(f"{lv.name} (period {lv.period})" for lv in levels)
+            raise ValueError(
+                f"lr={lr} would train nothing: it applies to the outer levels with a period, and this model has none "
+                f"beyond the ones named in lrs (its levels: {names}); `base` learns at base_lr={base_lr}. Make levels "
+                "of base parameters with periods={regex: tokens} (--period 'cms\\.levels\\.2\\.=512'), fine-tune base "
+                "with base_lr > 0 (--base-lr), or leave lr unset to let only the in-context memories learn"
+            )
         self.options = dict(lr=lr, base_lr=base_lr, lrs=dict(lrs or {}), periods=dict(periods or {}),
                             optimizer=optimizer, optimizer_args=dict(optimizer_args or {}),
                             segment=self.segment)  # fmt: skip
-        levels = _carve(model.levels(), periods)
         names = [lv.name for lv in levels]
         unknown = sorted(set(lrs or {}) - set(names))
         if unknown:
@@ -188,7 +198,7 @@ class Learner:
         def lr_of(lv: Level) -> float:
             if lv.name in (lrs or {}):
                 return float(lrs[lv.name])
-            return float(base_lr if lv.name == "base" else lr)
+            return float(base_lr if lv.name == "base" else 1e-3 if lr is None else lr)
 
         self.lrs = {lv.name: lr_of(lv) for lv in levels}
         self.periods = {lv.name: lv.period for lv in levels}
@@ -305,9 +315,17 @@ class Learner:
                                     "Learner.save or nestlearn memorize?")  # fmt: skip
         saved = torch.load(path / LEARNER_FILE, map_location=device, weights_only=True)
         model = load(path, device=device)
-        learner = cls(model, **saved["options"])
+        options = dict(saved["options"])
+        if not _outer(_carve(model.levels(), options.get("periods")), options.get("lrs")):
+            options["lr"] = None  # saved before an unused lr was refused: it trained nothing then either
+        learner = cls(model, **options)
         learner.load_state_dict(saved)
         return model, learner, _decode_state(saved["state"])
+
+
+def _outer(levels: list[Level], lrs: dict[str, float] | None) -> list[str]:
+    """The levels that `lr` applies to: every level but `base` and those given their own rate in `lrs`."""
+    return [lv.name for lv in levels if lv.name != "base" and lv.name not in (lrs or {})]
 
 
 def write_report(path: Path, report: MemorizeReport) -> None:

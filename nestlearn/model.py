@@ -2,9 +2,11 @@
 
     tokens ─ embedding ─ N × [ x + mixer(RMSNorm(x)) ; x + CMS(RMSNorm(x)) ] ─ RMSNorm ─ head (tied) ─ logits
 
-The mixer is `attention` (Transformer++, Hope-Attention) or `titans` (the Titans memory); the CMS is a chain of
-MLP levels (paper §7). Models differ only in their `ModelConfig`, so comparisons are fair by construction.
-State is explicit and per sequence: `logits, state = model(tokens, state)` (DESIGN.md).
+The mixer is `attention` (Transformer++, Hope-Attention), `titans` (the Titans memory) or `sm_titans`
+(self-modifying Titans, Hope's); the CMS is a chain of MLP levels (paper §7). Models differ only in their
+`ModelConfig`, so comparisons are fair by construction.
+State is explicit and per sequence: `logits, state = model(tokens, state)`; nothing is kept on a module between
+calls, so sequences never share a memory (docs/deviations.md).
 
     b batch, t tokens, V vocabulary
 """

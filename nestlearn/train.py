@@ -105,7 +105,9 @@ class TrainConfig:
     lr: float = _help("peak learning rate", default=1e-3)
     min_lr_ratio: float = _help("final learning rate of the cosine schedule, as a fraction of --lr", default=0.1)
     warmup_steps: int = _help("linear warm-up steps", default=100)
-    weight_decay: float = _help("AdamW weight decay, on matrices only (not norms, biases, gates)", default=0.1)
+    weight_decay: float = _help("weight decay of the linear maps' weights only (not embeddings, memories' initial "
+                                "states, convolutions, norms, biases, gates' read-outs; docs/training.md)",
+                                default=0.1)  # fmt: skip
     beta1: float = _help("AdamW β1 (also of the AdamW part of muon and m3)", default=0.9)
     beta2: float = _help("AdamW β2 (also of the AdamW part of muon and m3)", default=0.95)
     grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
@@ -380,7 +382,8 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
     if config.periods() is not None:
         if model_config.cms is None:
             raise ValueError(f"--update-periods: {model_config.name} has no Continuum Memory System to set")
-        cms = dataclasses.replace(model_config.cms, update_periods=config.periods())  # checks the periods
+        # new levels: periods shorter than the training window are in-context, the others outer (docs/training.md)
+        cms = dataclasses.replace(model_config.cms, update_periods=config.periods(), outer_from=model_config.seq_len)
         model_config = dataclasses.replace(model_config, cms=cms)
     if config.memory_checkpoint:
         for sub in (model_config.titans, model_config.sm_titans, model_config.cms):
@@ -415,21 +418,25 @@ def _optimizer_class(config: TrainConfig):
     return make
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """config.optimizer over four groups: matrices (decayed; orthogonalised by muon and m3), the embedding and
-    the memories' ≥3-D initial states (decayed; AdamW inside muon and m3, which orthogonalise only plain
-    matrices, as Jordan et al. advise for embeddings), and vectors (norms, biases, gates: not decayed)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for n, p in named if p.dim() == 2 and "embed" not in n]
-    vectors = [p for n, p in named if p.dim() < 2]
-    taken = {id(p) for p in matrices + vectors}
-    others = [p for _, p in named if id(p) not in taken]
-    wd = config.weight_decay
-    groups = [{"params": matrices, "weight_decay": wd}, {"params": others, "weight_decay": wd},
-              {"params": vectors, "weight_decay": 0.0}]  # fmt: skip
-    if config.optimizer in ("muon", "m3"):
+def param_groups(model: nn.Module, weight_decay: float, orthogonalise: bool = False) -> list[dict]:
+    """The parameter-group policy (docs/training.md): the weights of linear maps, every `nn.Linear` but an untied
+    output head, are decayed and, when `orthogonalise` (muon, m3), orthogonalised; nothing else is either: the
+    embedding and head, the memories' initial states, the causal convolutions' weights, self-modifying Titans'
+    read-outs and gate biases, norms and biases (AdamW inside muon and m3, which Jordan et al. advise for
+    embeddings; decay would pull α's bias of 4 towards 0 and the initial states towards the dead zero state)."""
+    linear = {id(m.weight) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.split(".")[-1] != "head"}  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in linear], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in linear], "weight_decay": 0.0}]  # fmt: skip
+    if orthogonalise:
         groups[1]["muon"] = False
-    return _optimizer_class(config)([g for g in groups if g["params"]])
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """config.optimizer over `param_groups`: linear maps decayed (and orthogonalised by muon and m3), the rest not."""
+    return _optimizer_class(config)(param_groups(model, config.weight_decay, config.optimizer in ("muon", "m3")))
 
 
 def make_levels(model: LanguageModel, optimizer: torch.optim.Optimizer, config: TrainConfig):

@@ -54,7 +54,7 @@ def test_a_waiting_level_does_not_advance_its_optimizer_state():
 
 def model_with_outer_levels():
     config = presets.hope("debug")
-    config.cms.update_periods, config.seq_len = (8, 64, 128), 32  # 8 in-context; 64 and 128 outer
+    config.cms.update_periods, config.cms.outer_from, config.seq_len = (8, 64, 128), 32, 32  # 8 in-context
     return build(config)
 
 

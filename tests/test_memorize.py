@@ -112,8 +112,11 @@ def test_bad_settings_are_refused_with_the_fix():
         Learner(model, segment=16).memorize(stream(20))
     torch.manual_seed(0)
     transformer = build(presets.transformer("debug"))
-    with pytest.raises(ValueError, match="nothing would learn"):
+    with pytest.raises(ValueError, match=r"lr=1.0 would train nothing.*--period.*--base-lr"):
         transformer.memorize(stream(256), lr=1.0)  # its only level is the frozen base
+    with pytest.raises(ValueError, match=r"lr=0.001 would train nothing.*its levels: base \(period None\)"):
+        Learner(model, lr=1e-3)  # a default Hope: in-context memories, and `base`, frozen
+    assert Learner(model).learning == []  # lr unset: only the in-context memories learn, which is not nothing
     with pytest.raises(ValueError, match="either learner= or"):
         model.memorize(stream(16), learner=Learner(model, segment=16), lr=1.0)
 
@@ -143,7 +146,10 @@ def test_memorize_command_writes_a_model_that_continues(tmp_path):
                 "--out-dir", str(tmp_path / "m1"), *common]) == 0  # fmt: skip
     first = json.loads((tmp_path / "m1" / "memorize.json").read_text())
     steps = {lv["name"]: lv["steps"] for lv in first["history"][0]["levels"]}
-    assert first["offset"] == 64 and steps[SLOW] == 2 and steps["blocks.0.cms.levels.0"] == 4  # seq_len 16: outer
+    assert first["offset"] == 64 and steps == {"base": 0, SLOW: 2}
+    # training at seq_len 16 leaves the period-16 and -128 levels in context (the preset's architecture)
+    writes = {m["name"]: m["writes"] for m in first["history"][0]["memories"]}
+    assert writes["blocks.0.cms.levels.0"] == 4 and writes["blocks.0.cms.levels.1"] == 0
     assert cli(["memorize", str(tmp_path / "m1"), "--tokens", "32", "--out-dir", str(tmp_path / "m2"), *common]) == 0
     second = json.loads((tmp_path / "m2" / "memorize.json").read_text())
     assert second["offset"] == 96 and [h["offset"] for h in second["history"]] == [0, 64]

@@ -1,4 +1,4 @@
-"""Properties of the associative memory that the paper and DESIGN.md promise, for both implementations:
+"""Properties of the associative memory that the paper and the README promise, for both implementations:
 causality, batch isolation, streaming, the reductions to linear attention and the gated delta rule, and clear
 errors for bad input."""
 

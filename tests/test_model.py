@@ -106,7 +106,7 @@ def test_decoding_state_is_constant_for_recurrent_mixers(name, constant):
 def test_every_parameter_gets_a_finite_nonzero_gradient(name):
     model = model_of(name)
     # an in-context level's writes are read only from its next period on: run past the slowest one
-    periods = [p for p in model.config.cms.update_periods if p is not None and p < model.config.seq_len]
+    periods = [p for p in model.config.cms.update_periods if p is not None and p < model.config.cms.outer_from]
     loss, _ = model.loss(tokens(t=max([40, *periods]) + 9))
     loss.backward()
     for pname, p in model.named_parameters():
@@ -337,3 +337,26 @@ def test_lr_init_sets_the_initial_inner_learning_rate(preset):
         bias, old = model.readout_bias[0], default.readout_bias[0]
     torch.testing.assert_close(2.0 * torch.sigmoid(bias), torch.full_like(bias, 0.05))
     torch.testing.assert_close(torch.sigmoid(old), torch.full_like(old, 0.5))  # None: η starts at max_lr / 2
+
+
+@pytest.mark.parametrize("preset", sorted(presets.PRESETS))
+def test_the_training_length_does_not_change_the_architecture(preset):
+    # a level's kind (in-context or outer) comes from its config, fixed when the config is made: training at
+    # --seq-len 64 must not turn Hope's period-128 level into a SwiGLU level, and a checkpoint trained at one
+    # length must load and run at another
+    import dataclasses
+
+    from nestlearn.train import TrainConfig, model_config_of
+
+    def shapes(config):
+        return {n: tuple(p.shape) for n, p in build(config).named_parameters()}
+
+    config = getattr(presets, preset)("debug")
+    want = shapes(config)
+    assert shapes(dataclasses.replace(config, seq_len=64)) == want
+    assert shapes(model_config_of(TrainConfig(preset=preset, size="debug", seq_len=64), 256)) == want
+    assert shapes(model_config_of(TrainConfig(preset=preset, size="debug", seq_len=4096), 256)) == want
+    assert ModelConfig.from_dict(dataclasses.replace(config, seq_len=64).to_dict()).cms.outer_from == 256
+    old = config.to_dict()
+    del old["cms"]["outer_from"]  # a config saved before outer_from: its seq_len decided, as it did then
+    assert ModelConfig.from_dict(old).cms.outer_from == config.seq_len

@@ -319,3 +319,53 @@ def test_an_outer_level_whose_period_is_not_a_multiple_of_the_window_is_refused_
     with pytest.raises(ValueError, match="period 100 tokens, but each step advances the stream by 32"):
         train(config(corpus, tmp_path / "x", preset="hope", update_periods="8,100"))
     assert not (tmp_path / "x" / "metrics.jsonl").exists() or not losses(tmp_path / "x")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "m3", "deep_momentum"])
+@pytest.mark.parametrize("preset", sorted(presets.PRESETS))
+def test_only_linear_maps_are_decayed_and_orthogonalised(preset, optimizer):
+    # the parameter-group policy: nn.Linear weights (no untied head) decayed and, under muon / m3, orthogonalised;
+    # embeddings, initial states, convolutions, read-outs, gate biases, norms and biases neither
+    from nestlearn.optim import M3, Muon
+    from nestlearn.train import make_optimizer
+
+    config = dataclasses.replace(getattr(presets, preset)("debug"), tie_embeddings=False)
+    model = build(config)
+    opt = make_optimizer(model, TrainConfig(preset=preset, optimizer=optimizer, weight_decay=0.1))
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert len(group_of) == sum(1 for _ in model.parameters())
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "head"}
+    assert any(".gates." in n or ".beta." in n or "cms" in n for n in linear)
+    for name, p in model.named_parameters():
+        g = group_of[id(p)]
+        decayed = name in linear
+        assert (g["weight_decay"] > 0) == decayed, name
+        if isinstance(opt, (Muon, M3)):
+            assert (p.dim() >= 2 and g["muon"] is not False) == decayed, name
+    names = {n for n, _ in model.named_parameters()}
+    for never in ("embed.weight", "head.weight"):
+        assert never in names and never not in linear
+    if preset == "hope":
+        assert {"blocks.0.mixer.readout_bias", "blocks.0.mixer.conv.weight", "blocks.0.mixer.gen_W1"} <= names - linear
+
+
+def test_the_cli_prints_its_own_input_errors_in_one_line_and_lets_bugs_show_their_traceback(monkeypatch, capsys):
+    import nestlearn.cli as cli_module
+
+    assert cli(["eval", "/nonexistent/run"]) == 1  # the project's own message: one line, no traceback
+    err = capsys.readouterr().err
+    assert "nestlearn eval: error:" in err and "Traceback" not in err
+
+    def shape_bug(argv):  # torch's RuntimeError from a bug, not bad input
+        torch.zeros(2, 3) @ torch.zeros(2, 3)
+
+    def key_bug(argv):
+        return {}["missing"]
+
+    def torch_value_error(argv):  # a ValueError raised inside torch, not by nestlearn
+        torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+    for bug, error in ((shape_bug, RuntimeError), (key_bug, KeyError), (torch_value_error, ValueError)):
+        monkeypatch.setitem(cli_module.COMMANDS, "eval", (bug, "test"))
+        with pytest.raises(error):
+            cli(["eval"])

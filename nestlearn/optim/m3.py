@@ -12,7 +12,7 @@ slow memory is refreshed at the start of each block of f steps with the previous
 `form="literal"` is the algorithm as printed: sums without decay (V then grows like t, so the step shrinks
 like 1/√t, as in AdaGrad). `form="ema"` (the default, chosen by measurement, docs/results.md) uses exponential
 averages M¹ ← β₁M¹ + (1−β₁)g, V ← β₂V + (1−β₂)g² with bias correction, and M² ← β₃M² + (1−β₃)·(mean of the block's
-gradients). The algorithm's labels for β₂/β₃ disagree with eq. 75 (reference/paper.md §7, item 15); here β₂ is
+gradients). The algorithm's labels for β₂/β₃ disagree with eq. 75 (docs/deviations.md, ambiguity #15); here β₂ is
 the second moment and β₃ the slow momentum. s is the update scale (`scale`): `rms` (default) rescales the update
 to RMS 0.2 so one learning rate serves the matrices and the AdamW-stepped vectors; `none` is the algorithm's.
 Parameters with fewer than 2 dimensions (and groups with `muon=False`) are stepped by AdamW.
