@@ -41,7 +41,7 @@ from .health import unhealthy, warn_about
 from .model import LanguageModel, Level, ModelState, load
 from .optim import OPTIMIZERS, Levels, optimizer_class
 
-__all__ = ["Learner", "MemorizeReport", "stream_loss"]
+__all__ = ["Learner", "MemorizeReport", "memorize", "stream_loss"]
 
 LEARNER_FILE = "learner.pt"
 
@@ -321,6 +321,21 @@ class Learner:
         learner = cls(model, **options)
         learner.load_state_dict(saved)
         return model, learner, _decode_state(saved["state"])
+
+
+def memorize(model: LanguageModel, tokens: Tensor, state: ModelState | None = None, learner: Learner | None = None, *,
+             measure: bool = True, progress: bool = False, **options) -> tuple[ModelState, MemorizeReport]:  # fmt: skip
+    """Learn from a stream after deployment, every level at its own rate: in-context memories through the forward
+    pass, outer levels by the next-token loss every C^(ℓ) tokens with their optimizer. tokens: int64 (b, n).
+    `options` build a `Learner` (lr, base_lr, lrs, periods, optimizer, ...); pass `learner=` instead to keep the
+    level optimizers across calls. Returns (state, MemorizeReport)."""
+    if learner is None:
+        learner = Learner(model, **options)
+    elif options:
+        raise ValueError(f"give either learner= or Learner options, not both; got options {sorted(options)}")
+    elif learner.model is not model:
+        raise ValueError("learner was built for another model: build it with Learner(this_model, ...)")
+    return learner.memorize(tokens, state, measure=measure, progress=progress)
 
 
 def _outer(levels: list[Level], lrs: dict[str, float] | None) -> list[str]:

@@ -185,22 +185,6 @@ class LanguageModel(nn.Module):
         result = torch.cat(out, dim=1)
         return result[0] if squeeze else result
 
-    def memorize(self, tokens: Tensor, state: ModelState | None = None, learner=None, *, measure: bool = True,
-                 progress: bool = False, **options):  # fmt: skip
-        """Learn from a stream after deployment, every level at its own rate (nestlearn.memorize): in-context
-        memories through the forward pass, outer levels by the next-token loss every C^(ℓ) tokens with their
-        optimizer. tokens: int64 (b, n). `options` build a `Learner` (lr, base_lr, lrs, periods, optimizer, ...);
-        pass `learner=` instead to keep the level optimizers across calls. Returns (state, MemorizeReport)."""
-        from .memorize import Learner
-
-        if learner is None:
-            learner = Learner(self, **options)
-        elif options:
-            raise ValueError(f"give either learner= or Learner options, not both; got options {sorted(options)}")
-        elif learner.model is not self:
-            raise ValueError("learner was built for another model: build it with Learner(this_model, ...)")
-        return learner.memorize(tokens, state, measure=measure, progress=progress)
-
     # --- levels ---
 
     def levels(self) -> list[Level]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .config import AttentionConfig, CMSConfig, ModelConfig, SelfModConfig, TitansConfig
+from .model import LanguageModel
 
 __all__ = ["SIZES", "transformer", "titans", "hope", "hope_attention", "PRESETS", "HOPE_PERIODS"]
 
@@ -47,8 +48,6 @@ def _sized(size: str, name: str, **fields) -> ModelConfig:
 def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
     """Solve the CMS hidden width (a multiple of 32) so that the model has `target` parameters. Where even the
     narrowest CMS is too large (Hope's memories at `tiny`), drop blocks until it fits."""
-    from .model import LanguageModel
-
     def count(hidden: int) -> int:
         config.cms.hidden_mult = hidden / config.dim
         with torch.device("meta"):

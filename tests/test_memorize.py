@@ -1,4 +1,4 @@
-"""Learning after deployment (`Learner`, `model.memorize`, `nestlearn memorize`): it touches exactly the levels it
+"""Learning after deployment (`Learner`, `memorize(model, ...)`, `nestlearn memorize`): it touches exactly the levels it
 should, at their periods; learning rate 0 freezes a level; saved-then-restored learners continue exactly."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from nestlearn import build, presets
 from nestlearn.cli import main as cli
 from nestlearn.data.corpora import write_documents
-from nestlearn.memorize import Learner, stream_loss
+from nestlearn.memorize import Learner, memorize, stream_loss
 from nestlearn.train import TrainConfig, train
 
 SLOW = r"cms\.levels\.2\."  # Hope's SwiGLU level, which has no period in training
@@ -77,7 +77,7 @@ def test_the_level_step_is_the_summed_gradient_of_its_period():
         state = state.detach()
     learner = Learner(model, lr=0.1, periods={SLOW: 32}, optimizer="deep_momentum",
                       optimizer_args={"memory": "linear", "momentum": 0.0}, segment=16)  # fmt: skip
-    model.memorize(x, learner=learner, measure=False)
+    memorize(model, x, learner=learner, measure=False)
     got = [p for n, p in model.named_parameters() if "cms.levels.2." in n]
     for p, p0, g in zip(got, params, total, strict=True):
         torch.testing.assert_close(p, p0 - 0.1 * g, rtol=1e-4, atol=1e-6)
@@ -113,19 +113,19 @@ def test_bad_settings_are_refused_with_the_fix():
     torch.manual_seed(0)
     transformer = build(presets.transformer("debug"))
     with pytest.raises(ValueError, match=r"lr=1.0 would train nothing.*--period.*--base-lr"):
-        transformer.memorize(stream(256), lr=1.0)  # its only level is the frozen base
+        memorize(transformer, stream(256), lr=1.0)  # its only level is the frozen base
     with pytest.raises(ValueError, match=r"lr=0.001 would train nothing.*its levels: base \(period None\)"):
         Learner(model, lr=1e-3)  # a default Hope: in-context memories, and `base`, frozen
     assert Learner(model).learning == []  # lr unset: only the in-context memories learn, which is not nothing
     with pytest.raises(ValueError, match="either learner= or"):
-        model.memorize(stream(16), learner=Learner(model, segment=16), lr=1.0)
+        memorize(model, stream(16), learner=Learner(model, segment=16), lr=1.0)
 
 
 def test_fine_tuning_the_base_level_lowers_the_loss_of_the_stream():
     torch.manual_seed(0)
     model = build(presets.transformer("debug"))
     x = torch.arange(257).remainder(7)[None]  # a pattern the untrained model does not know
-    _, report = model.memorize(x, base_lr=1e-2, segment=32)
+    _, report = memorize(model, x, base_lr=1e-2, segment=32)
     assert report.loss_after < report.loss_before - 0.5
     assert report.levels[0].steps == 256 // 32
     assert stream_loss(model, x, 32) == pytest.approx(report.loss_after)
