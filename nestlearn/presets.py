@@ -48,6 +48,7 @@ def _sized(size: str, name: str, **fields) -> ModelConfig:
 def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
     """Solve the CMS hidden width (a multiple of 32) so that the model has `target` parameters. Where even the
     narrowest CMS is too large (Hope's memories at `tiny`), drop blocks until it fits."""
+
     def count(hidden: int) -> int:
         config.cms.hidden_mult = hidden / config.dim
         with torch.device("meta"):
