@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn import build, presets
+from nestlearn.checkpoint import load_checkpoint, resolve_checkpoint
 from nestlearn.data.corpora import load_split
 from nestlearn.data.tokenizer import ByteTokenizer
 from nestlearn.health import DeadMemoryWarning, memory_health
-from nestlearn.train import flush_subnormals, load_checkpoint, resolve_checkpoint
+from nestlearn.runtime import flush_subnormals
 
 
 def buckets(length: int) -> list[tuple[int, int]]:

@@ -39,7 +39,10 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from .train import evaluate, flush_subnormals, load_checkpoint, resolve_checkpoint, resolve_device, shards_for
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .evaluate import evaluate
+    from .runtime import flush_subnormals, resolve_device
+    from .train import shards_for
 
     device = resolve_device(args.device)
     flush_subnormals(device)
@@ -58,7 +61,8 @@ def _eval(argv: list[str]) -> int:
 
 
 def _trained_on(path: Path) -> str:
-    from .train import TRAIN_CONFIG_FILE, TrainConfig
+    from .checkpoint import TRAIN_CONFIG_FILE
+    from .train import TrainConfig
 
     config_file = path / TRAIN_CONFIG_FILE
     if not config_file.is_file():
@@ -79,8 +83,9 @@ def _generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from .checkpoint import load_checkpoint, resolve_checkpoint
     from .model import sample_next
-    from .train import flush_subnormals, load_checkpoint, resolve_checkpoint, resolve_device
+    from .runtime import flush_subnormals, resolve_device
 
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 1:
         p.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")

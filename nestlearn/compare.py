@@ -34,8 +34,10 @@ def compare(presets: list[str], base, out_dir: Path, test_tokens: int = 0, optim
             lrs: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
     """Train each preset (× optimizer) with `base` (a TrainConfig) and evaluate it on the test split.
     `lrs` gives an optimizer its own peak learning rate. Returns one row per run."""
+    from .checkpoint import load_checkpoint
     from .data.shards import open_shard
-    from .train import evaluate, load_checkpoint, prepare_data, train
+    from .evaluate import evaluate
+    from .train import prepare_data, train
 
     rows = []
     for name, preset, optimizer in runs_of(presets, optimizers):

@@ -75,7 +75,7 @@ def continual_metrics(R, baseline=None, higher_is_better: bool = True) -> dict[s
 @dataclass
 class LMTask:
     """Language modelling on one corpus: train on random windows of its train split, scored in bits per byte on
-    the first `eval_tokens` of its validation split (`nestlearn.train.evaluate`)."""
+    the first `eval_tokens` of its validation split (`nestlearn.evaluate.evaluate`)."""
 
     name: str
     train: np.ndarray
@@ -85,13 +85,13 @@ class LMTask:
     metric = "bits per byte"
 
     def batch(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        from .train import gather
+        from .data.batches import gather
 
         x = gather(self.train, rng.integers(0, len(self.train) - seq_len - 1, size=batch_size), seq_len + 1)
         return x, torch.ones_like(x[:, 1:], dtype=torch.bool)
 
     def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
-        from .train import evaluate
+        from .evaluate import evaluate
 
         return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens)["bits_per_byte"]
 
@@ -315,8 +315,9 @@ class ContinualConfig:
 
 def build_model(config: ContinualConfig):
     """The preset at `config.size`, byte-level; with `init_from`, shaped like that checkpoint and started from it."""
+    from .checkpoint import load_checkpoint, resolve_checkpoint
     from .model import build
-    from .train import load_checkpoint, parse_periods, resolve_checkpoint
+    from .train import parse_periods
 
     model_config = dataclasses.replace(
         presets.PRESETS[config.preset](config.size), seq_len=config.seq_len, vocab_size=ByteTokenizer().vocab_size

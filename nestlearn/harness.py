@@ -57,8 +57,9 @@ except ModuleNotFoundError as e:  # nestlearn itself never needs lm-eval; only t
         "nestlearn.harness needs lm-eval: pip install 'lm-eval==0.4.13' (or pip install -e '.[eval]' in the repo)"
     ) from e
 
+from .checkpoint import load_checkpoint, resolve_checkpoint
 from .model import sample_next
-from .train import autocast, flush_subnormals, load_checkpoint, resolve_checkpoint, resolve_device
+from .runtime import autocast, flush_subnormals, resolve_device
 
 __all__ = ["NestlearnLM", "main"]
 

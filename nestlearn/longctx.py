@@ -167,8 +167,9 @@ def _heatmap(path: Path, grid: list[list[float]], lengths: Sequence[int], depths
 
 def run_niah(args: argparse.Namespace) -> dict:
     from . import niah
+    from .checkpoint import load_checkpoint, resolve_checkpoint
     from .data.corpora import load_split
-    from .train import flush_subnormals, load_checkpoint, resolve_checkpoint, resolve_device
+    from .runtime import flush_subnormals, resolve_device
 
     device = resolve_device(args.device)
     flush_subnormals(device)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoint import decode_state, encode_state
 from .health import memories as _memories
 from .health import memory_state as _memory_state
 from .health import unhealthy, warn_about
@@ -297,18 +298,14 @@ class Learner:
 
     def save(self, path: str | Path, state: ModelState | None = None) -> Path:
         """Write the model (save_pretrained), the learner and the stream state into the folder `path`."""
-        from .train import _encode_state
-
         path = Path(path)
         self.model.save_pretrained(path)
-        torch.save({**self.state_dict(), "state": _encode_state(state)}, path / LEARNER_FILE)
+        torch.save({**self.state_dict(), "state": encode_state(state)}, path / LEARNER_FILE)
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, Learner, ModelState]:
         """The model, learner and state of a folder written by `save`; continue with `learner.memorize(x, state)`."""
-        from .train import _decode_state
-
         path = Path(path)
         if not (path / LEARNER_FILE).is_file():
             raise FileNotFoundError(f"{path / LEARNER_FILE} does not exist: is {path} a folder written by "
@@ -320,7 +317,7 @@ class Learner:
             options["lr"] = None  # saved before an unused lr was refused: it trained nothing then either
         learner = cls(model, **options)
         learner.load_state_dict(saved)
-        return model, learner, _decode_state(saved["state"])
+        return model, learner, decode_state(saved["state"])
 
 
 def memorize(model: LanguageModel, tokens: Tensor, state: ModelState | None = None, learner: Learner | None = None, *,
@@ -371,16 +368,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
+    from .checkpoint import TRAIN_CONFIG_FILE, load_checkpoint, resolve_checkpoint
+    from .data.batches import gather
     from .data.shards import open_shard
-    from .train import (
-        TRAIN_CONFIG_FILE,
-        flush_subnormals,
-        gather,
-        load_checkpoint,
-        resolve_checkpoint,
-        resolve_device,
-        shards_for,
-    )
+    from .runtime import flush_subnormals, resolve_device
+    from .train import shards_for
 
     p = argparse.ArgumentParser(prog="nestlearn memorize", description="Learning after deployment: a checkpoint "
                                 "reads a stream of a corpus and keeps learning, in-context memories through the "

@@ -13,10 +13,8 @@ of W takes rows r, r + W, ... of each micro-batch's slice. With `carry_state`, r
 contiguous stretch of the token stream, segment after segment, and the model's state is carried (detached:
 truncated backprop through time) from one step to the next; it starts afresh when the stretch wraps around.
 
-Checkpoints. `out_dir/checkpoints/step-XXXXXXXX/` holds the model (config.json, model.safetensors: `load` reads
-it), the tokenizer, and trainer.pt (optimizer, schedule, RNG, step, carried state). A checkpoint is written into
-a temporary folder and renamed into place, and older ones are deleted only after that, so an interrupted save
-never destroys the last good checkpoint. A run restarted with the same out_dir resumes from its newest one.
+Checkpoints (`nestlearn.checkpoint`) are written atomically every `save_every` steps and at the end; a run
+restarted with the same out_dir resumes from its newest one, exactly.
 """
 
 from __future__ import annotations
@@ -29,8 +27,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 import types
@@ -39,26 +35,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from . import presets
+from .checkpoint import (
+    TRAIN_CONFIG_FILE,
+    decode_state,
+    latest_checkpoint,
+    read_trainer,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import RETAIN_TO, ModelConfig
+from .data.batches import gather, lane_starts, window_starts
 from .data.corpora import data_dir, load_split
-from .data.shards import ShardMeta, open_shard, prepare
+from .data.shards import open_shard, prepare
 from .data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
-from .health import MemoryHealth, unhealthy, warn_about
-from .model import LanguageModel, ModelState, build, load
+from .evaluate import evaluate
+from .model import LanguageModel, build
 from .optim import OPTIMIZERS
-from .state import MemoryState
+from .runtime import Dist, autocast, flush_subnormals, resolve_device, setup_distributed
 
-__all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "latest_checkpoint", "prepare_data"]
-
-TRAINER_FILE, TRAIN_CONFIG_FILE, CHECKPOINTS = "trainer.pt", "train_config.json", "checkpoints"
-STEP_DIR = re.compile(r"^step-(\d{8})$")
+__all__ = ["TrainConfig", "train", "prepare_data", "model_config_of", "make_optimizer", "param_groups"]
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -288,71 +289,6 @@ def data_dir_of(config: TrainConfig) -> Path:
     return Path(config.data_root) if config.data_root else data_dir()
 
 
-def window_starts(seed: int, step: int, batch_size: int, num_tokens: int, length: int) -> np.ndarray:
-    """Start positions of step `step`'s `batch_size` random windows of `length` tokens: a pure function."""
-    if num_tokens <= length:
-        raise ValueError(f"the shard has {num_tokens} tokens, fewer than a window of {length}: use a smaller --seq-len")
-    return np.random.default_rng([seed, step]).integers(0, num_tokens - length, size=batch_size)
-
-
-def lane_starts(step: int, batch_size: int, num_tokens: int, seq_len: int) -> tuple[np.ndarray, bool]:
-    """carry_state: row j reads segment (step mod n) of its own stretch [j L, (j+1) L) of the stream. Returns the
-    start positions and whether this step begins the stretches again (the state must be reset)."""
-    lane = num_tokens // batch_size
-    segments = (lane - 1) // seq_len
-    if segments < 1:
-        raise ValueError(f"{num_tokens} tokens cannot give {batch_size} rows a segment of {seq_len + 1} tokens each: "
-                         "use a smaller --batch-size or --seq-len, or more data")  # fmt: skip
-    seg = step % segments
-    return np.arange(batch_size) * lane + seg * seq_len, seg == 0
-
-
-def gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> Tensor:
-    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
-
-
-# --- distributed ---
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        dist.init_process_group("nccl" if gpu else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def flush_subnormals(device: torch.device) -> None:
-    """On CPU, treat subnormal floats as zero. Momentum and retention decay fast weights geometrically, into the
-    subnormal range within a few hundred tokens, where x86 arithmetic is many times slower (docs/benchmarks.md);
-    values that small change nothing, so the whole process flushes them."""
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no GPU is visible to torch; use --device cpu or auto")
-    return device
-
-
 def wrap(model: LanguageModel, config: TrainConfig, env: Dist, device: torch.device) -> nn.Module:
     if env.world == 1:
         return model
@@ -464,161 +400,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-# --- state carried across segments, saved with plain containers only (weights_only loading) ---
-
-
-def _encode_state(x: Any) -> Any:
-    if isinstance(x, ModelState):
-        return {"__model_state__": _encode_state(x.layers)}
-    if isinstance(x, MemoryState):
-        return {"__memory_state__": {f.name: _encode_state(getattr(x, f.name)) for f in dataclasses.fields(x)}}
-    if isinstance(x, dict):
-        return {k: _encode_state(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_encode_state(v) for v in x]
-    return x
-
-
-def _decode_state(x: Any) -> Any:
-    if isinstance(x, dict) and "__model_state__" in x:
-        return ModelState(_decode_state(x["__model_state__"]))
-    if isinstance(x, dict) and "__memory_state__" in x:
-        return MemoryState(**{k: _decode_state(v) for k, v in x["__memory_state__"].items()})
-    if isinstance(x, dict):
-        return {k: _decode_state(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode_state(v) for v in x]
-    return x
-
-
-# --- checkpoints ---
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run folder, or None."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / TRAINER_FILE).is_file())
-    return steps[-1] if steps else None
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint). Errors say what was expected."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a checkpoint folder or a run's --out-dir")
-    if (path / "config.json").is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (no config.json, no {CHECKPOINTS}/step-*/ with "
-                                f"{TRAINER_FILE}): is it a folder written by nestlearn train?")  # fmt: skip
-    return found
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LanguageModel, Tokenizer]:
-    """The model and tokenizer of a checkpoint folder or of a run folder's newest checkpoint."""
-    path = resolve_checkpoint(path)
-    try:
-        model = load(path, device=device)
-    except Exception as e:  # safetensors and json raise many kinds; say which file is bad
-        raise ValueError(f"cannot load the model in {path}: {e}. The checkpoint is corrupt or incomplete; "
-                         "use an earlier one (checkpoints/step-*)") from e  # fmt: skip
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path / 'tokenizer.json'} is missing: every nestlearn checkpoint saves its tokenizer")
-    return model, load_tokenizer(path)
-
-
-def save_checkpoint(
-    out_dir: Path, step: int, model: LanguageModel, model_sd: dict, optim_sd: dict, tokenizer: Tokenizer,
-    config: TrainConfig, carried: Any, extra: dict | None = None,
-) -> Path:  # fmt: skip
-    """Write checkpoints/step-XXXXXXXX atomically (a temporary folder renamed into place), then prune old ones."""
-    root = out_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    for stale in root.glob(".tmp-step-*"):  # left by a save that was interrupted
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    plain = LanguageModel(model.config)  # unwrapped (DDP/FSDP) weights in an ordinary module for save_pretrained
-    plain.load_state_dict(model_sd)
-    plain.save_pretrained(tmp)
-    tokenizer.save(tmp)
-    (tmp / TRAIN_CONFIG_FILE).write_text(config.to_json())
-    trainer = {"step": step, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
-               "python_rng": random.getstate(), "carried": _encode_state(carried), **(extra or {})}  # fmt: skip
-    torch.save(trainer, tmp / TRAINER_FILE)
-    if final.exists():  # the same step saved again (a rerun): replace it only now that the new one is complete
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    kept = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
-    for old in kept[: -config.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _read_trainer(path: Path) -> dict:
-    try:
-        return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read {path / TRAINER_FILE} ({first}): the checkpoint is corrupt; delete {path} to "
-                         "resume from the one before it") from e  # fmt: skip
-
-
 # --- evaluation ---
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, tokens: np.ndarray, meta: ShardMeta, seq_len: int, batch_size: int = 8, max_tokens: int = 0,
-    device: torch.device | str = "cpu", precision: str = "fp32", progress: bool = False,
-) -> dict:  # fmt: skip
-    """Loss, perplexity and bits per byte on consecutive non-overlapping windows of seq_len + 1 tokens, each read
-    from a fresh state, from the start of the split (the first max_tokens predictions; 0: the whole split).
-
-    Bits per byte = Σ NLL / (ln 2 · bytes), with bytes the split's UTF-8 bytes times the fraction of its tokens
-    that were predicted: comparable across tokenizers (eos separators add loss but no bytes)."""
-    from tqdm import tqdm
-
-    device = torch.device(device)
-    n = (len(tokens) - 1) // seq_len
-    if max_tokens:
-        n = min(n, max(1, max_tokens // seq_len))
-    if n < 1:
-        raise ValueError(f"the split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
-    total, count, bad, t0 = 0.0, 0, 0, time.perf_counter()
-    lm = getattr(model, "module", model)  # under DDP, the LanguageModel inside
-    dead: list[MemoryHealth] = []
-    was_training = model.training
-    model.eval()
-    for lo in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
-        starts = np.arange(lo, min(n, lo + batch_size)) * seq_len
-        x = gather(tokens, starts, seq_len + 1).to(device)
-        with autocast(device, precision):
-            logits, state = model(x[:, :-1])
-        if not dead and isinstance(lm, LanguageModel):  # a window long enough to kill a memory kills it in every batch
-            dead = unhealthy(lm, state)
-            warn_about(dead, f"at the end of a {seq_len}-token eval window")
-        nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none").sum(1)  # (windows,)
-        bad += int((~torch.isfinite(nll)).sum())
-        total += nll.sum().item()
-        count += x[:, 1:].numel()
-    seconds = time.perf_counter() - t0
-    model.train(was_training)
-    loss = total / count
-    bytes_covered = meta.num_bytes * count / max(1, meta.num_tokens - 1)
-    bpb = total / (math.log(2) * bytes_covered)
-    # non-finite windows are counted, not dropped: a model whose memories diverge on some input must show it
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bpb, "tokens": count,
-            "tokens_per_s": count / seconds, "nonfinite_windows": bad, "windows": n,
-            "dead_memories": [m.name for m in dead]}  # fmt: skip
 
 
 # --- the loop ---
@@ -723,12 +505,12 @@ def train(config: TrainConfig) -> dict:
     if resume_from is not None:
         from safetensors.torch import load_model
 
-        trainer = _read_trainer(resume_from)
+        trainer = read_trainer(resume_from)
         load_model(model, resume_from / "model.safetensors", device=str(device))
         step, optimizer_sd = trainer["step"], trainer["optimizer"]
         torch.set_rng_state(trainer["torch_rng"])
         random.setstate(trainer["python_rng"])
-        carried = _decode_state(trainer["carried"])  # one list of micro-batch states per process
+        carried = decode_state(trainer["carried"])  # one list of micro-batch states per process
         if len(carried) != env.world:
             raise ValueError(f"{resume_from} was saved by {len(carried)} processes; resume with as many "
                              f"(now {env.world}), or restart without --carry-state")  # fmt: skip
@@ -780,7 +562,9 @@ def train(config: TrainConfig) -> dict:
             dist.gather_object(carried, every, dst=0)
         if env.main:
             extra = {} if levels is None else {"levels": levels.levels_state_dict()}
-            save_checkpoint(out_dir, step, model, model_sd, optim_sd, tokenizer, config, every, extra)
+            save_checkpoint(
+                out_dir, step, model, model_sd, optim_sd, tokenizer, config.to_json(), config.keep_last, every, extra
+            )
         if env.world > 1:
             dist.barrier()
 

@@ -245,7 +245,7 @@ def test_retrieval_gain_is_full_for_a_copier_and_zero_for_a_blind_model(kind):
 
 
 def test_model_bits_are_the_answer_ids_log_probabilities(checkpoint):
-    from nestlearn.train import load_checkpoint, resolve_checkpoint
+    from nestlearn.checkpoint import load_checkpoint, resolve_checkpoint
 
     model, tok = load_checkpoint(resolve_checkpoint(checkpoint), "cpu")
     model.eval()

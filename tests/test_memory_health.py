@@ -154,7 +154,7 @@ def test_evaluate_names_the_dead_memories_of_a_long_window():
     import numpy as np
 
     from nestlearn.data.shards import ShardMeta
-    from nestlearn.train import evaluate
+    from nestlearn.evaluate import evaluate
 
     tokens = np.random.default_rng(0).integers(0, 256, 2 * 2048 + 1).astype(np.uint16)
     meta = ShardMeta("test", "<u2", len(tokens), 1, len(tokens), len(tokens), "bytes", 256, 0, "", "random", "")

@@ -360,3 +360,24 @@ def test_the_training_length_does_not_change_the_architecture(preset):
     old = config.to_dict()
     del old["cms"]["outer_from"]  # a config saved before outer_from: its seq_len decided, as it did then
     assert ModelConfig.from_dict(old).cms.outer_from == config.seq_len
+
+
+@pytest.mark.parametrize("eta_bias, alpha_bias, moves", [(-30.0, 30.0, False), (30.0, -30.0, True)])
+def test_self_modifying_titans_reads_eta_and_alpha_from_their_own_readouts(eta_bias, alpha_bias, moves):
+    # readout_bias[0] is η's (the learning rate), readout_bias[1] α's (retention). η ≈ 0 and α ≈ 1 must leave
+    # every generating memory and M_memory exactly where it started (no write, no decay); swapped, η = max_lr and
+    # α ≈ 0 rewrite them. A swap of the two read-outs fails the first case.
+    from nestlearn.sm_titans import SelfModifyingTitans
+
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(32, 2, SelfModConfig(momentum=False, retain_to="zero"))
+    with torch.no_grad():
+        layer.readout.zero_()
+        layer.readout_bias[0].fill_(eta_bias)
+        layer.readout_bias[1].fill_(alpha_bias)
+    _, state = layer(torch.randn(1, 32, 32), layer.init_state(1))
+    for name, start in (("gen", {"W1": layer.gen_W1, "W2": layer.gen_W2}),
+                        ("memory", {"W1": layer.mem_W1, "W2": layer.mem_W2})):  # fmt: skip
+        for k, w0 in start.items():
+            change = (state[name].weights[k] - w0).norm() / w0.norm()
+            assert (change > 0.5) if moves else (change < 1e-6), (name, k, change.item())

@@ -17,21 +17,16 @@ import pytest
 import torch
 
 from nestlearn import build, presets
+from nestlearn.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nestlearn.cli import COMMANDS
 from nestlearn.cli import main as cli
+from nestlearn.data.batches import window_starts
 from nestlearn.data.corpora import write_documents
 from nestlearn.data.shards import open_shard, prepare
 from nestlearn.data.tokenizer import ByteTokenizer
+from nestlearn.evaluate import evaluate
 from nestlearn.model import LanguageModel
-from nestlearn.train import (
-    TrainConfig,
-    evaluate,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    train,
-    window_starts,
-)
+from nestlearn.train import TrainConfig, train
 
 WORDS = "the river memory learns fast and slow levels update at their own rate while a cat sat on the mat".split()
 
@@ -159,7 +154,7 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(corpus, tmp_path, mo
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(Path(c.out_dir), 3, model, model.state_dict(), {}, tokenizer, c, None)
+        save_checkpoint(Path(c.out_dir), 3, model, model.state_dict(), {}, tokenizer, c.to_json(), c.keep_last, None)
     assert latest_checkpoint(c.out_dir) == good
     reloaded, _ = load_checkpoint(c.out_dir)
     for name, p in reloaded.state_dict().items():
