@@ -39,8 +39,9 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(preset: str, size: str, part: str, T: int, head_width: int | None, settings: list[str], compile_: bool,
-            repeats: int) -> dict:  # fmt: skip
+def measure(
+    preset: str, size: str, part: str, T: int, head_width: int | None, settings: list[str], compile_: bool, repeats: int
+) -> dict:
     from nestlearn import build, presets
 
     config = apply_settings(presets.PRESETS[preset](size), settings)
@@ -80,8 +81,15 @@ def measure(preset: str, size: str, part: str, T: int, head_width: int | None, s
         with CountOps() as bwd_ops:
             y.square().mean().backward()
         ops = (fwd_ops.calls, bwd_ops.calls)
-    return {"preset": preset, "part": part, "T": T, "head_width": config.dim // config.num_heads,
-            "forward_s": best[0], "backward_s": best[1], "ops": ops}  # fmt: skip
+    return {
+        "preset": preset,
+        "part": part,
+        "T": T,
+        "head_width": config.dim // config.num_heads,
+        "forward_s": best[0],
+        "backward_s": best[1],
+        "ops": ops,
+    }
 
 
 def main() -> None:
@@ -90,8 +98,14 @@ def main() -> None:
     p.add_argument("--size", default="tiny")
     p.add_argument("--part", default="mixer", choices=PARTS, help="what to run (default: mixer)")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048], help="T, tokens per pass (default: 2048)")
-    p.add_argument("--head-width", type=int, nargs="+", default=[None], metavar="W",
-                   help="dim = W × heads instead of the size's dim (default: the size's)")  # fmt: skip
+    p.add_argument(
+        "--head-width",
+        type=int,
+        nargs="+",
+        default=[None],
+        metavar="W",
+        help="dim = W × heads instead of the size's dim (default: the size's)",
+    )
     p.add_argument("--set", nargs="+", default=[], metavar="SUB.FIELD=VALUE", help="as in bench_models.py")
     p.add_argument("--compile", action="store_true", help="model.compile_chunks(), as `train --compile`")
     p.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported (default: 3)")
@@ -108,9 +122,12 @@ def main() -> None:
         p.error(f"--presets {unknown}: not known; expected some of {list(presets.PRESETS)}")
     check_settings(p, args.presets, args.size, args.set)
     torch.set_flush_denormal(True)  # as `nestlearn train` does
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, size {args.size}, part {args.part}" + (", compiled" if args.compile else "")
-          + (f", set {' '.join(args.set)}" if args.set else ""))  # fmt: skip
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, size {args.size}, part {args.part}"
+        + (", compiled" if args.compile else "")
+        + (f", set {' '.join(args.set)}" if args.set else "")
+    )
     print("| preset | T | head width | forward (s) | backward (s) | operator calls forward | backward |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for preset in args.presets:
@@ -118,8 +135,10 @@ def main() -> None:
             for width in args.head_width:
                 r = measure(preset, args.size, args.part, T, width, args.set, args.compile, args.repeats)
                 calls = "n/a | n/a" if r["ops"] is None else f"{r['ops'][0]:,} | {r['ops'][1]:,}"
-                print(f"| {preset} | {T} | {r['head_width']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | "
-                      f"{calls} |", flush=True)  # fmt: skip
+                print(
+                    f"| {preset} | {T} | {r['head_width']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {calls} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -79,10 +79,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 8192], help="lengths for chunked")
     p.add_argument(
-        "--reference-lengths", type=int, nargs="+", default=None,
+        "--reference-lengths",
+        type=int,
+        nargs="+",
+        default=None,
         help="lengths for the reference (default: 2048 for gd; 1024 for dgd+momentum, whose reference needs more "
         "than 24 GiB at 2048)",
-    )  # fmt: skip
+    )
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES), help="update rules to measure")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of the chunked path (median reported)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -100,8 +103,18 @@ def main() -> None:
         ref_lengths = args.reference_lengths or ([2048] if rule == "gd" else [1024])
         jobs = [("chunked", T) for T in args.lengths] + [("reference", T) for T in ref_lengths]
         for impl, T in jobs:
-            cmd = [sys.executable, __file__, "--one", impl, str(T), rule, "--device", args.device,
-                   "--repeats", str(args.repeats)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                impl,
+                str(T),
+                rule,
+                "--device",
+                args.device,
+                "--repeats",
+                str(args.repeats),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:  # e.g. killed for memory: say so and go on with the other measurements
                 print(f"  {rule:13s} {impl:9s} T={T:5d}  FAILED (exit {done.returncode}): {done.stderr[-300:]}")

@@ -135,9 +135,19 @@ def train_one(
         with FlopCounterMode(display=False) as counter:
             step()
         extra["mflop_per_token"] = counter.get_total_flops() / (batch * T) / 1e6
-    return {"kind": "train", "preset": preset, "T": T, "seconds": min(times), "tokens_per_s": batch * T / min(times),
-            "peak_mb": peak, "params": model.num_parameters(), "first_s": first, "settings": list(settings),
-            "compile_s": max(0.0, first - min(times)) if compile else 0.0, **extra}  # fmt: skip
+    return {
+        "kind": "train",
+        "preset": preset,
+        "T": T,
+        "seconds": min(times),
+        "tokens_per_s": batch * T / min(times),
+        "peak_mb": peak,
+        "params": model.num_parameters(),
+        "first_s": first,
+        "settings": list(settings),
+        "compile_s": max(0.0, first - min(times)) if compile else 0.0,
+        **extra,
+    }
 
 
 @torch.no_grad()
@@ -165,16 +175,28 @@ def decode_one(
     dev.sync()
     seconds = time.perf_counter() - t0
     peak = dev.peak_mb() - base
-    return {"kind": "decode", "preset": preset, "T": context, "tokens_per_s": steps / seconds,
-            "state_mb_before": before, "state_mb_after": state_mb(state), "peak_mb": peak}  # fmt: skip
+    return {
+        "kind": "decode",
+        "preset": preset,
+        "T": context,
+        "tokens_per_s": steps / seconds,
+        "state_mb_before": before,
+        "state_mb_after": state_mb(state),
+        "peak_mb": peak,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["transformer", "titans", "hope_attention", "hope"])
     p.add_argument("--size", default="tiny")
-    p.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192],
-                   help="training lengths T; none (`--lengths` alone): decoding only")  # fmt: skip
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="*",
+        default=[512, 2048, 8192],
+        help="training lengths T; none (`--lengths` alone): decoding only",
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences per training step")
     p.add_argument("--context", type=int, default=8192, help="decoding: tokens of context before timing")
     p.add_argument("--decode", type=int, default=32, help="decoding: timed single-token steps")
@@ -185,9 +207,14 @@ def main() -> None:
     p.add_argument("--flops", action="store_true", help="training: also count matrix-product FLOPs per token")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (default: fp32)")
-    p.add_argument("--set", nargs="+", default=[], metavar="SUB.FIELD=VALUE",
-                   help="change a config field of every preset, e.g. sm_titans.chunk_size=64 (nestlearn/config.py "
-                   "lists the fields, docs/deviations.md the choices behind them)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="SUB.FIELD=VALUE",
+        help="change a config field of every preset, e.g. sm_titans.chunk_size=64 (nestlearn/config.py "
+        "lists the fields, docs/deviations.md the choices behind them)",
+    )
     p.add_argument("--one", nargs=3, metavar=("KIND", "PRESET", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -202,8 +229,9 @@ def main() -> None:
             torch.set_flush_denormal(True)
         kind, preset, T = args.one
         if kind == "train":
-            row = train_one(preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops, dev,
-                            args.set)  # fmt: skip
+            row = train_one(
+                preset, args.size, int(T), args.batch, args.checkpoint, args.compile, args.flops, dev, args.set
+            )
         else:
             row = decode_one(preset, args.size, int(T), args.decode, dev, args.set)
         print(json.dumps(row))
@@ -213,16 +241,35 @@ def main() -> None:
         machine = f"{torch.cuda.get_device_name(torch.device(args.device))}"
     else:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# {machine}, torch {torch.__version__}, size {args.size}, batch {args.batch}, {args.precision}"
-          f"{', memory checkpointing' if args.checkpoint else ''}{', compiled' if args.compile else ''}"
-          f"{', set ' + ' '.join(args.set) if args.set else ''}")  # fmt: skip
+    print(
+        f"# {machine}, torch {torch.__version__}, size {args.size}, batch {args.batch}, {args.precision}"
+        f"{', memory checkpointing' if args.checkpoint else ''}{', compiled' if args.compile else ''}"
+        f"{', set ' + ' '.join(args.set) if args.set else ''}"
+    )
     jobs = [("train", pr, T) for T in args.lengths for pr in args.presets]
     jobs += [] if args.skip_decode else [("decode", pr, args.context) for pr in args.presets]
     rows = []
     for kind, preset, T in jobs:
-        cmd = [sys.executable, __file__, "--one", kind, preset, str(T), "--size", args.size, "--batch",
-               str(args.batch), "--decode", str(args.decode), "--mem-limit-gb", str(args.mem_limit_gb),
-               "--device", args.device, "--precision", args.precision]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            kind,
+            preset,
+            str(T),
+            "--size",
+            args.size,
+            "--batch",
+            str(args.batch),
+            "--decode",
+            str(args.decode),
+            "--mem-limit-gb",
+            str(args.mem_limit_gb),
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
+        ]
         cmd += ["--checkpoint"] if args.checkpoint else []
         cmd += ["--compile"] if args.compile else []
         cmd += ["--flops"] if args.flops else []
@@ -239,8 +286,11 @@ def main() -> None:
         extra += f"  compile {row['compile_s']:.0f} s" if row.get("compile_s") else ""
         extra += f"  set {' '.join(row['settings'])}" if row.get("settings") else ""
         extra += f"  {row['mflop_per_token']:.1f} MFLOP/token" if "mflop_per_token" in row else ""
-        print(f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB"
-              f"{extra}", flush=True)  # fmt: skip
+        print(
+            f"  {kind:6s} {preset:15s} T={T:5d}  {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mb']:8.0f} MiB"
+            f"{extra}",
+            flush=True,
+        )
 
     flop_cols = " MFLOP/token | GFLOP/s |" if args.flops else ""
     print(f"\n| preset | T | train tokens/s | vs transformer | peak extra memory (MiB) |{flop_cols}")
@@ -257,13 +307,17 @@ def main() -> None:
         if "mflop_per_token" in r:
             flops = f" {r['mflop_per_token']:.1f} | {r['mflop_per_token'] * r['tokens_per_s'] / 1e3:.1f} |"
         print(f"| {r['preset']} | {r['T']} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_mb']:,.0f} |{flops}")
-    print(f"\n| preset | decode tokens/s at {args.context} context | state (MiB) after {args.context} | "
-          f"after {args.decode} more tokens | peak extra memory (MiB) |")  # fmt: skip
+    print(
+        f"\n| preset | decode tokens/s at {args.context} context | state (MiB) after {args.context} | "
+        f"after {args.decode} more tokens | peak extra memory (MiB) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         if r["kind"] == "decode" and "failed" not in r:
-            print(f"| {r['preset']} | {r['tokens_per_s']:.1f} | {r['state_mb_before']:.2f} | {r['state_mb_after']:.2f} "
-                  f"| {r['peak_mb']:,.0f} |")  # fmt: skip
+            print(
+                f"| {r['preset']} | {r['tokens_per_s']:.1f} | {r['state_mb_before']:.2f} | {r['state_mb_after']:.2f} "
+                f"| {r['peak_mb']:,.0f} |"
+            )
         elif r["kind"] == "decode":
             print(f"| {r['preset']} | failed: {r['failed']} | | | |")
 

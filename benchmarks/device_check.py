@@ -80,8 +80,9 @@ def check_memory(device: str) -> None:
     grid = itertools.product(["linear", "mlp"], ["gd", "dgd"], [False, True], ["dual", "snapshot"])
     for memory, rule, momentum, read in grid:
         inputs, state = memory_inputs(memory, momentum)
-        opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=8, read=read, max_grad_norm=2.0,
-                    self_target=True)  # fmt: skip
+        opts = dict(
+            memory=memory, objective="l2", rule=rule, chunk_size=8, read=read, max_grad_norm=2.0, self_target=True
+        )
         chunked = run_scan(inputs, state, device, **opts)
         reference = run_scan(inputs, state, device, **opts, impl="reference")
         on_cpu = run_scan(inputs, state, "cpu", **opts)
@@ -106,9 +107,10 @@ def check_model(device: str) -> None:
             loss, _ = m.loss(xx)
             loss.backward()
             losses.append(loss)
-        err = max([max_rel_err(losses[0], losses[1])] + [
-            max_rel_err(p.grad, q.grad) for p, q in zip(cpu_model.parameters(), model.parameters(), strict=True)
-        ])  # fmt: skip
+        err = max(
+            [max_rel_err(losses[0], losses[1])]
+            + [max_rel_err(p.grad, q.grad) for p, q in zip(cpu_model.parameters(), model.parameters(), strict=True)]
+        )
         y_cpu, _ = cpu_model(x)
         y, _ = model(xd)
         err = max(err, max_rel_err(y_cpu, y))

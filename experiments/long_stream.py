@@ -67,8 +67,9 @@ def measure(path: str, docs: list[str] | None, args) -> dict:
         streams = [tokenizer.encode(d)[: args.length + 1] for d in docs]
         streams = [s for s in streams if len(s) == args.length + 1][: args.streams]
         if len(streams) < args.streams:
-            raise SystemExit(f"only {len(streams)} documents of {args.data} have {args.length + 1} tokens; lower "
-                             "--length")  # fmt: skip
+            raise SystemExit(
+                f"only {len(streams)} documents of {args.data} have {args.length + 1} tokens; lower --length"
+            )
         x = torch.tensor(streams)  # (streams, length + 1)
     nll = torch.zeros(args.length)
     state, health = None, []
@@ -79,28 +80,41 @@ def measure(path: str, docs: list[str] | None, args) -> dict:
         hi = lo + logits.shape[1]
         targets = x[:, lo + 1 : hi + 1]
         nll[lo:hi] = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(0)
-        memories = [{"name": m.name, "norms": m.norms, "dead": m.dead, "total": m.total}
-                    for m in memory_health(model, state)]  # fmt: skip
+        memories = [
+            {"name": m.name, "norms": m.norms, "dead": m.dead, "total": m.total} for m in memory_health(model, state)
+        ]
         health.append({"tokens": hi, "memories": memories})
     bits = nll / math.log(2)
     table = {f"{lo}-{hi}": bits[lo:hi].mean().item() for lo, hi in buckets(args.length)}
-    return {"checkpoint": path, "model": model.config.name, "trained_seq_len": model.config.seq_len,
-            "bits_per_token": table, "health": health}  # fmt: skip
+    return {
+        "checkpoint": path,
+        "model": model.config.name,
+        "trained_seq_len": model.config.seq_len,
+        "bits_per_token": table,
+        "health": health,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint or run folders")
-    p.add_argument("--data", default="shakespeare",
-                   help="corpus with long documents, or 'random' for random bytes (default: shakespeare)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        default="shakespeare",
+        help="corpus with long documents, or 'random' for random bytes (default: shakespeare)",
+    )
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--data-root", default=None)
     p.add_argument("--length", type=int, default=8192, help="tokens per stream (default: 8192)")
     p.add_argument("--call", type=int, default=512, help="tokens per forward call, state carried (default: 512)")
     p.add_argument("--streams", type=int, default=2, help="streams (documents) per checkpoint (default: 2)")
-    p.add_argument("--reset", type=int, default=0,
-                   help="start from a fresh state every N tokens, a multiple of --call: the baseline of windows "
-                        "read independently, as in training (default 0: never, the state is carried)")  # fmt: skip
+    p.add_argument(
+        "--reset",
+        type=int,
+        default=0,
+        help="start from a fresh state every N tokens, a multiple of --call: the baseline of windows "
+        "read independently, as in training (default 0: never, the state is carried)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     for name in ("length", "call", "streams"):
@@ -115,8 +129,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [measure(c, docs, args) for c in args.checkpoints]
     cols = list(rows[0]["bits_per_token"])
     reset = f", a fresh state every {args.reset} tokens" if args.reset else ", the state carried"
-    print(f"\nbits per token by position, {args.streams} streams of {args.length} tokens of {args.data}/{args.split}, "
-          f"calls of {args.call}{reset}\n")  # fmt: skip
+    print(
+        f"\nbits per token by position, {args.streams} streams of {args.length} tokens of {args.data}/{args.split}, "
+        f"calls of {args.call}{reset}\n"
+    )
     print("| checkpoint | " + " | ".join(cols) + " | dead memories at the end |")
     print("| --- |" + " ---: |" * len(cols) + " --- |")
     for r in rows:

@@ -37,10 +37,18 @@ def batch_of(task: str, batch: int, args, generator: torch.Generator, length: in
 
 
 def train(preset: str, task: str, args) -> dict:
-    model, fit = train_synthetic(preset, lambda batch, g: batch_of(task, batch, args, g), steps=args.steps,
-                                 batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args),
-                                 update_periods=args.update_periods, desc=f"{preset} {task}",
-                                 quiet=args.quiet)  # fmt: skip
+    model, fit = train_synthetic(
+        preset,
+        lambda batch, g: batch_of(task, batch, args, g),
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        **memory_options(args),
+        update_periods=args.update_periods,
+        desc=f"{preset} {task}",
+        quiet=args.quiet,
+    )
     g_eval = torch.Generator().manual_seed(10_000 + args.seed)
     with torch.no_grad():
         tokens, targets, mask = batch_of(task, 512, args, g_eval)
@@ -63,9 +71,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gap", type=int, default=0, help="MQAR: filler tokens between the pairs and the queries")
     p.add_argument("--length", type=int, default=32, help="parity: training length")
     memory_arguments(p)
-    p.add_argument("--update-periods", type=parse_periods, default=None,
-                   help="CMS update periods, fastest first, e.g. 16,128,none (the Hope presets'); 'none' alone: one "
-                        "SwiGLU level, Hope w/o CMS (paper Table 6)")  # fmt: skip
+    p.add_argument(
+        "--update-periods",
+        type=parse_periods,
+        default=None,
+        help="CMS update periods, fastest first, e.g. 16,128,none (the Hope presets'); 'none' alone: one "
+        "SwiGLU level, Hope w/o CMS (paper Table 6)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -82,8 +94,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         longer = f"{r['accuracy_longer']:.3f}" if "accuracy_longer" in r else ""
-        print(f"| {r['task']} | {r['preset']} | {r['params']:,} | {args.steps} | {r['first_loss']:.3f} | "
-              f"{r['final_loss']:.3f} | {r['accuracy']:.3f} | {longer} | {r['seconds']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['task']} | {r['preset']} | {r['params']:,} | {args.steps} | {r['first_loss']:.3f} | "
+            f"{r['final_loss']:.3f} | {r['accuracy']:.3f} | {longer} | {r['seconds']:.0f} |"
+        )
     return rows
 
 

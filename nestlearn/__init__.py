@@ -14,7 +14,19 @@ from .memory import MemoryState, init_state, scan
 from .model import LanguageModel, ModelState, build, load
 
 __all__ = [
-    "memory", "presets", "build", "load", "LanguageModel", "ModelState", "ModelConfig", "AttentionConfig",
-    "TitansConfig", "SelfModConfig", "CMSConfig", "MemoryState", "init_state", "scan",
-]  # fmt: skip
+    "memory",
+    "presets",
+    "build",
+    "load",
+    "LanguageModel",
+    "ModelState",
+    "ModelConfig",
+    "AttentionConfig",
+    "TitansConfig",
+    "SelfModConfig",
+    "CMSConfig",
+    "MemoryState",
+    "init_state",
+    "scan",
+]
 __version__ = "0.1.0"

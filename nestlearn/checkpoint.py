@@ -82,8 +82,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (no config.json, no {CHECKPOINTS}/step-*/ with "
-                                f"{TRAINER_FILE}): is it a folder written by nestlearn train?")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path} holds no checkpoint (no config.json, no {CHECKPOINTS}/step-*/ with "
+            f"{TRAINER_FILE}): is it a folder written by nestlearn train?"
+        )
     return found
 
 
@@ -93,17 +95,27 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         model = load(path, device=device)
     except Exception as e:  # safetensors and json raise many kinds; say which file is bad
-        raise ValueError(f"cannot load the model in {path}: {e}. The checkpoint is corrupt or incomplete; "
-                         "use an earlier one (checkpoints/step-*)") from e  # fmt: skip
+        raise ValueError(
+            f"cannot load the model in {path}: {e}. The checkpoint is corrupt or incomplete; "
+            "use an earlier one (checkpoints/step-*)"
+        ) from e
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path / 'tokenizer.json'} is missing: every nestlearn checkpoint saves its tokenizer")
     return model, load_tokenizer(path)
 
 
 def save_checkpoint(
-    out_dir: Path, step: int, model: LanguageModel, model_sd: dict, optim_sd: dict, tokenizer: Tokenizer,
-    train_config: str, keep_last: int, carried: Any, extra: dict | None = None,
-) -> Path:  # fmt: skip
+    out_dir: Path,
+    step: int,
+    model: LanguageModel,
+    model_sd: dict,
+    optim_sd: dict,
+    tokenizer: Tokenizer,
+    train_config: str,
+    keep_last: int,
+    carried: Any,
+    extra: dict | None = None,
+) -> Path:
     """Write checkpoints/step-XXXXXXXX atomically (a temporary folder renamed into place), then keep the newest
     `keep_last`. train_config: the run's TrainConfig as JSON; carried: the state carried across segments."""
     root = out_dir / CHECKPOINTS
@@ -117,8 +129,14 @@ def save_checkpoint(
     plain.save_pretrained(tmp)
     tokenizer.save(tmp)
     (tmp / TRAIN_CONFIG_FILE).write_text(train_config)
-    trainer = {"step": step, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
-               "python_rng": random.getstate(), "carried": encode_state(carried), **(extra or {})}  # fmt: skip
+    trainer = {
+        "step": step,
+        "optimizer": optim_sd,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "carried": encode_state(carried),
+        **(extra or {}),
+    }
     torch.save(trainer, tmp / TRAINER_FILE)
     if final.exists():  # the same step saved again (a rerun): replace it only now that the new one is complete
         shutil.rmtree(final)
@@ -134,5 +152,7 @@ def read_trainer(path: Path) -> dict:
         return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read {path / TRAINER_FILE} ({first}): the checkpoint is corrupt; delete {path} to "
-                         "resume from the one before it") from e  # fmt: skip
+        raise ValueError(
+            f"cannot read {path / TRAINER_FILE} ({first}): the checkpoint is corrupt; delete {path} to "
+            "resume from the one before it"
+        ) from e

@@ -26,8 +26,10 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def _eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="nestlearn eval", description="Loss, perplexity, bits per byte and tokens/s "
-                                "of a checkpoint on a split of a corpus.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="nestlearn eval",
+        description="Loss, perplexity, bits per byte and tokens/s of a checkpoint on a split of a corpus.",
+    )
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--data", default=None, help="corpus name or folder (default: the one the model was trained on)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="(default: test)")
@@ -54,8 +56,17 @@ def _eval(argv: list[str]) -> int:
 
     tokens, meta = open_shard(split_dir / args.split, tokenizer)
     seq_len = args.seq_len or model.config.seq_len
-    result = evaluate(model, tokens, meta, seq_len, args.batch_size, args.tokens, device, args.precision,
-                      progress=not args.no_progress)  # fmt: skip
+    result = evaluate(
+        model,
+        tokens,
+        meta,
+        seq_len,
+        args.batch_size,
+        args.tokens,
+        device,
+        args.precision,
+        progress=not args.no_progress,
+    )
     print(json.dumps({"checkpoint": str(path), "data": data, "split": args.split, **result}, indent=2))
     return 0
 
@@ -71,8 +82,9 @@ def _trained_on(path: Path) -> str:
 
 
 def _generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="nestlearn generate", description="Continue a prompt with a checkpoint, "
-                                "printing text as it is produced.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="nestlearn generate", description="Continue a prompt with a checkpoint, printing text as it is produced."
+    )
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="(default: 200)")
@@ -177,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
-        print(f"usage: nestlearn SUBCOMMAND [options]\n\n{__doc__.splitlines()[0]}\n\nsubcommands:\n{lines}\n\n"
-              "nestlearn SUBCOMMAND --help documents every option.")  # fmt: skip
+        print(
+            f"usage: nestlearn SUBCOMMAND [options]\n\n{__doc__.splitlines()[0]}\n\nsubcommands:\n{lines}\n\n"
+            "nestlearn SUBCOMMAND --help documents every option."
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nnestlearn: unknown subcommand {argv[0]!r}", file=sys.stderr)
             return 2

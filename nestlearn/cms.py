@@ -56,8 +56,10 @@ class SwiGLU(nn.Module):
         hidden, dim = self.down.in_features, self.down.out_features
         for name, w, want in (("gate", gate, (hidden, dim)), ("up", up, (hidden, dim)), ("down", down, (dim, hidden))):
             if tuple(w.shape) != want:
-                raise ValueError(f"{name} has shape {tuple(w.shape)}; this level expects {want} (hidden={hidden}, "
-                                 f"dim={dim}): build the level with a matching CMSConfig.hidden_mult")  # fmt: skip
+                raise ValueError(
+                    f"{name} has shape {tuple(w.shape)}; this level expects {want} (hidden={hidden}, "
+                    f"dim={dim}): build the level with a matching CMSConfig.hidden_mult"
+                )
         self.up.weight.copy_(torch.cat([gate, up], dim=0))
         self.down.weight.copy_(down)
 
@@ -90,10 +92,24 @@ class InContextLevel(nn.Module):
         v = self.value(h).view(b, t, H, d).transpose(1, 2)
         g = self.gates(h).view(b, t, 2, H).permute(2, 0, 3, 1)  # (2, b, H, t)
         lr, retention = self.max_lr * torch.sigmoid(g[0]), torch.sigmoid(g[1])
-        y, state = scan(k, k, v, lr, retention, memory="mlp", objective="l2", rule="gd", chunk_size=self.period,
-                        read="snapshot", state=state, check_values=False, checkpoint=self.checkpoint,
-                        max_grad_norm=self.max_grad_norm, compile=self.compile_chunks,
-                        origin={"W1": self.W1, "W2": self.W2} if self.retain_to == "init" else None)  # fmt: skip
+        y, state = scan(
+            k,
+            k,
+            v,
+            lr,
+            retention,
+            memory="mlp",
+            objective="l2",
+            rule="gd",
+            chunk_size=self.period,
+            read="snapshot",
+            state=state,
+            check_values=False,
+            checkpoint=self.checkpoint,
+            max_grad_norm=self.max_grad_norm,
+            compile=self.compile_chunks,
+            origin={"W1": self.W1, "W2": self.W2} if self.retain_to == "init" else None,
+        )
         y = (y - k).transpose(1, 2).reshape(b, t, dim)  # the MLP part of M(k) = k + W1 σ(W2 k)
         return self.out(y), state
 

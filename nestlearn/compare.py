@@ -30,8 +30,14 @@ def runs_of(presets: list[str], optimizers: list[str] | None = None) -> list[tup
     return [(f"{p}-{o}" if several else p, p, o) for p in presets for o in optimizers]
 
 
-def compare(presets: list[str], base, out_dir: Path, test_tokens: int = 0, optimizers: list[str] | None = None,
-            lrs: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
+def compare(
+    presets: list[str],
+    base,
+    out_dir: Path,
+    test_tokens: int = 0,
+    optimizers: list[str] | None = None,
+    lrs: dict[str, float] | None = None,
+) -> list[dict]:
     """Train each preset (× optimizer) with `base` (a TrainConfig) and evaluate it on the test split.
     `lrs` gives an optimizer its own peak learning rate. Returns one row per run."""
     from .checkpoint import load_checkpoint
@@ -56,25 +62,38 @@ def compare(presets: list[str], base, out_dir: Path, test_tokens: int = 0, optim
         tokens, meta = open_shard(shard_dir / "test", tokenizer)
         test = evaluate(model, tokens, meta, model.config.seq_len, 16, test_tokens)
         step_tokens = config.batch_size * model.config.seq_len
-        rows.append({"preset": name, "optimizer": optimizer, "lr": lr, "params": model.num_parameters(),
-                     "test_bits_per_byte": test["bits_per_byte"], "test_perplexity": test["perplexity"],
-                     "test_tokens": test["tokens"], "validation_bits_per_byte": result["bits_per_byte"],
-                     "train_tokens_per_s": result["train_tokens_per_s"],
-                     "seconds_per_step": step_tokens / result["train_tokens_per_s"], "minutes": minutes})  # fmt: skip
+        rows.append(
+            {
+                "preset": name,
+                "optimizer": optimizer,
+                "lr": lr,
+                "params": model.num_parameters(),
+                "test_bits_per_byte": test["bits_per_byte"],
+                "test_perplexity": test["perplexity"],
+                "test_tokens": test["tokens"],
+                "validation_bits_per_byte": result["bits_per_byte"],
+                "train_tokens_per_s": result["train_tokens_per_s"],
+                "seconds_per_step": step_tokens / result["train_tokens_per_s"],
+                "minutes": minutes,
+            }
+        )
     return rows
 
 
 def table(rows: list[dict], tokens: int) -> str:
     w = max([16] + [len(r["preset"]) + 2 for r in rows])
-    lines = [f"{'run':<{w}}{'params':>10}{'test bpb':>10}{'test ppl':>10}{'train tok/s':>13}{'s/step':>8}"
-             f"{'minutes':>9}"]  # fmt: skip
+    lines = [
+        f"{'run':<{w}}{'params':>10}{'test bpb':>10}{'test ppl':>10}{'train tok/s':>13}{'s/step':>8}{'minutes':>9}"
+    ]
     for r in rows:
         if "failed" in r:
             lines.append(f"{r['preset']:<{w}}failed: {r['failed']}")
             continue
-        lines.append(f"{r['preset']:<{w}}{r['params'] / 1e6:>9.2f}M{r['test_bits_per_byte']:>10.3f}"
-                     f"{r['test_perplexity']:>10.2f}{r['train_tokens_per_s']:>13.0f}{r['seconds_per_step']:>8.2f}"
-                     f"{r['minutes']:>9.1f}")  # fmt: skip
+        lines.append(
+            f"{r['preset']:<{w}}{r['params'] / 1e6:>9.2f}M{r['test_bits_per_byte']:>10.3f}"
+            f"{r['test_perplexity']:>10.2f}{r['train_tokens_per_s']:>13.0f}{r['seconds_per_step']:>8.2f}"
+            f"{r['minutes']:>9.1f}"
+        )
     lines.append(f"(each trained on the same {tokens:,} tokens; bpb: bits per byte of UTF-8 text, lower is better)")
     return "\n".join(lines)
 
@@ -127,13 +146,34 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nestlearn compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["hope", "transformer"], help="(default: hope transformer)")
     p.add_argument("--test-tokens", type=int, default=32768, help="test predictions per model (0: the whole split)")
-    p.add_argument("--optimizers", nargs="+", default=None, help="train each preset with each of these optimizers "
-                   "(default: --optimizer alone); runs are then named preset-optimizer")  # fmt: skip
-    p.add_argument("--lrs", nargs="+", default=[], metavar="OPTIMIZER=LR", help="a peak learning rate per optimizer, "
-                   "e.g. deep_momentum=0.05 (the others use --lr)")  # fmt: skip
-    defaults = dict(size="mini", data="wiki", steps=48, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=6,
-                    eval_every=16, eval_tokens=16384, save_every=0, log_every=2,
-                    out_dir=time.strftime("runs/compare/%Y%m%d-%H%M%S"))  # fmt: skip
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=None,
+        help="train each preset with each of these optimizers "
+        "(default: --optimizer alone); runs are then named preset-optimizer",
+    )
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        default=[],
+        metavar="OPTIMIZER=LR",
+        help="a peak learning rate per optimizer, e.g. deep_momentum=0.05 (the others use --lr)",
+    )
+    defaults = dict(
+        size="mini",
+        data="wiki",
+        steps=48,
+        batch_size=16,
+        seq_len=256,
+        lr=2e-3,
+        warmup_steps=6,
+        eval_every=16,
+        eval_tokens=16384,
+        save_every=0,
+        log_every=2,
+        out_dir=time.strftime("runs/compare/%Y%m%d-%H%M%S"),
+    )
     TrainConfig.add_arguments(p)
     args = p.parse_args(argv)
     for name, value in defaults.items():  # the main job's budget, unless a flag says otherwise

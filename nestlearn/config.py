@@ -45,9 +45,13 @@ RETAIN_TO = ("init", "zero")
 
 def _check_retain_to(config: Any) -> None:
     if config.retain_to not in RETAIN_TO:
-        _fail(type(config).__name__, "retain_to", config.retain_to,
-              "expected 'init' (retention pulls the memory back to its meta-learned initial state) or 'zero' "
-              "(the paper's weight decay, under which an MLP memory dies within ~1,000 tokens)")  # fmt: skip
+        _fail(
+            type(config).__name__,
+            "retain_to",
+            config.retain_to,
+            "expected 'init' (retention pulls the memory back to its meta-learned initial state) or 'zero' "
+            "(the paper's weight decay, under which an MLP memory dies within ~1,000 tokens)",
+        )
 
 
 def _check_memory_options(config: Any) -> None:
@@ -64,8 +68,12 @@ def _check_memory_options(config: Any) -> None:
     if not 0 < config.max_lr:
         _fail(cls, "max_lr", config.max_lr, "must be positive")
     if config.lr_init is not None and not 0 < config.lr_init < config.max_lr:
-        _fail(cls, "lr_init", config.lr_init,
-              f"must lie strictly between 0 and max_lr={config.max_lr}, or be None (max_lr / 2)")  # fmt: skip
+        _fail(
+            cls,
+            "lr_init",
+            config.lr_init,
+            f"must lie strictly between 0 and max_lr={config.max_lr}, or be None (max_lr / 2)",
+        )
     _check_clip(config)
 
 
@@ -87,9 +95,13 @@ def retention_gate_bias(config: Any) -> float:
 def _check_retention_init(config: Any) -> None:
     r = config.retention_init
     if r is not None and not 0 < r < 1:
-        _fail(type(config).__name__, "retention_init", r,
-              "must lie strictly between 0 and 1 (α_t at initialisation; 1 − α is the share forgotten per token), "
-              "or be None (0.982)")  # fmt: skip
+        _fail(
+            type(config).__name__,
+            "retention_init",
+            r,
+            "must lie strictly between 0 and 1 (α_t at initialisation; 1 − α is the share forgotten per token), "
+            "or be None (0.982)",
+        )
 
 
 def _check_clip(config: Any) -> None:
@@ -180,8 +192,12 @@ class SelfModConfig:
         _check_positive_ints(self, ("chunk_size", "memory_chunk_size", "hidden_mult", "conv_width"))
         _check_memory_options(self)
         if self.memory_chunk_size % self.chunk_size:
-            _fail("SelfModConfig", "memory_chunk_size", self.memory_chunk_size,
-                  f"must be a multiple of chunk_size={self.chunk_size}")  # fmt: skip
+            _fail(
+                "SelfModConfig",
+                "memory_chunk_size",
+                self.memory_chunk_size,
+                f"must be a multiple of chunk_size={self.chunk_size}",
+            )
 
 
 @dataclass
@@ -230,20 +246,32 @@ class CMSConfig:
             _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
         o = self.outer_from
         if o is not None and (isinstance(o, bool) or not isinstance(o, int) or o < 1):
-            _fail("CMSConfig", "outer_from", o,
-                  "must be a positive int (periods at least this are outer levels), or None (the seq_len)")  # fmt: skip
+            _fail(
+                "CMSConfig",
+                "outer_from",
+                o,
+                "must be a positive int (periods at least this are outer levels), or None (the seq_len)",
+            )
         _check_clip(self)
         _check_retain_to(self)
         _check_retention_init(self)
         if self.variant not in ("sequential", "independent", "nested"):
-            _fail("CMSConfig", "variant", self.variant,
-                  "expected 'sequential' (eq. 73), 'independent' (eq. 74) or 'nested' (eq. 72)")  # fmt: skip
+            _fail(
+                "CMSConfig",
+                "variant",
+                self.variant,
+                "expected 'sequential' (eq. 73), 'independent' (eq. 74) or 'nested' (eq. 72)",
+            )
         if self.variant == "nested":
             for fast, slow in itertools.pairwise(periods):
                 if slow % fast:
-                    _fail("CMSConfig", "update_periods", self.update_periods,
-                          f"nested levels reset at the next slower level's updates, so each period must divide the "
-                          f"next one ({fast} does not divide {slow})")  # fmt: skip
+                    _fail(
+                        "CMSConfig",
+                        "update_periods",
+                        self.update_periods,
+                        f"nested levels reset at the next slower level's updates, so each period must divide the "
+                        f"next one ({fast} does not divide {slow})",
+                    )
 
 
 @dataclass

@@ -139,8 +139,9 @@ class ClassTask:
                 nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
                 nlls.append((nll * m).sum(1) / m.sum(1))
             best = torch.stack(nlls, 1).argmin(1)
-            correct += sum(candidates[int(b)] == y for b, y in zip(best, self.valid_labels[lo : lo + batch_size],
-                                                                    strict=True))  # fmt: skip
+            correct += sum(
+                candidates[int(b)] == y for b, y in zip(best, self.valid_labels[lo : lo + batch_size], strict=True)
+            )
         return correct / len(self.valid)
 
 
@@ -172,8 +173,16 @@ def _bbc_tasks(data_root: str | None, prompt_chars: int, classes_per_task: int, 
     for labels in groups:
         tr = [(p, y) for p, y in train if y in labels]
         va = [(p, y) for p, y in valid if y in labels]
-        tasks.append(ClassTask("+".join(labels), tuple(labels), [p for p, _ in tr], [y for _, y in tr],
-                               [p for p, _ in va], [y for _, y in va]))  # fmt: skip
+        tasks.append(
+            ClassTask(
+                "+".join(labels),
+                tuple(labels),
+                [p for p, _ in tr],
+                [y for _, y in tr],
+                [p for p, _ in va],
+                [y for _, y in va],
+            )
+        )
     return tasks
 
 
@@ -184,21 +193,30 @@ STREAMS = {
 }
 
 
-def make_stream(name: str, tasks: list[str] | None, data_root: str | None, seq_len: int,
-                classes_per_task: int = 1) -> list:  # fmt: skip
+def make_stream(
+    name: str, tasks: list[str] | None, data_root: str | None, seq_len: int, classes_per_task: int = 1
+) -> list:
     """The tasks of a stream. A task may also be a local corpus folder (train.txt, validation.txt, test.txt); for
     `bbc`, `tasks` may name one corpus (a folder in the bbc format: the class on each document's first line)."""
     if name == "languages":
-        return [_lm_task(lang if Path(lang).is_dir() else f"handbook-{lang}", data_root, Path(lang).name)
-                for lang in (tasks or LANGUAGES)]  # fmt: skip
+        return [
+            _lm_task(lang if Path(lang).is_dir() else f"handbook-{lang}", data_root, Path(lang).name)
+            for lang in (tasks or LANGUAGES)
+        ]
     if name == "domains":
         return [_lm_task(c, data_root, Path(c).name) for c in (tasks or ("wiki", "shakespeare", "pydoc"))]
     if name == "bbc":
         if tasks and len(tasks) != 1:
-            raise ValueError(f"the bbc stream's tasks are its classes, in a fixed order; --tasks may only name the "
-                             f"corpus to read them from (default bbc); got {tasks}")  # fmt: skip
-        return _bbc_tasks(data_root, prompt_chars=max(16, seq_len - 24), classes_per_task=classes_per_task,
-                          corpus=tasks[0] if tasks else "bbc")  # fmt: skip
+            raise ValueError(
+                f"the bbc stream's tasks are its classes, in a fixed order; --tasks may only name the "
+                f"corpus to read them from (default bbc); got {tasks}"
+            )
+        return _bbc_tasks(
+            data_root,
+            prompt_chars=max(16, seq_len - 24),
+            classes_per_task=classes_per_task,
+            corpus=tasks[0] if tasks else "bbc",
+        )
     raise ValueError(f"stream={name!r} is not known; expected one of {list(STREAMS)}")
 
 
@@ -218,8 +236,11 @@ class EWC:
     def penalty(self) -> Tensor | float:
         if not self.fisher:
             return 0.0
-        return 0.5 * self.lam * sum((self.fisher[n] * (p - self.anchor[n]) ** 2).sum()
-                                    for n, p in self.model.named_parameters())  # fmt: skip
+        return (
+            0.5
+            * self.lam
+            * sum((self.fisher[n] * (p - self.anchor[n]) ** 2).sum() for n, p in self.model.named_parameters())
+        )
 
     def consolidate(self, task, rng, batch_size: int, seq_len: int) -> None:
         fisher = {n: torch.zeros_like(p) for n, p in self.model.named_parameters()}
@@ -300,8 +321,15 @@ class ContinualConfig:
             raise ValueError(f"preset={self.preset!r} is not known; expected one of {list(presets.PRESETS)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known; expected one of {list(STRATEGIES)}")
-        for name in ("steps_per_task", "batch_size", "seq_len", "ewc_batches", "replay_batches", "classes_per_task",
-                     "eval_tokens"):  # fmt: skip
+        for name in (
+            "steps_per_task",
+            "batch_size",
+            "seq_len",
+            "ewc_batches",
+            "replay_batches",
+            "classes_per_task",
+            "eval_tokens",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
@@ -327,15 +355,19 @@ def build_model(config: ContinualConfig):
         source, _ = load_checkpoint(resolve_checkpoint(config.init_from))
         s = source.config
         if s.vocab_size != model_config.vocab_size:
-            raise ValueError(f"init_from={config.init_from!r} has vocabulary {s.vocab_size}; the continual streams are "
-                             f"byte-level ({model_config.vocab_size}): train it with --tokenizer bytes")  # fmt: skip
+            raise ValueError(
+                f"init_from={config.init_from!r} has vocabulary {s.vocab_size}; the continual streams are "
+                f"byte-level ({model_config.vocab_size}): train it with --tokenizer bytes"
+            )
         cms = dataclasses.replace(model_config.cms, hidden_mult=s.cms.hidden_mult)
-        model_config = dataclasses.replace(model_config, num_layers=s.num_layers, dim=s.dim, num_heads=s.num_heads,
-                                           cms=cms)  # fmt: skip
+        model_config = dataclasses.replace(
+            model_config, num_layers=s.num_layers, dim=s.dim, num_heads=s.num_heads, cms=cms
+        )
     if config.update_periods is not None:
         # new levels: periods shorter than the training window are in-context, the others outer (as `train`)
-        cms = dataclasses.replace(model_config.cms, update_periods=parse_periods(config.update_periods),
-                                  outer_from=model_config.seq_len)  # fmt: skip
+        cms = dataclasses.replace(
+            model_config.cms, update_periods=parse_periods(config.update_periods), outer_from=model_config.seq_len
+        )
         model_config = dataclasses.replace(model_config, cms=cms)  # checks the periods
     model = build(model_config)
     if source is not None:
@@ -384,10 +416,12 @@ def run(config: ContinualConfig) -> dict:
     if config.strategy == "levels":
         model_levels = model.levels()
         if all(lv.period is None for lv in model_levels):
-            raise ValueError(f"the levels strategy needs outer CMS levels with a period: {config.preset}'s CMS periods "
-                             f"{model.config.cms.update_periods} have none at least {model.config.cms.outer_from} "
-                             "tokens; give --update-periods, e.g. 16,128,2048 (periods at least --seq-len are "
-                             "outer levels)")  # fmt: skip
+            raise ValueError(
+                f"the levels strategy needs outer CMS levels with a period: {config.preset}'s CMS periods "
+                f"{model.config.cms.update_periods} have none at least {model.config.cms.outer_from} "
+                "tokens; give --update-periods, e.g. 16,128,2048 (periods at least --seq-len are "
+                "outer levels)"
+            )
         levels = Levels(opt, model_levels)
         levels.due(config.seq_len)
     ewc = EWC(model, config.ewc_lambda, config.ewc_batches) if config.strategy == "ewc" else None
@@ -407,8 +441,13 @@ def run(config: ContinualConfig) -> dict:
     baseline = score_all(-1)
     R, losses, step, t0 = [], [], 0, time.perf_counter()
     for i, task in enumerate(tasks):
-        bar = tqdm(range(config.steps_per_task), desc=f"task {i + 1}/{len(tasks)} {task.name}", unit="step",
-                   disable=not config.progress, leave=False)  # fmt: skip
+        bar = tqdm(
+            range(config.steps_per_task),
+            desc=f"task {i + 1}/{len(tasks)} {task.name}",
+            unit="step",
+            disable=not config.progress,
+            leave=False,
+        )
         for _ in bar:
             lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
             for g in opt.param_groups:
@@ -431,10 +470,18 @@ def run(config: ContinualConfig) -> dict:
             replay.remember(task, rng, config.batch_size, config.seq_len)
         R.append(score_all(i))
     higher = tasks[0].higher_is_better
-    return {"config": asdict(config), "tasks": [t.name for t in tasks], "metric": tasks[0].metric,
-            "higher_is_better": higher, "R": R, "baseline": baseline, "params": model.num_parameters(),
-            "metrics": continual_metrics(R, baseline, higher), "losses": losses,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "config": asdict(config),
+        "tasks": [t.name for t in tasks],
+        "metric": tasks[0].metric,
+        "higher_is_better": higher,
+        "R": R,
+        "baseline": baseline,
+        "params": model.num_parameters(),
+        "metrics": continual_metrics(R, baseline, higher),
+        "losses": losses,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # --- output ---
@@ -474,16 +521,21 @@ def plot(result: dict, path: Path) -> None:
 
 def table(result: dict) -> str:
     names, R = result["tasks"], result["R"]
-    lines = [f"| after \\ on | {' | '.join(names)} |", f"| --- |{' ---: |' * len(names)}",
-             f"| (untrained) | {' | '.join(f'{v:.3f}' for v in result['baseline'])} |"]  # fmt: skip
+    lines = [
+        f"| after \\ on | {' | '.join(names)} |",
+        f"| --- |{' ---: |' * len(names)}",
+        f"| (untrained) | {' | '.join(f'{v:.3f}' for v in result['baseline'])} |",
+    ]
     lines += [f"| {names[i]} | {' | '.join(f'{v:.3f}' for v in row)} |" for i, row in enumerate(R)]
     m = result["metrics"]
 
     def f(x):
         return "n/a" if x is None else f"{x:+.3f}"
 
-    lines.append(f"\n{result['metric']}: average {m['average']:.3f}, BWT {f(m['bwt'])}, forgetting "
-                 f"{f(m['forgetting'])}, FWT {f(m['fwt'])} ({result['seconds']:.0f} s)")  # fmt: skip
+    lines.append(
+        f"\n{result['metric']}: average {m['average']:.3f}, BWT {f(m['bwt'])}, forgetting "
+        f"{f(m['forgetting'])}, FWT {f(m['fwt'])} ({result['seconds']:.0f} s)"
+    )
     return "\n".join(lines)
 
 
@@ -502,8 +554,10 @@ def summary(results: list[dict]) -> str:
         text = format(float(np.mean(xs)), fmt)
         return text + (f" ± {float(np.std(xs, ddof=1)):{fmt.lstrip('+')}}" if len(xs) > 1 else "")
 
-    lines = ["| stream | preset | strategy | seeds | average | BWT | forgetting | FWT | minutes per run |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| stream | preset | strategy | seeds | average | BWT | forgetting | FWT | minutes per run |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for runs in groups.values():
         c, m = runs[0]["config"], [r["metrics"] for r in runs]
         strategy = c["strategy"] + (f" {c['update_periods']}" if c.get("update_periods") else "")
@@ -518,46 +572,92 @@ def summary(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nestlearn continual", description=__doc__.split("\n\n")[0])
     d = ContinualConfig()
-    p.add_argument("--stream", default=d.stream, choices=list(STREAMS), help="; ".join(f"{k}: {v}" for k, v in
-                   STREAMS.items()) + f" (default: {d.stream})")  # fmt: skip
+    p.add_argument(
+        "--stream",
+        default=d.stream,
+        choices=list(STREAMS),
+        help="; ".join(f"{k}: {v}" for k, v in STREAMS.items()) + f" (default: {d.stream})",
+    )
     p.add_argument("--tasks", nargs="+", default=None, help="the stream's tasks, in order (languages, corpora)")
     p.add_argument("--preset", default=d.preset, choices=list(presets.PRESETS), help=f"(default: {d.preset})")
     p.add_argument("--size", default=d.size, choices=list(presets.SIZES), help=f"(default: {d.size})")
     p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES, help=f"(default: {d.strategy})")
-    p.add_argument("--update-periods", default=None, help="levels: the CMS update periods in tokens, fastest first, "
-                   "'none' for every step (default: the preset's)")  # fmt: skip
+    p.add_argument(
+        "--update-periods",
+        default=None,
+        help="levels: the CMS update periods in tokens, fastest first, 'none' for every step (default: the preset's)",
+    )
     p.add_argument("--steps-per-task", type=int, default=d.steps_per_task, help=f"(default: {d.steps_per_task})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"(default: {d.seq_len})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW, constant after warm-up (default: {d.lr})")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"(default: {d.warmup_steps})")
     p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda, help=f"ewc: λ (default: {d.ewc_lambda})")
-    p.add_argument("--ewc-batches", type=int, default=d.ewc_batches, help=f"ewc: batches per Fisher estimate "
-                   f"(default: {d.ewc_batches})")  # fmt: skip
-    p.add_argument("--replay-fraction", type=float, default=d.replay_fraction, help="replay: share of each batch "
-                   f"drawn from the buffer (default: {d.replay_fraction})")  # fmt: skip
-    p.add_argument("--replay-batches", type=int, default=d.replay_batches, help="replay: batches kept per finished "
-                   f"task (default: {d.replay_batches})")  # fmt: skip
-    p.add_argument("--classes-per-task", type=int, default=d.classes_per_task, help="bbc: classes per task "
-                   f"(default: {d.classes_per_task})")  # fmt: skip
-    p.add_argument("--init-from", default=None, help="a trained byte-level checkpoint (e.g. a transformer) to "
-                   "start from: same-named weights copied, every SwiGLU CMS level initialised from its MLP (paper "
-                   "§7.3)")  # fmt: skip
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="language-model streams: validation "
-                   f"tokens scored per task (default: {d.eval_tokens})")  # fmt: skip
+    p.add_argument(
+        "--ewc-batches",
+        type=int,
+        default=d.ewc_batches,
+        help=f"ewc: batches per Fisher estimate (default: {d.ewc_batches})",
+    )
+    p.add_argument(
+        "--replay-fraction",
+        type=float,
+        default=d.replay_fraction,
+        help=f"replay: share of each batch drawn from the buffer (default: {d.replay_fraction})",
+    )
+    p.add_argument(
+        "--replay-batches",
+        type=int,
+        default=d.replay_batches,
+        help=f"replay: batches kept per finished task (default: {d.replay_batches})",
+    )
+    p.add_argument(
+        "--classes-per-task",
+        type=int,
+        default=d.classes_per_task,
+        help=f"bbc: classes per task (default: {d.classes_per_task})",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="a trained byte-level checkpoint (e.g. a transformer) to "
+        "start from: same-named weights copied, every SwiGLU CMS level initialised from its MLP (paper "
+        "§7.3)",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=d.eval_tokens,
+        help=f"language-model streams: validation tokens scored per task (default: {d.eval_tokens})",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
     p.add_argument("--out-dir", required=True, help="where results.json and continual.png go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    config = ContinualConfig(stream=args.stream, tasks=args.tasks, preset=args.preset, size=args.size,
-                             strategy=args.strategy, update_periods=args.update_periods,
-                             steps_per_task=args.steps_per_task, batch_size=args.batch_size, seq_len=args.seq_len,
-                             lr=args.lr, warmup_steps=args.warmup_steps, ewc_lambda=args.ewc_lambda,
-                             ewc_batches=args.ewc_batches, replay_fraction=args.replay_fraction,
-                             replay_batches=args.replay_batches, classes_per_task=args.classes_per_task,
-                             init_from=args.init_from, eval_tokens=args.eval_tokens, seed=args.seed,
-                             data_root=args.data_root, progress=not args.no_progress)  # fmt: skip
+    config = ContinualConfig(
+        stream=args.stream,
+        tasks=args.tasks,
+        preset=args.preset,
+        size=args.size,
+        strategy=args.strategy,
+        update_periods=args.update_periods,
+        steps_per_task=args.steps_per_task,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ewc_lambda=args.ewc_lambda,
+        ewc_batches=args.ewc_batches,
+        replay_fraction=args.replay_fraction,
+        replay_batches=args.replay_batches,
+        classes_per_task=args.classes_per_task,
+        init_from=args.init_from,
+        eval_tokens=args.eval_tokens,
+        seed=args.seed,
+        data_root=args.data_root,
+        progress=not args.no_progress,
+    )
     random.seed(config.seed)
     result = run(config)
     out = Path(args.out_dir)

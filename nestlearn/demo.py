@@ -61,8 +61,17 @@ def recall_curve(
         k, v = keys[:, :, written:n], values[:, :, written:n]
         gates = torch.full(k.shape[:3], spec.lr), torch.full(k.shape[:3], spec.retention)
         with torch.no_grad():
-            _, state = scan(k, k, v, *gates, memory=spec.memory, objective=spec.objective, rule=spec.rule,
-                            chunk_size=spec.chunk_size, state=state)  # fmt: skip
+            _, state = scan(
+                k,
+                k,
+                v,
+                *gates,
+                memory=spec.memory,
+                objective=spec.objective,
+                rule=spec.rule,
+                chunk_size=spec.chunk_size,
+                state=state,
+            )
             out = read(keys[:, :, :n], state, memory=spec.memory)  # (1, 1, n, d)
         sims = F.normalize(out, dim=-1) @ values[:, :, :n].transpose(-1, -2)  # (1, 1, n, n) cosine to every value
         hit = (sims.argmax(-1) == torch.arange(n)).float()
@@ -90,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     print("recall = share of keys whose read-out is nearest to their own value (chance: 1/pairs)")
     print(f"each cell: recall of all pairs written / of the last {args.recent}\n")
     t0 = time.perf_counter()
-    results = {spec.name: recall_curve(spec, keys, values, checkpoints, args.recent, args.seed)
-               for spec in tqdm(SPECS, desc="memories", leave=False)}  # fmt: skip
+    results = {
+        spec.name: recall_curve(spec, keys, values, checkpoints, args.recent, args.seed)
+        for spec in tqdm(SPECS, desc="memories", leave=False)
+    }
     width = max(len(s.name) for s in SPECS)
     print(f"{'pairs written':<{width}}  " + "  ".join(f"{n:>11}" for n in checkpoints))
     for name, rows in results.items():

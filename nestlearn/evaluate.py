@@ -21,9 +21,16 @@ __all__ = ["evaluate"]
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, tokens: np.ndarray, meta: ShardMeta, seq_len: int, batch_size: int = 8, max_tokens: int = 0,
-    device: torch.device | str = "cpu", precision: str = "fp32", progress: bool = False,
-) -> dict:  # fmt: skip
+    model: nn.Module,
+    tokens: np.ndarray,
+    meta: ShardMeta,
+    seq_len: int,
+    batch_size: int = 8,
+    max_tokens: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+) -> dict:
     """Loss, perplexity and bits per byte on consecutive non-overlapping windows of seq_len + 1 tokens, each read
     from a fresh state, from the start of the split (the first max_tokens predictions; 0: the whole split).
 
@@ -60,6 +67,13 @@ def evaluate(
     bytes_covered = meta.num_bytes * count / max(1, meta.num_tokens - 1)
     bpb = total / (math.log(2) * bytes_covered)
     # non-finite windows are counted, not dropped: a model whose memories diverge on some input must show it
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bpb, "tokens": count,
-            "tokens_per_s": count / seconds, "nonfinite_windows": bad, "windows": n,
-            "dead_memories": [m.name for m in dead]}  # fmt: skip
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "bits_per_byte": bpb,
+        "tokens": count,
+        "tokens_per_s": count / seconds,
+        "nonfinite_windows": bad,
+        "windows": n,
+        "dead_memories": [m.name for m in dead],
+    }

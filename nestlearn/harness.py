@@ -270,8 +270,11 @@ class NestlearnLM(LM):
             self._warned = True
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_gen = _positive_int("max_gen_toks", gen_kwargs.get("max_gen_toks", self.max_gen_toks),
-                                "set it in the task's generation_kwargs or --gen_kwargs max_gen_toks=256")  # fmt: skip
+        max_gen = _positive_int(
+            "max_gen_toks",
+            gen_kwargs.get("max_gen_toks", self.max_gen_toks),
+            "set it in the task's generation_kwargs or --gen_kwargs max_gen_toks=256",
+        )
         temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
         do_sample = gen_kwargs.get("do_sample")
         # HF's convention, which lm-eval tasks are written for: do_sample=False is greedy whatever the temperature,

@@ -36,12 +36,26 @@ __all__ = ["main", "train_synthetic", "memory_arguments", "memory_options", "nia
 Batch = tuple[Tensor, Tensor, Tensor]  # tokens, targets, mask; each (b, t)
 
 
-def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batch], *, steps: int, batch: int,
-                    lr: float = 3e-3, seed: int = 0, max_lr: float | None = None, lr_init: float | None = None,
-                    rule: str | None = None, read: str | None = None, retain_to: str | None = None,
-                    retention_init: float | None = None, update_periods: tuple[int | None, ...] | None = None,
-                    vocab_size: int | None = None, device: str | torch.device = "cpu", desc: str = "",
-                    quiet: bool = False) -> tuple[LanguageModel, dict]:  # fmt: skip
+def train_synthetic(
+    preset: str,
+    batch_fn: Callable[[int, torch.Generator], Batch],
+    *,
+    steps: int,
+    batch: int,
+    lr: float = 3e-3,
+    seed: int = 0,
+    max_lr: float | None = None,
+    lr_init: float | None = None,
+    rule: str | None = None,
+    read: str | None = None,
+    retain_to: str | None = None,
+    retention_init: float | None = None,
+    update_periods: tuple[int | None, ...] | None = None,
+    vocab_size: int | None = None,
+    device: str | torch.device = "cpu",
+    desc: str = "",
+    quiet: bool = False,
+) -> tuple[LanguageModel, dict]:
     """Train `preset` at `debug` size from scratch on batch_fn(batch, generator) with AdamW (no weight decay, 20
     warm-up steps, then constant lr; gradient clipping 1.0), the loss on the masked positions only.
 
@@ -86,8 +100,12 @@ def train_synthetic(preset: str, batch_fn: Callable[[int, torch.Generator], Batc
     seconds = time.perf_counter() - t0
     model.eval()
     last = losses[-10:]
-    return model, {"first_loss": losses[0], "final_loss": sum(last) / len(last), "seconds": seconds,
-                   "params": model.num_parameters()}  # fmt: skip
+    return model, {
+        "first_loss": losses[0],
+        "final_loss": sum(last) / len(last),
+        "seconds": seconds,
+        "params": model.num_parameters(),
+    }
 
 
 @torch.no_grad()
@@ -142,8 +160,14 @@ def niah_grids(records: Sequence[dict], kinds: Sequence[str], lengths: Sequence[
     return out
 
 
-def _heatmap(path: Path, grid: list[list[float]], lengths: Sequence[int], depths: Sequence[float], title: str,
-             label: str = "score (%)") -> None:  # fmt: skip
+def _heatmap(
+    path: Path,
+    grid: list[list[float]],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    title: str,
+    label: str = "score (%)",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,8 +203,9 @@ def run_niah(args: argparse.Namespace) -> dict:
     docs = None
     if any(niah.KINDS[k].haystack == "corpus" for k in args.kinds):
         docs = load_split(args.haystack, args.split, args.data_root)  # says `nestlearn fetch-data NAME` if missing
-    samples = niah.make_samples(args.kinds, args.lengths, args.depths, args.samples, tokenizer, docs, args.seed,
-                                args.max_new_tokens)  # fmt: skip
+    samples = niah.make_samples(
+        args.kinds, args.lengths, args.depths, args.samples, tokenizer, docs, args.seed, args.max_new_tokens
+    )
     records = niah.score_samples(samples, niah.model_answerer(model, tokenizer, device), progress=not args.no_progress)
     dead: dict[str, tuple[int, MemoryHealth]] = {}  # memory -> (fewest prompt tokens it was found dead after, health)
 
@@ -190,8 +215,9 @@ def run_niah(args: argparse.Namespace) -> dict:
                 dead[m.name] = (tokens, m)
 
     if args.gain:
-        gains = niah.retrieval_gain(samples, niah.model_bits(model, tokenizer, device, on_state=check), args.seed,
-                                    progress=not args.no_progress)  # fmt: skip
+        gains = niah.retrieval_gain(
+            samples, niah.model_bits(model, tokenizer, device, on_state=check), args.seed, progress=not args.no_progress
+        )
         records = [{**r, **g} for r, g in zip(records, gains, strict=True)]
     else:  # one pass over the longest prompt: are the memories still alive at its end?
         longest = max(samples, key=lambda s: s.length)
@@ -208,31 +234,51 @@ def run_niah(args: argparse.Namespace) -> dict:
         title = f"{kind} ({niah.KINDS[kind].ruler}), {model.config.name}, haystack {Path(args.haystack).name}"
         _heatmap(out / f"niah-{kind}.png", grids[kind]["score"], args.lengths, args.depths, title)
         if args.gain:
-            _heatmap(out / f"niah-{kind}-recall.png", grids[kind]["recall"], args.lengths, args.depths, title,
-                     label="recall (% of the answer's bits)")  # fmt: skip
-    result = {"checkpoint": str(path), "model": model.config.name, "trained_seq_len": model.config.seq_len,
-              "tokenizer": tokenizer.kind, "haystack": args.haystack, "split": args.split, "seed": args.seed,
-              "samples": args.samples, "lengths": args.lengths, "depths": args.depths,
-              "kinds": {k: {"ruler": niah.KINDS[k].ruler, **grids[k]} for k in args.kinds},
-              "dead_memories": {name: tokens for name, (tokens, _) in dead.items()},
-              "records": records}  # fmt: skip
+            _heatmap(
+                out / f"niah-{kind}-recall.png",
+                grids[kind]["recall"],
+                args.lengths,
+                args.depths,
+                title,
+                label="recall (% of the answer's bits)",
+            )
+    result = {
+        "checkpoint": str(path),
+        "model": model.config.name,
+        "trained_seq_len": model.config.seq_len,
+        "tokenizer": tokenizer.kind,
+        "haystack": args.haystack,
+        "split": args.split,
+        "seed": args.seed,
+        "samples": args.samples,
+        "lengths": args.lengths,
+        "depths": args.depths,
+        "kinds": {k: {"ruler": niah.KINDS[k].ruler, **grids[k]} for k in args.kinds},
+        "dead_memories": {name: tokens for name, (tokens, _) in dead.items()},
+        "records": records,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nRULER-style needle in a haystack: {model.config.name} (trained on {model.config.seq_len}-token windows), "
-          f"score % (string_match_all), mean over {len(args.depths)} depths × {args.samples} samples\n")  # fmt: skip
+    print(
+        f"\nRULER-style needle in a haystack: {model.config.name} (trained on {model.config.seq_len}-token windows), "
+        f"score % (string_match_all), mean over {len(args.depths)} depths × {args.samples} samples\n"
+    )
     print("| kind | " + " | ".join(str(n) for n in args.lengths) + " |")
     print("| --- |" + " ---: |" * len(args.lengths))
     for kind in args.kinds:
         cells = " | ".join(f"{v:.1f}" for v in grids[kind]["score_by_length"])
         print(f"| {kind} ({niah.KINDS[kind].ruler}) | {cells} |")
     if args.gain:
-        print("\nRetrieval gain: recall % = bits of the answer taken from the needle / bits without it (mean gain in "
-              "bits in brackets)\n")  # fmt: skip
+        print(
+            "\nRetrieval gain: recall % = bits of the answer taken from the needle / bits without it (mean gain in "
+            "bits in brackets)\n"
+        )
         print("| kind | " + " | ".join(str(n) for n in args.lengths) + " |")
         print("| --- |" + " ---: |" * len(args.lengths))
         for kind in args.kinds:
             g = grids[kind]
-            cells = " | ".join(f"{r:.1f} ({b:+.2f})" for r, b in zip(g["recall_by_length"], g["gain_by_length"],
-                                                                     strict=True))  # fmt: skip
+            cells = " | ".join(
+                f"{r:.1f} ({b:+.2f})" for r, b in zip(g["recall_by_length"], g["gain_by_length"], strict=True)
+            )
             print(f"| {kind} ({niah.KINDS[kind].ruler}) | {cells} |")
     print(f"\nheatmaps and results.json in {out}")
     return result
@@ -248,18 +294,30 @@ def run_formal(args: argparse.Namespace) -> list[dict]:
     for lang in args.languages:
         for preset in args.presets:
             model, fit = train_synthetic(
-                preset, lambda b, g, lang=lang: synthetic.formal_language(lang, b, 1, L, generator=g),
-                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args),
-                device=args.device, desc=f"{preset} {lang}",
-                quiet=args.quiet)  # fmt: skip
+                preset,
+                lambda b, g, lang=lang: synthetic.formal_language(lang, b, 1, L, generator=g),
+                steps=args.steps,
+                batch=args.batch,
+                lr=args.lr,
+                seed=args.seed,
+                **memory_options(args),
+                device=args.device,
+                desc=f"{preset} {lang}",
+                quiet=args.quiet,
+            )
             row = {"language": lang, "preset": preset, **fit}
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
             for name, (lo, hi) in bins.items():
                 tokens, targets, mask = synthetic.formal_language(lang, args.eval_samples, lo, hi, generator=g_eval)
                 position, sequence = _scores(_predict(model, tokens, _decision), targets, mask)
                 pos_chance, seq_chance = _chance(targets, mask, (synthetic.REJECT, synthetic.ACCEPT))
-                row |= {name: sequence, f"{name}_position": position, f"{name}_chance": seq_chance,
-                        f"{name}_position_chance": pos_chance, f"{name}_lengths": [lo, hi]}  # fmt: skip
+                row |= {
+                    name: sequence,
+                    f"{name}_position": position,
+                    f"{name}_chance": seq_chance,
+                    f"{name}_position_chance": pos_chance,
+                    f"{name}_lengths": [lo, hi],
+                }
             rows.append(row)
     _write(args.out_dir, {"train_length": L, "steps": args.steps, "seed": args.seed, "rows": rows})
     print(formal_table(rows, args.languages, args.presets, L))
@@ -269,10 +327,12 @@ def run_formal(args: argparse.Namespace) -> list[dict]:
 def formal_table(rows: Sequence[dict], languages: Sequence[str], presets_: Sequence[str], train_length: int) -> str:
     """Sequence accuracy (%) in the layout of paper Table 5, with the best constant guesser as a last row."""
     titles = [synthetic.FORMAL_LANGUAGES[lang].title for lang in languages]
-    lines = [f"\nFormal languages (paper Table 5): sequence accuracy %, trained on lengths 1..{train_length}; "
-             f"Bin0 = lengths 1..{train_length}, Bin1 = {train_length + 1}..{2 * train_length}\n",
-             "| Model | " + " | ".join(f"{t} Bin0 | {t} Bin1" for t in titles) + " |",
-             "| --- |" + " ---: | ---: |" * len(languages)]  # fmt: skip
+    lines = [
+        f"\nFormal languages (paper Table 5): sequence accuracy %, trained on lengths 1..{train_length}; "
+        f"Bin0 = lengths 1..{train_length}, Bin1 = {train_length + 1}..{2 * train_length}\n",
+        "| Model | " + " | ".join(f"{t} Bin0 | {t} Bin1" for t in titles) + " |",
+        "| --- |" + " ---: | ---: |" * len(languages),
+    ]
     by = {(r["preset"], r["language"]): r for r in rows}
     for preset in presets_:
         cells = [f"{100 * by[preset, lang][b]:.1f}" for lang in languages for b in ("bin0", "bin1")]
@@ -292,22 +352,43 @@ def run_mqar(args: argparse.Namespace) -> list[dict]:
     rows = []
     for preset in args.presets:
         model, fit = train_synthetic(
-            preset, lambda b, g: synthetic.mqar(b, args.pairs, vocab, generator=g, gap=args.gap), steps=args.steps,
-            batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args), device=args.device,
-            desc=f"{preset} mqar", quiet=args.quiet)  # fmt: skip
+            preset,
+            lambda b, g: synthetic.mqar(b, args.pairs, vocab, generator=g, gap=args.gap),
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            **memory_options(args),
+            device=args.device,
+            desc=f"{preset} mqar",
+            quiet=args.quiet,
+        )
         g_eval = torch.Generator().manual_seed(10_000 + args.seed)
         for pairs in test_pairs:
             tokens, targets, mask = synthetic.mqar(args.eval_samples, pairs, vocab, generator=g_eval, gap=args.gap)
             accuracy = _scores(_predict(model, tokens, _argmax), targets, mask)[0]  # over every queried value
-            rows.append({"preset": preset, "train_pairs": args.pairs, "pairs": pairs, "gap": args.gap,
-                         "accuracy": accuracy, "chance": chance, **fit})  # fmt: skip
+            rows.append(
+                {
+                    "preset": preset,
+                    "train_pairs": args.pairs,
+                    "pairs": pairs,
+                    "gap": args.gap,
+                    "accuracy": accuracy,
+                    "chance": chance,
+                    **fit,
+                }
+            )
     _write(args.out_dir, {"steps": args.steps, "seed": args.seed, "rows": rows})
-    print(f"\nMQAR: trained with {args.pairs} key/value pairs (sequences of {4 * args.pairs + args.gap} tokens, a gap "
-          f"of {args.gap}); accuracy on the queried values of {args.eval_samples} new sequences\n")  # fmt: skip
+    print(
+        f"\nMQAR: trained with {args.pairs} key/value pairs (sequences of {4 * args.pairs + args.gap} tokens, a gap "
+        f"of {args.gap}); accuracy on the queried values of {args.eval_samples} new sequences\n"
+    )
     print("| preset | pairs | tokens | accuracy | chance | time (s) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['preset']} | {r['pairs']} | {4 * r['pairs'] + args.gap} | {r['accuracy']:.3f} | "
-              f"{r['chance']:.3f} | {r['seconds']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['preset']} | {r['pairs']} | {4 * r['pairs'] + args.gap} | {r['accuracy']:.3f} | "
+            f"{r['chance']:.3f} | {r['seconds']:.0f} |"
+        )
     return rows
 
 
@@ -324,23 +405,44 @@ def run_babi(args: argparse.Namespace) -> list[dict]:
     for task in args.tasks:
         for preset in args.presets:
             model, fit = train_synthetic(
-                preset, lambda b, g, task=task: synthetic.babi(task, b, args.facts, args.people, generator=g),
-                steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, **memory_options(args),
-                vocab_size=vocab, device=args.device,
-                desc=f"{preset} {task}", quiet=args.quiet)  # fmt: skip
+                preset,
+                lambda b, g, task=task: synthetic.babi(task, b, args.facts, args.people, generator=g),
+                steps=args.steps,
+                batch=args.batch,
+                lr=args.lr,
+                seed=args.seed,
+                **memory_options(args),
+                vocab_size=vocab,
+                device=args.device,
+                desc=f"{preset} {task}",
+                quiet=args.quiet,
+            )
             g_eval = torch.Generator().manual_seed(10_000 + args.seed)
             for facts in test_facts:
                 tokens, targets, mask = synthetic.babi(task, args.eval_samples, facts, args.people, generator=g_eval)
                 accuracy = _scores(_predict(model, tokens, _argmax), targets, mask)[1]  # the whole answer right
-                rows.append({"task": task, "preset": preset, "train_facts": args.facts, "facts": facts,
-                             "accuracy": accuracy, "chance": chance, **fit})  # fmt: skip
+                rows.append(
+                    {
+                        "task": task,
+                        "preset": preset,
+                        "train_facts": args.facts,
+                        "facts": facts,
+                        "accuracy": accuracy,
+                        "chance": chance,
+                        **fit,
+                    }
+                )
     _write(args.out_dir, {"steps": args.steps, "seed": args.seed, "people": args.people, "rows": rows})
-    print(f"\nbAbI-style fact tracking: trained on stories of {args.facts} facts; answer accuracy (every byte of the "
-          f"place right) on {args.eval_samples} new stories\n")  # fmt: skip
+    print(
+        f"\nbAbI-style fact tracking: trained on stories of {args.facts} facts; answer accuracy (every byte of the "
+        f"place right) on {args.eval_samples} new stories\n"
+    )
     print("| task | preset | facts | accuracy | chance | time (s) |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['task']} | {r['preset']} | {r['facts']} | {r['accuracy']:.3f} | {r['chance']:.3f} | "
-              f"{r['seconds']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['task']} | {r['preset']} | {r['facts']} | {r['accuracy']:.3f} | {r['chance']:.3f} | "
+            f"{r['seconds']:.0f} |"
+        )
     return rows
 
 
@@ -362,28 +464,54 @@ def memory_options(args: argparse.Namespace) -> dict:
 def memory_arguments(p: argparse.ArgumentParser) -> None:
     """--max-lr, --lr-init, --rule, --read, --retain-to, --retention-init: the memories, as `train_synthetic` takes
     them."""
-    p.add_argument("--max-lr", type=float, default=None,
-                   help="override the memories' inner learning-rate cap η_max (0.1); 2 with DGD lets them track "
-                        "state (docs/deviations.md)")  # fmt: skip
-    p.add_argument("--lr-init", type=float, default=None,
-                   help="the memories' initial η_t (default η_max / 2); below --max-lr")  # fmt: skip
-    p.add_argument("--rule", choices=["gd", "dgd"], default=None,
-                   help="the memories' update rule (default: the preset's, gd for Titans, dgd for Hope)")  # fmt: skip
-    p.add_argument("--read", choices=["dual", "snapshot"], default=None,
-                   help="how the memories are read inside a chunk: dual (token t sees its own write, the default) "
-                        "or snapshot (eq. 90: the weights the chunk started from; docs/deviations.md)")  # fmt: skip
-    p.add_argument("--retain-to", choices=["init", "zero"], default=None,
-                   help="what every memory's retention pulls towards: init, its meta-learned initial state (the "
-                        "default), or zero, the paper's weight decay (MLP memories die on long streams; "
-                        "docs/deviations.md)")  # fmt: skip
-    p.add_argument("--retention-init", type=float, default=None,
-                   help="every memory's retention α_t at initialisation, in (0, 1) (default 0.982: a time constant "
-                        "of about 55 tokens)")  # fmt: skip
+    p.add_argument(
+        "--max-lr",
+        type=float,
+        default=None,
+        help="override the memories' inner learning-rate cap η_max (0.1); 2 with DGD lets them track "
+        "state (docs/deviations.md)",
+    )
+    p.add_argument(
+        "--lr-init", type=float, default=None, help="the memories' initial η_t (default η_max / 2); below --max-lr"
+    )
+    p.add_argument(
+        "--rule",
+        choices=["gd", "dgd"],
+        default=None,
+        help="the memories' update rule (default: the preset's, gd for Titans, dgd for Hope)",
+    )
+    p.add_argument(
+        "--read",
+        choices=["dual", "snapshot"],
+        default=None,
+        help="how the memories are read inside a chunk: dual (token t sees its own write, the default) "
+        "or snapshot (eq. 90: the weights the chunk started from; docs/deviations.md)",
+    )
+    p.add_argument(
+        "--retain-to",
+        choices=["init", "zero"],
+        default=None,
+        help="what every memory's retention pulls towards: init, its meta-learned initial state (the "
+        "default), or zero, the paper's weight decay (MLP memories die on long streams; "
+        "docs/deviations.md)",
+    )
+    p.add_argument(
+        "--retention-init",
+        type=float,
+        default=None,
+        help="every memory's retention α_t at initialisation, in (0, 1) (default 0.982: a time constant "
+        "of about 55 tokens)",
+    )
 
 
 def _training_args(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--presets", nargs="+", default=["transformer", "hope"], choices=sorted(presets.PRESETS),
-                   help="models to train from scratch at debug size (default: transformer hope)")  # fmt: skip
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=["transformer", "hope"],
+        choices=sorted(presets.PRESETS),
+        help="models to train from scratch at debug size (default: transformer hope)",
+    )
     p.add_argument("--steps", type=int, default=400, help="training steps per model and task (default: 400)")
     p.add_argument("--batch", type=int, default=32, help="sequences per step (default: 32)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
@@ -399,46 +527,78 @@ def main(argv: list[str] | None = None) -> int:
     from .data.synthetic import BABI_TASKS, FORMAL_LANGUAGES
     from .niah import KINDS
 
-    parser = argparse.ArgumentParser(prog="nestlearn longctx", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="nestlearn longctx",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     sub = parser.add_subparsers(dest="suite", required=True, metavar="{niah,formal,mqar,babi}")
 
     p = sub.add_parser("niah", help="RULER-style needle in a haystack on a checkpoint: heatmaps over length × depth")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS), help="(default: all six)")
-    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096],
-                   help="context lengths in the checkpoint's tokens: prompt + answer budget (default: 1024 2048 "
-                        "4096)")  # fmt: skip
-    p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="needle depths, fractions of the haystack (default: 0 0.25 0.5 0.75 1)")  # fmt: skip
+    p.add_argument(
+        "--lengths",
+        nargs="+",
+        type=int,
+        default=[1024, 2048, 4096],
+        help="context lengths in the checkpoint's tokens: prompt + answer budget (default: 1024 2048 4096)",
+    )
+    p.add_argument(
+        "--depths",
+        nargs="+",
+        type=float,
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="needle depths, fractions of the haystack (default: 0 0.25 0.5 0.75 1)",
+    )
     p.add_argument("--samples", type=int, default=4, help="samples per kind, length and depth (default: 4)")
     p.add_argument("--haystack", default="wiki", help="corpus name or folder of the haystack text (default: wiki)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="(default: test)")
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation budget (default: the answer's tokens + 8, per sample)")  # fmt: skip
-    p.add_argument("--gain", action=argparse.BooleanOptionalAction, default=True,
-                   help="also score each sample by likelihood: the bits of the answer the model takes from the needle "
-                        "(docs/longctx.md; two more forward passes per sample) (default: on)")  # fmt: skip
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation budget (default: the answer's tokens + 8, per sample)",
+    )
+    p.add_argument(
+        "--gain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score each sample by likelihood: the bits of the answer the model takes from the needle "
+        "(docs/longctx.md; two more forward passes per sample) (default: on)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of keys, values, haystack start (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--out-dir", default="runs/longctx-niah", help="(default: runs/longctx-niah)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("formal", help="formal languages of paper Table 5, trained short and tested longer")
-    p.add_argument("--languages", nargs="+", default=list(FORMAL_LANGUAGES), choices=list(FORMAL_LANGUAGES),
-                   help="(default: all six)")  # fmt: skip
-    p.add_argument("--train-length", type=int, default=40,
-                   help="train on lengths 1..L; Bin0 tests 1..L, Bin1 L+1..2L (default: 40)")  # fmt: skip
+    p.add_argument(
+        "--languages",
+        nargs="+",
+        default=list(FORMAL_LANGUAGES),
+        choices=list(FORMAL_LANGUAGES),
+        help="(default: all six)",
+    )
+    p.add_argument(
+        "--train-length",
+        type=int,
+        default=40,
+        help="train on lengths 1..L; Bin0 tests 1..L, Bin1 L+1..2L (default: 40)",
+    )
     _training_args(p, "formal")
 
     p = sub.add_parser("mqar", help="multi-query associative recall, trained at one number of pairs, tested at more")
     p.add_argument("--pairs", type=int, default=8, help="key/value pairs per training sequence (default: 8)")
     p.add_argument("--test-pairs", nargs="+", type=int, default=None, help="(default: --pairs and twice that)")
-    p.add_argument("--gap", type=int, default=0,
-                   help="filler tokens between the pairs and the queries: how long the pairs must be held "
-                        "(default: 0)")  # fmt: skip
+    p.add_argument(
+        "--gap",
+        type=int,
+        default=0,
+        help="filler tokens between the pairs and the queries: how long the pairs must be held (default: 0)",
+    )
     _training_args(p, "mqar")
 
     p = sub.add_parser("babi", help="bAbI-style fact tracking as bytes, trained on short stories, tested on longer")
@@ -457,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         run_niah(args)
         return 0
     if min(args.steps, args.batch, args.eval_samples) < 1:
-        parser.error(f"--steps, --batch and --eval-samples must be positive; got {args.steps}, {args.batch}, "
-                     f"{args.eval_samples}")  # fmt: skip
+        parser.error(
+            f"--steps, --batch and --eval-samples must be positive; got {args.steps}, {args.batch}, {args.eval_samples}"
+        )
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.suite == "formal":

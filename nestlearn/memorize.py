@@ -96,11 +96,14 @@ class MemorizeReport:
         def f(x):
             return "" if x is None else f"{x:.4f}"
 
-        lines = [f"{self.tokens} tokens per sequence in {self.segments} segments; loss (nats/token): before "
-                 f"{f(self.loss_before)}, online {f(self.loss_online)}, after {f(self.loss_after)}, after with "
-                 f"the memorized state {f(self.loss_after_in_context)}", "",
-                 "| level | kind | period | lr | updates | relative change |",
-                 "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines = [
+            f"{self.tokens} tokens per sequence in {self.segments} segments; loss (nats/token): before "
+            f"{f(self.loss_before)}, online {f(self.loss_online)}, after {f(self.loss_after)}, after with "
+            f"the memorized state {f(self.loss_after_in_context)}",
+            "",
+            "| level | kind | period | lr | updates | relative change |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
         for lv in self.levels:
             period = "every segment" if lv.period is None else lv.period
             lines.append(f"| {lv.name} | outer | {period} | {lv.lr:g} | {lv.steps} | {lv.change:.3g} |")
@@ -118,8 +121,10 @@ def _carve(levels: list[Level], periods: dict[str, int] | None) -> list[Level]:
     for pattern, period in (periods or {}).items():
         hits = {n: p for n, p in (base.params.items() if base else ()) if re.search(pattern, n)}
         if not hits:
-            raise ValueError(f"periods pattern {pattern!r} matches no parameter of the base level; parameter names "
-                             "look like 'blocks.0.cms.levels.2.up.weight'")  # fmt: skip
+            raise ValueError(
+                f"periods pattern {pattern!r} matches no parameter of the base level; parameter names "
+                "look like 'blocks.0.cms.levels.2.up.weight'"
+            )
         for n in hits:
             del base.params[n]
         levels.append(Level(pattern, period, hits))
@@ -164,10 +169,17 @@ class Learner:
         segment: tokens per forward pass (default: the model's seq_len).
     """
 
-    def __init__(self, model: LanguageModel, lr: float | None = None, base_lr: float = 0.0,
-                 lrs: dict[str, float] | None = None, periods: dict[str, int] | None = None,
-                 optimizer: str = "adamw", optimizer_args: dict | None = None,
-                 segment: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: LanguageModel,
+        lr: float | None = None,
+        base_lr: float = 0.0,
+        lrs: dict[str, float] | None = None,
+        periods: dict[str, int] | None = None,
+        optimizer: str = "adamw",
+        optimizer_args: dict | None = None,
+        segment: int | None = None,
+    ):
         if not isinstance(model, LanguageModel):
             raise ValueError(f"Learner needs a nestlearn LanguageModel; got {type(model).__name__}")
         for name, value in (("lr", 0.0 if lr is None else lr), ("base_lr", base_lr), *(lrs or {}).items()):
@@ -188,9 +200,15 @@ class Learner:
                 "of base parameters with periods={regex: tokens} (--period 'cms\\.levels\\.2\\.=512'), fine-tune base "
                 "with base_lr > 0 (--base-lr), or leave lr unset to let only the in-context memories learn"
             )
-        self.options = dict(lr=lr, base_lr=base_lr, lrs=dict(lrs or {}), periods=dict(periods or {}),
-                            optimizer=optimizer, optimizer_args=dict(optimizer_args or {}),
-                            segment=self.segment)  # fmt: skip
+        self.options = dict(
+            lr=lr,
+            base_lr=base_lr,
+            lrs=dict(lrs or {}),
+            periods=dict(periods or {}),
+            optimizer=optimizer,
+            optimizer_args=dict(optimizer_args or {}),
+            segment=self.segment,
+        )
         names = [lv.name for lv in levels]
         unknown = sorted(set(lrs or {}) - set(names))
         if unknown:
@@ -218,8 +236,9 @@ class Learner:
 
     # --- learning ---
 
-    def memorize(self, tokens: Tensor, state: ModelState | None = None, *, measure: bool = True,
-                 progress: bool = False) -> tuple[ModelState, MemorizeReport]:  # fmt: skip
+    def memorize(
+        self, tokens: Tensor, state: ModelState | None = None, *, measure: bool = True, progress: bool = False
+    ) -> tuple[ModelState, MemorizeReport]:
         """Read `tokens` (b, n), n − 1 a multiple of the segment, learning as it goes. Returns the state after the
         stream and a report; `measure=False` skips the three extra passes behind loss_before / loss_after."""
         from tqdm import tqdm
@@ -229,11 +248,15 @@ class Learner:
             raise ValueError("tokens must be an int64 tensor of shape (batch, n): one stream per row")
         n = tokens.shape[1] - 1
         if n < S or n % S:
-            raise ValueError(f"the stream has {n} predictions per row ({n + 1} tokens), which is not a positive "
-                             f"multiple of the segment {S}: give k·{S} + 1 tokens per row")  # fmt: skip
+            raise ValueError(
+                f"the stream has {n} predictions per row ({n + 1} tokens), which is not a positive "
+                f"multiple of the segment {S}: give k·{S} + 1 tokens per row"
+            )
         if not self.learning and not _memories(model):
-            raise ValueError("nothing would learn: every learning rate is 0 and the model has no in-context memory; "
-                             "give lr/base_lr > 0")  # fmt: skip
+            raise ValueError(
+                "nothing would learn: every learning rate is 0 and the model has no in-context memory; "
+                "give lr/base_lr > 0"
+            )
         state = model.init_state(tokens.shape[0]) if state is None else state
         start_state = state
         was_training = model.training
@@ -260,17 +283,23 @@ class Learner:
             dead |= {m.name: lo + S for m in bad}
         model.train(was_training)
         report = MemorizeReport(
-            tokens=n, segments=n // S, loss_before=loss_before, loss_online=total / (n // S),
+            tokens=n,
+            segments=n // S,
+            loss_before=loss_before,
+            loss_online=total / (n // S),
             loss_after=stream_loss(model, tokens, S) if measure else None,
             loss_after_in_context=stream_loss(model, tokens, S, state) if measure else None,
             dead_memories=dead,
-        )  # fmt: skip
+        )
         for lv in self.learning:
             num = sum(((p.detach() - before[k]) ** 2).sum() for k, p in lv.params.items())
             den = sum((before[k] ** 2).sum() for k in lv.params)
             steps = next(g.steps for g in self.levels.levels if g.name == lv.name) - steps0[lv.name]
-            report.levels.append(LevelReport(lv.name, lv.period, self.lrs[lv.name], steps,
-                                             (num.sqrt() / den.sqrt().clamp_min(1e-12)).item()))  # fmt: skip
+            report.levels.append(
+                LevelReport(
+                    lv.name, lv.period, self.lrs[lv.name], steps, (num.sqrt() / den.sqrt().clamp_min(1e-12)).item()
+                )
+            )
         for name, period in self.frozen_levels():
             report.levels.append(LevelReport(name, period, 0.0, 0, 0.0))
         for name, period in _memories(model).items():
@@ -291,8 +320,10 @@ class Learner:
 
     def load_state_dict(self, sd: dict) -> None:
         if (sd["levels"] is None) != (self.levels is None):
-            raise ValueError("the saved learner and this one differ in which levels learn; build it with the "
-                             f"saved options {sd['options']}")  # fmt: skip
+            raise ValueError(
+                "the saved learner and this one differ in which levels learn; build it with the "
+                f"saved options {sd['options']}"
+            )
         if self.levels is not None:
             self.levels.load_state_dict(sd["levels"])
 
@@ -308,8 +339,10 @@ class Learner:
         """The model, learner and state of a folder written by `save`; continue with `learner.memorize(x, state)`."""
         path = Path(path)
         if not (path / LEARNER_FILE).is_file():
-            raise FileNotFoundError(f"{path / LEARNER_FILE} does not exist: is {path} a folder written by "
-                                    "Learner.save or nestlearn memorize?")  # fmt: skip
+            raise FileNotFoundError(
+                f"{path / LEARNER_FILE} does not exist: is {path} a folder written by "
+                "Learner.save or nestlearn memorize?"
+            )
         saved = torch.load(path / LEARNER_FILE, map_location=device, weights_only=True)
         model = load(path, device=device)
         options = dict(saved["options"])
@@ -320,8 +353,16 @@ class Learner:
         return model, learner, decode_state(saved["state"])
 
 
-def memorize(model: LanguageModel, tokens: Tensor, state: ModelState | None = None, learner: Learner | None = None, *,
-             measure: bool = True, progress: bool = False, **options) -> tuple[ModelState, MemorizeReport]:  # fmt: skip
+def memorize(
+    model: LanguageModel,
+    tokens: Tensor,
+    state: ModelState | None = None,
+    learner: Learner | None = None,
+    *,
+    measure: bool = True,
+    progress: bool = False,
+    **options,
+) -> tuple[ModelState, MemorizeReport]:
     """Learn from a stream after deployment, every level at its own rate: in-context memories through the forward
     pass, outer levels by the next-token loss every C^(ℓ) tokens with their optimizer. tokens: int64 (b, n).
     `options` build a `Learner` (lr, base_lr, lrs, periods, optimizer, ...); pass `learner=` instead to keep the
@@ -374,34 +415,62 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import flush_subnormals, resolve_device
     from .train import shards_for
 
-    p = argparse.ArgumentParser(prog="nestlearn memorize", description="Learning after deployment: a checkpoint "
-                                "reads a stream of a corpus and keeps learning, in-context memories through the "
-                                "forward pass and outer levels by the next-token loss every C tokens. Writes the "
-                                "updated model, its level optimizers and the stream state to --out-dir, and a "
-                                "report.")  # fmt: skip
-    p.add_argument("checkpoint", help="a checkpoint or run folder, or a folder written by an earlier memorize (then "
-                   "the stream, state and level optimizers continue where it stopped)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="nestlearn memorize",
+        description="Learning after deployment: a checkpoint "
+        "reads a stream of a corpus and keeps learning, in-context memories through the "
+        "forward pass and outer levels by the next-token loss every C tokens. Writes the "
+        "updated model, its level optimizers and the stream state to --out-dir, and a "
+        "report.",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint or run folder, or a folder written by an earlier memorize (then "
+        "the stream, state and level optimizers continue where it stopped)",
+    )
     p.add_argument("--data", default=None, help="corpus name or folder (default: the one the model was trained on)")
-    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
-                   help="(default: validation)")  # fmt: skip
+    p.add_argument(
+        "--split", default="validation", choices=["train", "validation", "test"], help="(default: validation)"
+    )
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
     p.add_argument("--tokens", type=int, required=True, help="tokens to read per stream, a multiple of --segment")
-    p.add_argument("--batch-size", type=int, default=1, help="parallel streams: the split is cut into this many "
-                   "lanes, each read from its start (default: 1)")  # fmt: skip
-    p.add_argument("--offset", type=int, default=None, help="position in each lane to start from (default: 0, or "
-                   "where an earlier memorize stopped)")  # fmt: skip
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="parallel streams: the split is cut into this many lanes, each read from its start (default: 1)",
+    )
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=None,
+        help="position in each lane to start from (default: 0, or where an earlier memorize stopped)",
+    )
     p.add_argument("--segment", type=int, default=None, help="tokens per forward pass (default: the model's seq_len)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every outer level (default: 1e-3)")
     p.add_argument("--base-lr", type=float, default=None, help="learning rate of the base level (default: 0, frozen)")
-    p.add_argument("--level-lr", action="append", metavar="NAME=LR", help="learning rate of one level (repeatable); "
-                   "0 freezes it. Level names: see the report, or model.levels()")  # fmt: skip
-    p.add_argument("--period", action="append", metavar="REGEX=C", help="make the base parameters matching REGEX an "
-                   r"outer level stepped every C tokens (repeatable), e.g. 'cms\.levels\.2\.=512'")  # fmt: skip
+    p.add_argument(
+        "--level-lr",
+        action="append",
+        metavar="NAME=LR",
+        help="learning rate of one level (repeatable); 0 freezes it. Level names: see the report, or model.levels()",
+    )
+    p.add_argument(
+        "--period",
+        action="append",
+        metavar="REGEX=C",
+        help="make the base parameters matching REGEX an "
+        r"outer level stepped every C tokens (repeatable), e.g. 'cms\.levels\.2\.=512'",
+    )
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="of the outer levels (default: adamw)")
-    p.add_argument("--optimizer-args", default=None, help='JSON keyword arguments of the optimizer, e.g. \'{"betas": '
-                   "[0.9, 0.99]}' (default: weight_decay 0)")  # fmt: skip
-    p.add_argument("--out-dir", required=True, help="where to write the model, learner.pt, memorize.json and the "
-                   "report")  # fmt: skip
+    p.add_argument(
+        "--optimizer-args",
+        default=None,
+        help="JSON keyword arguments of the optimizer, e.g. '{\"betas\": [0.9, 0.99]}' (default: weight_decay 0)",
+    )
+    p.add_argument(
+        "--out-dir", required=True, help="where to write the model, learner.pt, memorize.json and the report"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -412,15 +481,22 @@ def main(argv: list[str] | None = None) -> int:
     flush_subnormals(device)
     source = Path(args.checkpoint)
     resumed = (source / LEARNER_FILE).is_file()
-    options = dict(lr=args.lr, base_lr=args.base_lr, lrs=_pairs(args.level_lr, "--level-lr", float),
-                   periods=_pairs(args.period, "--period", int), optimizer=args.optimizer,
-                   optimizer_args=json.loads(args.optimizer_args) if args.optimizer_args else None,
-                   segment=args.segment)  # fmt: skip
+    options = dict(
+        lr=args.lr,
+        base_lr=args.base_lr,
+        lrs=_pairs(args.level_lr, "--level-lr", float),
+        periods=_pairs(args.period, "--period", int),
+        optimizer=args.optimizer,
+        optimizer_args=json.loads(args.optimizer_args) if args.optimizer_args else None,
+        segment=args.segment,
+    )
     given = sorted(k for k, v in options.items() if v not in (None, {}))
     if resumed:
         if given:
-            raise ValueError(f"{source} continues an earlier memorize, whose learner options are fixed; drop "
-                             f"{given} or start from the original checkpoint")  # fmt: skip
+            raise ValueError(
+                f"{source} continues an earlier memorize, whose learner options are fixed; drop "
+                f"{given} or start from the original checkpoint"
+            )
         from .data.tokenizer import load_tokenizer
 
         model, learner, state = Learner.load(source, device)
@@ -436,16 +512,20 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{source} does not say which corpus it was trained on: pass --data")
     if resumed and (data, args.split) != (stream["data"], stream["split"]):
         state = None  # another stream: the memorized state belongs to the old one
-        print(f"nestlearn memorize: {data}/{args.split} is not the stream {source} read ({stream['data']}/"
-              f"{stream['split']}); its in-context state is dropped, the weights and level optimizers are kept",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"nestlearn memorize: {data}/{args.split} is not the stream {source} read ({stream['data']}/"
+            f"{stream['split']}); its in-context state is dropped, the weights and level optimizers are kept",
+            file=sys.stderr,
+        )
     offset = args.offset if args.offset is not None else (stream["offset"] if state is not None else 0)
     split_dir = shards_for(data, tokenizer, args.data_root, (args.split,), progress=not args.no_progress)
     ids, _ = open_shard(split_dir / args.split, tokenizer)
     lane = len(ids) // args.batch_size
     if offset + args.tokens + 1 > lane:
-        raise ValueError(f"each of the {args.batch_size} lanes of {data}/{args.split} has {lane} tokens; offset "
-                         f"{offset} + {args.tokens} + 1 does not fit: use fewer --tokens or --batch-size")  # fmt: skip
+        raise ValueError(
+            f"each of the {args.batch_size} lanes of {data}/{args.split} has {lane} tokens; offset "
+            f"{offset} + {args.tokens} + 1 does not fit: use fewer --tokens or --batch-size"
+        )
     x = gather(ids, np.arange(args.batch_size) * lane + offset, args.tokens + 1).to(device)
     state, report = learner.memorize(x, state, progress=not args.no_progress)
 

@@ -161,12 +161,28 @@ def scan(
             return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
 
         with autocast_off(q.device.type):
-            return scan(f32(q), f32(q) if k is q else f32(k), f32(v), f32(lr), f32(retention), f32(momentum),
-                        memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read,
-                        state=state.to(torch.float32) if isinstance(state, MemoryState) else state, impl=impl,
-                        activation=activation, check_values=check_values, checkpoint=checkpoint,
-                        max_grad_norm=max_grad_norm, compile=compile, self_target=self_target,
-                        origin=None if origin is None else {n: f32(w) for n, w in origin.items()})  # fmt: skip
+            return scan(
+                f32(q),
+                f32(q) if k is q else f32(k),
+                f32(v),
+                f32(lr),
+                f32(retention),
+                f32(momentum),
+                memory=memory,
+                objective=objective,
+                rule=rule,
+                chunk_size=chunk_size,
+                read=read,
+                state=state.to(torch.float32) if isinstance(state, MemoryState) else state,
+                impl=impl,
+                activation=activation,
+                check_values=check_values,
+                checkpoint=checkpoint,
+                max_grad_norm=max_grad_norm,
+                compile=compile,
+                self_target=self_target,
+                origin=None if origin is None else {n: f32(w) for n, w in origin.items()},
+            )
     _check_option("memory", memory, MEMORIES)
     _check_option("objective", objective, OBJECTIVES)
     _check_option("rule", rule, RULES)
@@ -180,8 +196,9 @@ def scan(
     _check_qkv("k", k, bh, T, d)
     _check_qkv("v", v, bh, T, d if memory == "mlp" else None)
     if self_target and v.shape[-1] != d:
-        raise ValueError(f"self_target=True reads the memory at v, so v's width must be the key width {d}; got "
-                         f"{v.shape[-1]}")  # fmt: skip
+        raise ValueError(
+            f"self_target=True reads the memory at v, so v's width must be the key width {d}; got {v.shape[-1]}"
+        )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     lr = _check_gate("lr", lr, q, low=0.0, high=None, values=check_values)
@@ -204,8 +221,17 @@ def scan(
         )
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a positive number, or None for no clipping")
-    opts = dict(memory=memory, objective=objective, rule=rule, chunk_size=chunk_size, read=read, activation=activation,
-                max_grad_norm=max_grad_norm, self_target=self_target, origin=origin)  # fmt: skip
+    opts = dict(
+        memory=memory,
+        objective=objective,
+        rule=rule,
+        chunk_size=chunk_size,
+        read=read,
+        activation=activation,
+        max_grad_norm=max_grad_norm,
+        self_target=self_target,
+        origin=origin,
+    )
     if impl == "reference":
         return naive_scan(q, k, v, lr, retention, momentum, state, **opts)
     return chunked_scan(q, k, v, lr, retention, momentum, state, **opts, checkpoint=checkpoint, compile=compile)

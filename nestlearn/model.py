@@ -232,8 +232,9 @@ class LanguageModel(nn.Module):
         _atomic_write(path / WEIGHTS_FILE, lambda f: save_model(self, f, metadata={"format": "pt"}))
 
 
-def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+def sample_next(
+    logits: Tensor, temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """The next token (b, 1) from the last position of logits (b, t, V): greedy at temperature 0, else sampled
     from softmax(logits / temperature), restricted to the top_k likeliest when top_k is given."""
     last = logits[:, -1].float()  # (b, V)

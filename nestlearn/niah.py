@@ -43,9 +43,24 @@ import torch.nn.functional as F
 
 from .data.tokenizer import Tokenizer
 
-__all__ = ["KINDS", "Kind", "NeedleSample", "Haystack", "make_sample", "make_samples", "string_match_all",
-           "oracle", "constant_guess", "model_answerer", "score_samples", "REPEAT_HAYSTACK", "answer_text",
-           "counterfactual_prompt", "model_bits", "retrieval_gain"]  # fmt: skip
+__all__ = [
+    "KINDS",
+    "Kind",
+    "NeedleSample",
+    "Haystack",
+    "make_sample",
+    "make_samples",
+    "string_match_all",
+    "oracle",
+    "constant_guess",
+    "model_answerer",
+    "score_samples",
+    "REPEAT_HAYSTACK",
+    "answer_text",
+    "counterfactual_prompt",
+    "model_bits",
+    "retrieval_gain",
+]
 
 
 @dataclass(frozen=True)
@@ -68,25 +83,124 @@ KINDS: dict[str, Kind] = {
 }
 
 # RULER's 'repeat' haystack, taken here one sentence at a time
-REPEAT_HAYSTACK = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                   "There and back again.")  # fmt: skip
+REPEAT_HAYSTACK = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 NEEDLE = "One of the special magic {type} for {key} is: {value}."
 # RULER's niah template and answer prefix; with one value asked, RULER turns the plurals singular (below)
-PREAMBLE = ("Some special magic {type} are hidden within the following text. Make sure to memorize it. "
-            "I will quiz you about the {type} afterwards.\n")  # fmt: skip
-QUESTION = ("\nWhat are all the special magic {type} for {query} mentioned in the provided text? "
-            "The special magic {type} for {query} mentioned in the provided text are")  # fmt: skip
+PREAMBLE = (
+    "Some special magic {type} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type} afterwards.\n"
+)
+QUESTION = (
+    "\nWhat are all the special magic {type} for {query} mentioned in the provided text? "
+    "The special magic {type} for {query} mentioned in the provided text are"
+)
 # keys are adjective-noun pairs as RULER's (drawn there from wonderwords' lists; a fixed list here, no download)
-ADJECTIVES = ("ancient", "bitter", "bright", "calm", "clever", "crooked", "curious", "damp", "eager", "fancy",
-              "fragile", "gentle", "glossy", "hollow", "humble", "icy", "jolly", "lively", "lonely", "loud", "mellow",
-              "misty", "noisy", "odd", "pale", "polite", "proud", "quiet", "rapid", "rustic", "shiny", "silent",
-              "sleepy", "smooth", "steep", "sturdy", "tame", "tender", "tidy", "vague", "vivid", "wandering", "wary",
-              "wicked", "witty", "young", "zealous", "brave")  # fmt: skip
-NOUNS = ("anchor", "badger", "banjo", "basket", "beacon", "bonfire", "canyon", "carpet", "castle", "comet", "cottage",
-         "crayon", "dolphin", "falcon", "fountain", "garnet", "glacier", "harbor", "helmet", "island", "jacket",
-         "kettle", "lantern", "ledger", "meadow", "mirror", "nectar", "orchard", "paddle", "pebble", "pigeon",
-         "quarry", "ribbon", "saddle", "scarf", "shovel", "spindle", "teapot", "thimble", "tunnel", "umbrella",
-         "valley", "violin", "walnut", "whistle", "willow", "yogurt", "zipper")  # fmt: skip
+ADJECTIVES = (
+    "ancient",
+    "bitter",
+    "bright",
+    "calm",
+    "clever",
+    "crooked",
+    "curious",
+    "damp",
+    "eager",
+    "fancy",
+    "fragile",
+    "gentle",
+    "glossy",
+    "hollow",
+    "humble",
+    "icy",
+    "jolly",
+    "lively",
+    "lonely",
+    "loud",
+    "mellow",
+    "misty",
+    "noisy",
+    "odd",
+    "pale",
+    "polite",
+    "proud",
+    "quiet",
+    "rapid",
+    "rustic",
+    "shiny",
+    "silent",
+    "sleepy",
+    "smooth",
+    "steep",
+    "sturdy",
+    "tame",
+    "tender",
+    "tidy",
+    "vague",
+    "vivid",
+    "wandering",
+    "wary",
+    "wicked",
+    "witty",
+    "young",
+    "zealous",
+    "brave",
+)
+NOUNS = (
+    "anchor",
+    "badger",
+    "banjo",
+    "basket",
+    "beacon",
+    "bonfire",
+    "canyon",
+    "carpet",
+    "castle",
+    "comet",
+    "cottage",
+    "crayon",
+    "dolphin",
+    "falcon",
+    "fountain",
+    "garnet",
+    "glacier",
+    "harbor",
+    "helmet",
+    "island",
+    "jacket",
+    "kettle",
+    "lantern",
+    "ledger",
+    "meadow",
+    "mirror",
+    "nectar",
+    "orchard",
+    "paddle",
+    "pebble",
+    "pigeon",
+    "quarry",
+    "ribbon",
+    "saddle",
+    "scarf",
+    "shovel",
+    "spindle",
+    "teapot",
+    "thimble",
+    "tunnel",
+    "umbrella",
+    "valley",
+    "violin",
+    "walnut",
+    "whistle",
+    "willow",
+    "yogurt",
+    "zipper",
+)
 _NEEDLE_RE = re.compile(r"One of the special magic \w+ for ([\w-]+) is: ([\w-]+)\.")
 _QUERY_RE = re.compile(r"What (?:is|are all) the special magic \w+ for (.+?) mentioned in the provided text\?")
 
@@ -169,8 +283,16 @@ def _nearest_boundary(cum: list[int], target: float) -> int:
     return k - 1 if k > 0 and target - cum[k - 1] <= cum[k] - target else k
 
 
-def make_sample(kind: str, length: int, depth: float, tokenizer: Tokenizer, haystack: Haystack | None = None,
-                seed: int = 0, index: int = 0, max_new_tokens: int | None = None) -> NeedleSample:  # fmt: skip
+def make_sample(
+    kind: str,
+    length: int,
+    depth: float,
+    tokenizer: Tokenizer,
+    haystack: Haystack | None = None,
+    seed: int = 0,
+    index: int = 0,
+    max_new_tokens: int | None = None,
+) -> NeedleSample:
     """One needle-in-a-haystack prompt of `length` tokens with the asked needles at `depth`.
 
     Args:
@@ -234,9 +356,11 @@ def make_sample(kind: str, length: int, depth: float, tokenizer: Tokenizer, hays
 
     base = len(tokenizer.encode(build([])[0]))
     if base + budget > length:
-        raise ValueError(f"length={length} is too short for a {kind} needle: the prompt without haystack takes {base} "
-                         f"tokens and the answer budget {budget} more; use a length of at least {base + budget}, "
-                         "more to leave room for the haystack")  # fmt: skip
+        raise ValueError(
+            f"length={length} is too short for a {kind} needle: the prompt without haystack takes {base} "
+            f"tokens and the answer budget {budget} more; use a length of at least {base + budget}, "
+            "more to leave room for the haystack"
+        )
     pool = haystack.take(rng.randrange(len(haystack.documents or [0])), length)
     cum = [0]
     for _, c in pool:
@@ -251,20 +375,43 @@ def make_sample(kind: str, length: int, depth: float, tokenizer: Tokenizer, hays
         n += 1
         prompt_tokens = len(tokenizer.encode(build(pool[:n])[0]))
     prompt, needle_char, before = build(pool[:n])
-    return NeedleSample(kind=kind, length=length, depth=depth, index=index, prompt=prompt, answers=answers,
-                        keys=asked, max_new_tokens=budget, prompt_tokens=prompt_tokens,
-                        needle_position=len(tokenizer.encode(prompt[:needle_char])),
-                        haystack_tokens=cum[n], haystack_before=before, haystack_sentences=n)  # fmt: skip
+    return NeedleSample(
+        kind=kind,
+        length=length,
+        depth=depth,
+        index=index,
+        prompt=prompt,
+        answers=answers,
+        keys=asked,
+        max_new_tokens=budget,
+        prompt_tokens=prompt_tokens,
+        needle_position=len(tokenizer.encode(prompt[:needle_char])),
+        haystack_tokens=cum[n],
+        haystack_before=before,
+        haystack_sentences=n,
+    )
 
 
-def make_samples(kinds: Sequence[str], lengths: Sequence[int], depths: Sequence[float], num_samples: int,
-                 tokenizer: Tokenizer, documents: Sequence[str] | None = None, seed: int = 0,
-                 max_new_tokens: int | None = None) -> list[NeedleSample]:  # fmt: skip
+def make_samples(
+    kinds: Sequence[str],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    num_samples: int,
+    tokenizer: Tokenizer,
+    documents: Sequence[str] | None = None,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+) -> list[NeedleSample]:
     """Every (kind, length, depth, index) sample, in that order."""
     needs_corpus = any(KINDS[k].haystack == "corpus" for k in kinds if k in KINDS)
     haystack = Haystack(tokenizer, documents) if needs_corpus else None
-    return [make_sample(kind, length, depth, tokenizer, haystack, seed, i, max_new_tokens)
-            for kind in kinds for length in lengths for depth in depths for i in range(num_samples)]  # fmt: skip
+    return [
+        make_sample(kind, length, depth, tokenizer, haystack, seed, i, max_new_tokens)
+        for kind in kinds
+        for length in lengths
+        for depth in depths
+        for i in range(num_samples)
+    ]
 
 
 # --- scoring ---
@@ -302,8 +449,9 @@ def model_answerer(model, tokenizer: Tokenizer, device: torch.device | str = "cp
     return answer
 
 
-def score_samples(samples: Sequence[NeedleSample], answer: Callable[[NeedleSample], str],
-                  progress: bool = False) -> list[dict]:  # fmt: skip
+def score_samples(
+    samples: Sequence[NeedleSample], answer: Callable[[NeedleSample], str], progress: bool = False
+) -> list[dict]:
     """One record per sample: its description, the generated text, `score` (string_match_all) and `correct`."""
     from tqdm import tqdm
 
@@ -343,8 +491,12 @@ def counterfactual_prompt(sample: NeedleSample, seed: int = 0) -> str:
     return _NEEDLE_RE.sub(swap, sample.prompt)
 
 
-def model_bits(model, tokenizer: Tokenizer, device: torch.device | str = "cpu",
-               on_state: Callable[[object, int], None] | None = None) -> Callable[[str, str], float]:  # fmt: skip
+def model_bits(
+    model,
+    tokenizer: Tokenizer,
+    device: torch.device | str = "cpu",
+    on_state: Callable[[object, int], None] | None = None,
+) -> Callable[[str, str], float]:
     """−log₂ p(continuation | context) under the model, from one forward pass over context + continuation (the
     context as `model_answerer` feeds it: no end-of-document id in front). on_state(state, tokens), if given, sees
     the state after each pass (`nestlearn longctx niah` checks that the memories are alive)."""
@@ -362,8 +514,9 @@ def model_bits(model, tokenizer: Tokenizer, device: torch.device | str = "cpu",
     return bits
 
 
-def retrieval_gain(samples: Sequence[NeedleSample], bits: Callable[[str, str], float], seed: int = 0,
-                   progress: bool = False) -> list[dict]:  # fmt: skip
+def retrieval_gain(
+    samples: Sequence[NeedleSample], bits: Callable[[str, str], float], seed: int = 0, progress: bool = False
+) -> list[dict]:
     """Per sample: `bits_with` (the answer after the prompt), `bits_without` (after the counterfactual prompt),
     `gain` = bits_without − bits_with and `recall` = gain / bits_without (0 when bits_without is 0)."""
     from tqdm import tqdm
@@ -373,6 +526,12 @@ def retrieval_gain(samples: Sequence[NeedleSample], bits: Callable[[str, str], f
         answer = answer_text(s)
         with_, without = bits(s.prompt, answer), bits(counterfactual_prompt(s, seed), answer)
         gain = without - with_
-        out.append({"bits_with": with_, "bits_without": without, "gain": gain,
-                    "recall": gain / without if without > 0 else 0.0})  # fmt: skip
+        out.append(
+            {
+                "bits_with": with_,
+                "bits_without": without,
+                "gain": gain,
+                "recall": gain / without if without > 0 else 0.0,
+            }
+        )
     return out

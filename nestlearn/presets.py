@@ -40,8 +40,15 @@ def _sized(size: str, name: str, **fields) -> ModelConfig:
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not known; expected one of {list(SIZES)}")
     num_layers, dim, num_heads, vocab, seq_len, target = SIZES[size]
-    config = ModelConfig(vocab_size=vocab, dim=dim, num_layers=num_layers, num_heads=num_heads, seq_len=seq_len,
-                         name=f"{name}-{size}", **fields)  # fmt: skip
+    config = ModelConfig(
+        vocab_size=vocab,
+        dim=dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        seq_len=seq_len,
+        name=f"{name}-{size}",
+        **fields,
+    )
     return _fit_cms_width(config, target) if target else config
 
 
@@ -84,8 +91,13 @@ def hope(size: str = "debug") -> ModelConfig:
 
 def hope_attention(size: str = "debug") -> ModelConfig:
     """Hope-Attention: softmax attention followed by a Continuum Memory System (paper §8.3)."""
-    return _sized(size, "hope_attention", mixer="attention", attention=AttentionConfig(),
-                  cms=CMSConfig(update_periods=HOPE_PERIODS))  # fmt: skip
+    return _sized(
+        size,
+        "hope_attention",
+        mixer="attention",
+        attention=AttentionConfig(),
+        cms=CMSConfig(update_periods=HOPE_PERIODS),
+    )
 
 
 PRESETS = {"transformer": transformer, "titans": titans, "hope": hope, "hope_attention": hope_attention}

@@ -129,11 +129,27 @@ class SelfModifyingTitans(nn.Module):
         k, v, lr, retention, qn = (torch.cat(z, dim=2) for z in zip(*parts, strict=True))  # (b, h, t, ·)
         # M_memory feeds nothing back into the generating memories, so it writes the whole sequence in one scan,
         # each chunk's target v̂ = M_memory(v_t) read at the weights that chunk started from (eq. 87)
-        o, mem = scan(qn, k, v, lr, retention, beta, memory="mlp", objective="l2", rule=cfg.rule,
-                      chunk_size=cfg.memory_chunk_size, read=cfg.read, state=state["memory"],
-                      activation=cfg.activation, check_values=False, max_grad_norm=cfg.max_grad_norm,
-                      self_target=True, checkpoint=cfg.checkpoint, compile=self.compile_chunks,
-                      origin=self.origins()["memory"])  # fmt: skip
+        o, mem = scan(
+            qn,
+            k,
+            v,
+            lr,
+            retention,
+            beta,
+            memory="mlp",
+            objective="l2",
+            rule=cfg.rule,
+            chunk_size=cfg.memory_chunk_size,
+            read=cfg.read,
+            state=state["memory"],
+            activation=cfg.activation,
+            check_values=False,
+            max_grad_norm=cfg.max_grad_norm,
+            self_target=True,
+            checkpoint=cfg.checkpoint,
+            compile=self.compile_chunks,
+            origin=self.origins()["memory"],
+        )
         return self.out(o, x), {"conv": conv, "gen": gen, "memory": mem}  # o: (b, h, t, d)
 
 
@@ -155,10 +171,25 @@ def _chunk(self: SelfModifyingTitans, xc: Tensor, qc: Tensor, bc: Tensor | None,
     # v̂_□ = M_□(v_t) read at the chunk's starting weights (self_target)
     km = k.repeat(1, m, 1, 1)
     lr_m, ret_m, b_m = (None if z is None else z.repeat(1, m, 1) for z in (lr, retention, bc))
-    _, gen = scan(km, km, v.repeat(1, m, 1, 1), lr_m, ret_m, b_m, memory="mlp", objective="l2", rule=cfg.rule,
-                  chunk_size=cfg.chunk_size, read="snapshot", state=gen, activation=cfg.activation,
-                  check_values=False, max_grad_norm=cfg.max_grad_norm, self_target=True,
-                  origin=self.origins()["gen"])  # fmt: skip
+    _, gen = scan(
+        km,
+        km,
+        v.repeat(1, m, 1, 1),
+        lr_m,
+        ret_m,
+        b_m,
+        memory="mlp",
+        objective="l2",
+        rule=cfg.rule,
+        chunk_size=cfg.chunk_size,
+        read="snapshot",
+        state=gen,
+        activation=cfg.activation,
+        check_values=False,
+        max_grad_norm=cfg.max_grad_norm,
+        self_target=True,
+        origin=self.origins()["gen"],
+    )
     return (k, v, lr, retention, qc), gen
 
 

@@ -109,9 +109,24 @@ class TitansMixer(nn.Module):
         g = self.gates(x).view(b, t, self.num_gates, h).permute(2, 0, 3, 1)  # (gates, b, h, t)
         lr = cfg.max_lr * torch.sigmoid(g[0])
         retention, momentum = torch.sigmoid(g[1]), torch.sigmoid(g[2]) if cfg.momentum else None
-        o, memory = scan(q, k, v, lr, retention, momentum, memory="mlp", objective="l2", rule=cfg.rule,
-                         chunk_size=cfg.chunk_size, read=cfg.read, state=state["memory"],
-                         activation=cfg.activation, check_values=False, checkpoint=cfg.checkpoint,
-                         max_grad_norm=cfg.max_grad_norm, compile=self.compile_chunks,
-                         origin=self.origin())  # fmt: skip
+        o, memory = scan(
+            q,
+            k,
+            v,
+            lr,
+            retention,
+            momentum,
+            memory="mlp",
+            objective="l2",
+            rule=cfg.rule,
+            chunk_size=cfg.chunk_size,
+            read=cfg.read,
+            state=state["memory"],
+            activation=cfg.activation,
+            check_values=False,
+            checkpoint=cfg.checkpoint,
+            max_grad_norm=cfg.max_grad_norm,
+            compile=self.compile_chunks,
+            origin=self.origin(),
+        )
         return self.out(o, x), {"conv": conv, "memory": memory}

@@ -75,40 +75,61 @@ class TrainConfig:
     size: str = _help("model size (nestlearn.presets.SIZES)", default="tiny")
     model_config: str | None = _help("a config.json to build the model from instead of --preset/--size", default=None)
     seq_len: int | None = _help("tokens per training window (default: the preset's seq_len)", default=None)
-    memory_checkpoint: bool = _help("recompute the memories' chunks in backward (in groups of √n): much less memory "
-                                    "for titans/hope, a little more time", default=False)  # fmt: skip
-    retain_to: str | None = _help("what the memories' retention pulls towards: init (their meta-learned initial "
-                                  "state) or zero (the paper's weight decay: MLP memories die on long streams; "
-                                  "docs/deviations.md) (default: the preset's, init)", default=None)  # fmt: skip
-    retention_init: float | None = _help("the memories' retention α_t at initialisation, in (0, 1) (default: the "
-                                         "preset's, 0.982)", default=None)  # fmt: skip
+    memory_checkpoint: bool = _help(
+        "recompute the memories' chunks in backward (in groups of √n): much less memory "
+        "for titans/hope, a little more time",
+        default=False,
+    )
+    retain_to: str | None = _help(
+        "what the memories' retention pulls towards: init (their meta-learned initial "
+        "state) or zero (the paper's weight decay: MLP memories die on long streams; "
+        "docs/deviations.md) (default: the preset's, init)",
+        default=None,
+    )
+    retention_init: float | None = _help(
+        "the memories' retention α_t at initialisation, in (0, 1) (default: the preset's, 0.982)", default=None
+    )
     # data
-    data: str = _help("corpus name (nestlearn fetch-data --list) or a folder with train/validation/test.txt",
-                      default="wiki")  # fmt: skip
-    tokenizer: str = _help("'bytes', 'bpe:VOCAB' (trained on the train split) or a folder with tokenizer.json",
-                           default="bytes")  # fmt: skip
+    data: str = _help(
+        "corpus name (nestlearn fetch-data --list) or a folder with train/validation/test.txt", default="wiki"
+    )
+    tokenizer: str = _help(
+        "'bytes', 'bpe:VOCAB' (trained on the train split) or a folder with tokenizer.json", default="bytes"
+    )
     data_root: str | None = _help("corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)", default=None)
     shards: str | None = _help("folder of token shards (default: under the corpus cache)", default=None)
     # optimisation
     steps: int = _help("optimizer steps in all (a resumed run continues up to this)", default=1000)
-    stop_at: int | None = _help("stop after this step with a checkpoint, to resume later (jobs with time limits)",
-                                default=None)  # fmt: skip
+    stop_at: int | None = _help(
+        "stop after this step with a checkpoint, to resume later (jobs with time limits)", default=None
+    )
     batch_size: int = _help("sequences per optimizer step, over all processes and micro-batches", default=16)
     grad_accum: int = _help("micro-batches per optimizer step (per process)", default=1)
-    optimizer: str = _help("the outer optimizer: adamw, muon, m3, deep_momentum, delta_momentum or "
-                           "preconditioned_momentum (docs/optimizers.md)", default="adamw")  # fmt: skip
-    optimizer_args: str = _help("more keyword arguments of the optimizer, as JSON, e.g. '{\"slow_period\": 4}' "
-                                "for m3 (docs/optimizers.md lists them)", default="{}")  # fmt: skip
-    update_periods: str | None = _help("the CMS update periods C^(ℓ) in tokens, fastest first, comma-separated, "
-                                       "'none' for every step (e.g. 16,128,1024,none); periods shorter than "
-                                       "--seq-len are in-context levels, the others outer levels stepped every "
-                                       "C/seq_len steps (default: the preset's)", default=None)  # fmt: skip
+    optimizer: str = _help(
+        "the outer optimizer: adamw, muon, m3, deep_momentum, delta_momentum or "
+        "preconditioned_momentum (docs/optimizers.md)",
+        default="adamw",
+    )
+    optimizer_args: str = _help(
+        "more keyword arguments of the optimizer, as JSON, e.g. '{\"slow_period\": 4}' "
+        "for m3 (docs/optimizers.md lists them)",
+        default="{}",
+    )
+    update_periods: str | None = _help(
+        "the CMS update periods C^(ℓ) in tokens, fastest first, comma-separated, "
+        "'none' for every step (e.g. 16,128,1024,none); periods shorter than "
+        "--seq-len are in-context levels, the others outer levels stepped every "
+        "C/seq_len steps (default: the preset's)",
+        default=None,
+    )
     lr: float = _help("peak learning rate", default=1e-3)
     min_lr_ratio: float = _help("final learning rate of the cosine schedule, as a fraction of --lr", default=0.1)
     warmup_steps: int = _help("linear warm-up steps", default=100)
-    weight_decay: float = _help("weight decay of the linear maps' weights only (not embeddings, memories' initial "
-                                "states, convolutions, norms, biases, gates' read-outs; docs/training.md)",
-                                default=0.1)  # fmt: skip
+    weight_decay: float = _help(
+        "weight decay of the linear maps' weights only (not embeddings, memories' initial "
+        "states, convolutions, norms, biases, gates' read-outs; docs/training.md)",
+        default=0.1,
+    )
     beta1: float = _help("AdamW β1 (also of the AdamW part of muon and m3)", default=0.9)
     beta2: float = _help("AdamW β2 (also of the AdamW part of muon and m3)", default=0.95)
     grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
@@ -136,9 +157,14 @@ class TrainConfig:
 
     @staticmethod
     def choices() -> dict[str, list[str]]:
-        return {"preset": list(presets.PRESETS), "size": list(presets.SIZES), "optimizer": list(OPTIMIZERS),
-                "precision": ["auto", "fp32", "bf16"], "parallel": ["ddp", "fsdp"],
-                "tensorboard": ["auto", "on", "off"]}  # fmt: skip
+        return {
+            "preset": list(presets.PRESETS),
+            "size": list(presets.SIZES),
+            "optimizer": list(OPTIMIZERS),
+            "precision": ["auto", "fp32", "bf16"],
+            "parallel": ["ddp", "fsdp"],
+            "tensorboard": ["auto", "on", "off"],
+        }
 
     def __post_init__(self) -> None:
         for name, allowed in self.choices().items():
@@ -159,8 +185,10 @@ class TrainConfig:
         if self.retain_to not in (None, *RETAIN_TO):
             raise ValueError(f"retain_to={self.retain_to!r} is not one of {list(RETAIN_TO)}")
         if self.retention_init is not None and not 0 < self.retention_init < 1:
-            raise ValueError(f"retention_init={self.retention_init} must lie strictly between 0 and 1 (α_t at "
-                             "initialisation; 0.982 by default)")  # fmt: skip
+            raise ValueError(
+                f"retention_init={self.retention_init} must lie strictly between 0 and 1 (α_t at "
+                "initialisation; 0.982 by default)"
+            )
         self.periods()  # parse errors now, not after the data is prepared
         _optimizer_class(self)([{"params": [nn.Parameter(torch.zeros(2, 2))], "weight_decay": 0.0}])
 
@@ -172,8 +200,9 @@ class TrainConfig:
         try:
             extra = json.loads(self.optimizer_args)
         except json.JSONDecodeError as e:
-            raise ValueError(f"optimizer_args={self.optimizer_args!r} is not JSON ({e}); write e.g. "
-                             "'{\"slow_period\": 4}'") from e  # fmt: skip
+            raise ValueError(
+                f"optimizer_args={self.optimizer_args!r} is not JSON ({e}); write e.g. '{{\"slow_period\": 4}}'"
+            ) from e
         if not isinstance(extra, dict):
             raise ValueError(f"optimizer_args={self.optimizer_args!r} must be a JSON object of keyword arguments")
         return extra
@@ -223,8 +252,10 @@ def parse_periods(text: str) -> tuple[int | None, ...]:
         elif item.isdigit() and int(item) > 0:
             out.append(int(item))
         else:
-            raise ValueError(f"update_periods={text!r}: {item!r} is not a positive number of tokens or 'none'; "
-                             "write e.g. 16,128,1024,none")  # fmt: skip
+            raise ValueError(
+                f"update_periods={text!r}: {item!r} is not a positive number of tokens or 'none'; "
+                "write e.g. 16,128,1024,none"
+            )
     return tuple(out)
 
 
@@ -274,8 +305,9 @@ def prepare_data(config: TrainConfig, *, progress: bool = True) -> tuple[Path, T
     return out, tokenizer
 
 
-def shards_for(data: str, tokenizer: Tokenizer, data_root: str | None = None, splits=("test",),
-               progress: bool = True) -> Path:  # fmt: skip
+def shards_for(
+    data: str, tokenizer: Tokenizer, data_root: str | None = None, splits=("test",), progress: bool = True
+) -> Path:
     """Shards of `data` made with a given tokenizer (a checkpoint's), under a folder named by its fingerprint."""
     source = Path(data)
     name = f"{source.resolve().name}-local" if source.is_dir() else data
@@ -325,8 +357,9 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
         for sub in (model_config.titans, model_config.sm_titans, model_config.cms):
             if sub is not None:
                 sub.checkpoint = True
-    retention = {k: v for k, v in (("retain_to", config.retain_to), ("retention_init", config.retention_init))
-                 if v is not None}  # fmt: skip
+    retention = {
+        k: v for k, v in (("retain_to", config.retain_to), ("retention_init", config.retention_init)) if v is not None
+    }
     if retention:  # every memory: the mixers' and the in-context CMS levels'; dataclasses.replace checks the values
         for name in ("titans", "sm_titans", "cms"):
             setattr(model_config, name, dataclasses.replace(getattr(model_config, name), **retention))
@@ -348,8 +381,9 @@ def _optimizer_class(config: TrainConfig):
         try:
             return cls(groups, **kwargs)
         except TypeError as e:
-            raise ValueError(f"--optimizer-args for {config.optimizer}: {e} (docs/optimizers.md lists the "
-                             "arguments)") from e  # fmt: skip
+            raise ValueError(
+                f"--optimizer-args for {config.optimizer}: {e} (docs/optimizers.md lists the arguments)"
+            ) from e
 
     return make
 
@@ -360,11 +394,14 @@ def param_groups(model: nn.Module, weight_decay: float, orthogonalise: bool = Fa
     embedding and head, the memories' initial states, the causal convolutions' weights, self-modifying Titans'
     read-outs and gate biases, norms and biases (AdamW inside muon and m3, which Jordan et al. advise for
     embeddings; decay would pull α's bias of 4 towards 0 and the initial states towards the dead zero state)."""
-    linear = {id(m.weight) for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and name.split(".")[-1] != "head"}  # fmt: skip
+    linear = {
+        id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1] != "head"
+    }
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in linear], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) not in linear], "weight_decay": 0.0}]  # fmt: skip
+    groups = [
+        {"params": [p for p in params if id(p) in linear], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in linear], "weight_decay": 0.0},
+    ]
     if orthogonalise:
         groups[1]["muon"] = False
     return [g for g in groups if g["params"]]
@@ -383,8 +420,10 @@ def make_levels(model: LanguageModel, optimizer: torch.optim.Optimizer, config: 
     if all(lv.period is None for lv in levels):
         return None
     if config.parallel == "fsdp" and dist.is_initialized():
-        raise ValueError("outer CMS levels with a period (--update-periods) are not supported with --parallel fsdp "
-                         "yet: use --parallel ddp")  # fmt: skip
+        raise ValueError(
+            "outer CMS levels with a period (--update-periods) are not supported with --parallel fsdp "
+            "yet: use --parallel ddp"
+        )
     wrapped = Levels(optimizer, levels)  # DDP and torch.compile keep the module's parameter objects
     wrapped.due(model.config.seq_len)  # a period that is not a multiple of the window fails now, not at step 1
     return wrapped
@@ -457,11 +496,24 @@ def _check_run_folder(out_dir: Path, config: TrainConfig) -> Path | None:
     if found is None:
         return None
     if config.resume == "never":
-        raise ValueError(f"{out_dir} already holds checkpoints ({found.name}); pass --resume auto to continue that run "
-                         "or choose another --out-dir")  # fmt: skip
+        raise ValueError(
+            f"{out_dir} already holds checkpoints ({found.name}); pass --resume auto to continue that run "
+            "or choose another --out-dir"
+        )
     saved = TrainConfig.from_file(found / TRAIN_CONFIG_FILE)
-    fixed = ("preset", "size", "model_config", "seq_len", "data", "tokenizer", "batch_size", "seed", "carry_state",
-             "optimizer", "update_periods")  # fmt: skip
+    fixed = (
+        "preset",
+        "size",
+        "model_config",
+        "seq_len",
+        "data",
+        "tokenizer",
+        "batch_size",
+        "seed",
+        "carry_state",
+        "optimizer",
+        "update_periods",
+    )
     diff = {k: (getattr(saved, k), getattr(config, k)) for k in fixed if getattr(saved, k) != getattr(config, k)}
     if diff:
         detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -480,8 +532,10 @@ def train(config: TrainConfig) -> dict:
     flush_subnormals(device)
     micro = config.batch_size // (env.world * config.grad_accum)
     if micro * env.world * config.grad_accum != config.batch_size:
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of processes × grad_accum = "
-                         f"{env.world} × {config.grad_accum}")  # fmt: skip
+        raise ValueError(
+            f"batch_size={config.batch_size} must be a multiple of processes × grad_accum = "
+            f"{env.world} × {config.grad_accum}"
+        )
     out_dir = Path(config.out_dir)
     resume_from = _check_run_folder(out_dir, config)
     if env.main:
@@ -512,8 +566,10 @@ def train(config: TrainConfig) -> dict:
         random.setstate(trainer["python_rng"])
         carried = decode_state(trainer["carried"])  # one list of micro-batch states per process
         if len(carried) != env.world:
-            raise ValueError(f"{resume_from} was saved by {len(carried)} processes; resume with as many "
-                             f"(now {env.world}), or restart without --carry-state")  # fmt: skip
+            raise ValueError(
+                f"{resume_from} was saved by {len(carried)} processes; resume with as many "
+                f"(now {env.world}), or restart without --carry-state"
+            )
         carried = [None if s is None else s.to(device) for s in carried[env.rank]]
     net = wrap(model, config, env, device)
     if config.compile and model.has_memories():
@@ -521,8 +577,10 @@ def train(config: TrainConfig) -> dict:
     elif config.compile:
         net = torch.compile(net)
     if config.parallel == "fsdp" and env.world > 1 and config.optimizer not in ("adamw",):
-        raise ValueError(f"--optimizer {config.optimizer} needs whole parameters and FSDP shards them: use --parallel "
-                         "ddp, or adamw with fsdp")  # fmt: skip
+        raise ValueError(
+            f"--optimizer {config.optimizer} needs whole parameters and FSDP shards them: use --parallel "
+            "ddp, or adamw with fsdp"
+        )
     optimizer = make_optimizer(net, config)
     levels = make_levels(model, optimizer, config)  # steps outer CMS levels at their periods (eq. 71)
     if optimizer_sd is not None:
@@ -533,8 +591,9 @@ def train(config: TrainConfig) -> dict:
         set_optimizer_state_dict(net, optimizer, optimizer_sd, options=options)
         if levels is not None:
             if "levels" not in trainer:
-                raise ValueError(f"{resume_from} has no state for the outer CMS levels; resume with the run's own "
-                                 "--update-periods")  # fmt: skip
+                raise ValueError(
+                    f"{resume_from} has no state for the outer CMS levels; resume with the run's own --update-periods"
+                )
             levels.load_levels_state_dict(trainer["levels"])
             # set_optimizer_state_dict first runs a zero-gradient step to create every state; a level never
             # stepped before the save had none, and must not start with a step count of 1
@@ -573,8 +632,14 @@ def train(config: TrainConfig) -> dict:
         metrics.log(step, "validation", result)
         return result
 
-    bar = tqdm(total=config.steps, initial=step, desc=model_config.name, unit="step",
-               disable=not (config.progress and env.main), dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        desc=model_config.name,
+        unit="step",
+        disable=not (config.progress and env.main),
+        dynamic_ncols=True,
+    )
     seen, t_start, window_t0, window_tokens = 0, time.perf_counter(), time.perf_counter(), 0
     net.train()
     last = config.stop_at or config.steps
@@ -621,14 +686,20 @@ def train(config: TrainConfig) -> dict:
             dist.all_reduce(t)
             loss_value = t.item() / env.world
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss is {loss_value} at step {step}: lower --lr or raise "
-                                     "--warmup-steps")  # fmt: skip
+            raise FloatingPointError(
+                f"training loss is {loss_value} at step {step}: lower --lr or raise --warmup-steps"
+            )
         bar.update(1)
         if step % config.log_every == 0 or step == last:
             now = time.perf_counter()
             tps = window_tokens / (now - window_t0)
-            values = {"loss": loss_value, "lr": lr_at(step - 1, config), "grad_norm": float(grad_norm),
-                      "tokens_per_s": tps, "tokens": seen}  # fmt: skip
+            values = {
+                "loss": loss_value,
+                "lr": lr_at(step - 1, config),
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tps,
+                "tokens": seen,
+            }
             metrics.log(step, "train", values)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
             window_t0, window_tokens = now, 0

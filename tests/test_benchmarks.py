@@ -19,19 +19,48 @@ def run(script: str, *args: str) -> str:
 
 
 def test_bench_models_measures_training_and_decoding_in_bf16():
-    out = run("bench_models.py", "--presets", "transformer", "titans", "--lengths", "32", "--size", "debug",
-              "--context", "16", "--decode", "2", "--precision", "bf16")  # fmt: skip
+    out = run(
+        "bench_models.py",
+        "--presets",
+        "transformer",
+        "titans",
+        "--lengths",
+        "32",
+        "--size",
+        "debug",
+        "--context",
+        "16",
+        "--decode",
+        "2",
+        "--precision",
+        "bf16",
+    )
     assert "FAILED" not in out and "failed" not in out, out
     assert "| transformer | 32 |" in out and "| titans | 32 |" in out and "1.00x" in out, out
     assert out.count("\n  decode ") == 2, out  # one line per preset
 
 
 def test_bench_models_measures_a_variant_and_refuses_a_bad_one():
-    out = run("bench_models.py", "--presets", "hope", "--lengths", "32", "--size", "debug", "--skip-decode", "--set",
-              "sm_titans.chunk_size=8", "sm_titans.memory_chunk_size=16")  # fmt: skip
+    out = run(
+        "bench_models.py",
+        "--presets",
+        "hope",
+        "--lengths",
+        "32",
+        "--size",
+        "debug",
+        "--skip-decode",
+        "--set",
+        "sm_titans.chunk_size=8",
+        "sm_titans.memory_chunk_size=16",
+    )
     assert "set sm_titans.chunk_size=8 sm_titans.memory_chunk_size=16" in out and "| hope | 32 |" in out, out
-    bad = subprocess.run([sys.executable, str(BENCH / "bench_models.py"), "--set", "sm_titans.chunk_size=64"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "bench_models.py"), "--set", "sm_titans.chunk_size=64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "memory_chunk_size=16: must be a multiple of chunk_size=64" in bad.stderr
 
 
@@ -49,21 +78,41 @@ def test_device_check_passes_on_cpu():
 
 
 def test_bench_models_refuses_a_gpu_it_does_not_have():
-    done = subprocess.run([sys.executable, str(BENCH / "bench_models.py"), "--device", "cuda:7"], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_models.py"), "--device", "cuda:7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if torch.cuda.device_count() > 7:
         return
     assert done.returncode != 0 and "--device cuda:7" in done.stderr, done.stderr
 
 
 def test_bench_block_times_and_counts_a_mixer_and_refuses_a_bad_width():
-    out = run("bench_block.py", "--presets", "transformer", "hope", "--size", "debug", "--lengths", "32",
-              "--head-width", "8", "--repeats", "1")  # fmt: skip
+    out = run(
+        "bench_block.py",
+        "--presets",
+        "transformer",
+        "hope",
+        "--size",
+        "debug",
+        "--lengths",
+        "32",
+        "--head-width",
+        "8",
+        "--repeats",
+        "1",
+    )
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| hope") or line.startswith("| transf")]
     assert len(rows) == 2, out
     hope_calls = int(rows[1][6].replace(",", ""))
     transformer_calls = int(rows[0][6].replace(",", ""))
     assert rows[1][3].strip() == "8" and hope_calls > 10 * transformer_calls > 0, out  # a loop over chunks vs one pass
-    bad = subprocess.run([sys.executable, str(BENCH / "bench_block.py"), "--head-width", "0"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "bench_block.py"), "--head-width", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "--head-width [0]: every value must be a positive int" in bad.stderr

@@ -18,9 +18,7 @@ from nestlearn.data.corpora import BBC_CLASSES, write_documents
 
 
 def test_metrics_on_a_hand_computed_accuracy_matrix():
-    R = [[0.9, 0.1, 0.0],
-         [0.6, 0.8, 0.2],
-         [0.3, 0.7, 0.9]]  # fmt: skip
+    R = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.2], [0.3, 0.7, 0.9]]
     m = continual_metrics(R, baseline=[0.0, 0.1, 0.1], higher_is_better=True)
     assert m["average"] == pytest.approx((0.3 + 0.7 + 0.9) / 3)
     assert m["bwt"] == pytest.approx(((0.3 - 0.9) + (0.7 - 0.8)) / 2)
@@ -29,8 +27,7 @@ def test_metrics_on_a_hand_computed_accuracy_matrix():
 
 
 def test_metrics_on_a_loss_matrix_count_a_rise_as_forgetting():
-    R = [[2.0, 5.0],
-         [3.0, 1.5]]  # bits per byte: task 1 got worse after task 2  # fmt: skip
+    R = [[2.0, 5.0], [3.0, 1.5]]  # bits per byte: task 1 got worse after task 2
     m = continual_metrics(R, baseline=[8.0, 8.0], higher_is_better=False)
     assert m["average"] == pytest.approx(2.25)
     assert m["bwt"] == pytest.approx(-1.0) and m["forgetting"] == pytest.approx(1.0)
@@ -57,8 +54,17 @@ def two_languages(tmp_path_factory) -> list[str]:
 
 
 def small(**fields) -> ContinualConfig:
-    base = dict(stream="languages", preset="transformer", size="debug", steps_per_task=3, batch_size=2, seq_len=32,
-                eval_tokens=128, warmup_steps=1, progress=False)  # fmt: skip
+    base = dict(
+        stream="languages",
+        preset="transformer",
+        size="debug",
+        steps_per_task=3,
+        batch_size=2,
+        seq_len=32,
+        eval_tokens=128,
+        warmup_steps=1,
+        progress=False,
+    )
     return ContinualConfig(**{**base, **fields})
 
 
@@ -71,9 +77,11 @@ def test_summary_averages_the_seeds_of_one_setting_and_keeps_settings_apart():
     older = result("finetune", 2, 0.3)
     del older["config"]["init_from"]  # written before the field existed: its default
     rows = summary([result("finetune", 0, 0.1), result("ewc", 0, None), older]).splitlines()[2:]
-    assert rows == ["| languages | transformer | finetune | 0, 2 | 4.000 ± 1.414 | +0.200 ± 0.141 | -0.500 ± 0.707 "
-                    "| +1.000 ± 0.000 | 2.0 ± 1.4 |",
-                    "| languages | transformer | ewc | 0 | 3.000 | n/a | +0.000 | +1.000 | 1.0 |"]  # fmt: skip
+    assert rows == [
+        "| languages | transformer | finetune | 0, 2 | 4.000 ± 1.414 | +0.200 ± 0.141 | -0.500 ± 0.707 "
+        "| +1.000 ± 0.000 | 2.0 ± 1.4 |",
+        "| languages | transformer | ewc | 0 | 3.000 | n/a | +0.000 | +1.000 | 1.0 |",
+    ]
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "ewc", "replay", "levels"])
@@ -122,8 +130,27 @@ def test_class_incremental_stream_and_command(tmp_path):
     tasks = make_stream("bbc", [str(root / "bbc-local")], None, 32)
     assert [t.name for t in tasks] == list(BBC_CLASSES) and all(len(t.valid) == 2 for t in tasks)
     out = tmp_path / "out"
-    assert cli(["continual", "--stream", "bbc", "--tasks", str(root / "bbc-local"), "--steps-per-task", "2",
-                "--batch-size", "2", "--seq-len", "32", "--out-dir", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "continual",
+                "--stream",
+                "bbc",
+                "--tasks",
+                str(root / "bbc-local"),
+                "--steps-per-task",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--out-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "results.json").read_text())
     R = np.asarray(result["R"])
     assert R.shape == (5, 5) and ((R >= 0) & (R <= 1)).all() and result["metric"] == "accuracy"
@@ -156,8 +183,9 @@ def test_level_stacking_starts_cms_levels_from_a_trained_models_mlps(two_languag
     assert torch.equal(levels[-1].up.weight, mlp.up.weight) and torch.equal(levels[-1].down.weight, mlp.down.weight)
     assert torch.equal(model.blocks[0].mixer.qkv.weight, source.blocks[0].mixer.qkv.weight)
     assert torch.equal(model.embed.weight, source.embed.weight)
-    result = run(small(preset="hope_attention", init_from=str(tmp_path / "src"), tasks=two_languages,
-                       data_root=str(tmp_path)))  # fmt: skip
+    result = run(
+        small(preset="hope_attention", init_from=str(tmp_path / "src"), tasks=two_languages, data_root=str(tmp_path))
+    )
     assert np.isfinite(result["R"]).all()
     with pytest.raises(ValueError, match="byte-level"):
         source2 = build(presets.transformer("debug"))  # vocabulary 256: not the streams' byte tokenizer

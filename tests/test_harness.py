@@ -241,9 +241,13 @@ def test_simple_evaluate_on_a_local_task(ckpts, tmp_path, offline):
     assert 0.0 <= acc <= 1.0
     assert acc == pytest.approx(expected_accuracy(lm, DOCS))
     # by name, as the command line does it (importing nestlearn.harness registered "nestlearn")
-    out = lm_eval.simple_evaluate(model="nestlearn", model_args=f"path={ckpts['transformer']},device=cpu",
-                                  tasks=["nestlearn_local_mc"], limit=2,
-                                  task_manager=tasks)  # fmt: skip
+    out = lm_eval.simple_evaluate(
+        model="nestlearn",
+        model_args=f"path={ckpts['transformer']},device=cpu",
+        tasks=["nestlearn_local_mc"],
+        limit=2,
+        task_manager=tasks,
+    )
     assert out["results"]["nestlearn_local_mc"]["acc,none"] == pytest.approx(expected_accuracy(lm, DOCS[:2]))
 
 
@@ -251,11 +255,27 @@ def test_simple_evaluate_on_a_local_task(ckpts, tmp_path, offline):
 def test_command_line(ckpts, tmp_path, command):
     tasks = write_task(tmp_path / "tasks")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-    args = ["--model", "nestlearn", "--model_args", f"path={ckpts['transformer']}", "--device", "cpu", "--tasks",
-            "nestlearn_local_mc", "--include_path", str(tasks), "--limit", "4", "--batch_size", "4",
-            "--output_path", str(tmp_path / "out")]  # fmt: skip
-    run = subprocess.run([sys.executable, "-m", *command, *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    args = [
+        "--model",
+        "nestlearn",
+        "--model_args",
+        f"path={ckpts['transformer']}",
+        "--device",
+        "cpu",
+        "--tasks",
+        "nestlearn_local_mc",
+        "--include_path",
+        str(tasks),
+        "--limit",
+        "4",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", *command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (result,) = (tmp_path / "out").rglob("results_*.json")
     acc = json.loads(result.read_text())["results"]["nestlearn_local_mc"]["acc,none"]

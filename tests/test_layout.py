@@ -47,8 +47,9 @@ def test_the_package_has_no_import_cycle():
             if nxt.startswith(node + "."):  # a package importing its own submodules is not a cycle
                 continue
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*path, node, nxt][path.index(nxt) if nxt in path
-                                                                                        else 0 :]))  # fmt: skip
+                raise AssertionError(
+                    "import cycle: " + " -> ".join([*path, node, nxt][path.index(nxt) if nxt in path else 0 :])
+                )
             if nxt not in state:
                 visit(nxt, [*path, node])
         state[node] = 2

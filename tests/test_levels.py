@@ -22,8 +22,11 @@ def two_params():
 
 def test_level_changes_exactly_every_period_by_the_summed_gradient():
     fast, slow = two_params()
-    levels = Levels(torch.optim.SGD([fast, slow], lr=1.0), [("fast", None), ("slow", 96)],
-                    named_parameters=[("fast", fast), ("slow", slow)])  # fmt: skip
+    levels = Levels(
+        torch.optim.SGD([fast, slow], lr=1.0),
+        [("fast", None), ("slow", 96)],
+        named_parameters=[("fast", fast), ("slow", slow)],
+    )
     pending = torch.zeros(2, 2)
     for step in range(1, 10):
         g_fast, g_slow = torch.full((3,), float(step)), torch.full((2, 2), float(step * step))
@@ -78,8 +81,9 @@ def test_levels_from_model_levels_step_each_cms_level_at_its_period():
 def test_first_matching_pattern_wins_and_the_rest_is_base():
     model = model_with_outer_levels()
     named = list(model.named_parameters())
-    levels = Levels(torch.optim.SGD(model.parameters(), lr=0.1), [(r"cms\.levels\.2", 256), (r"cms", 64)],
-                    named_parameters=named)  # fmt: skip
+    levels = Levels(
+        torch.optim.SGD(model.parameters(), lr=0.1), [(r"cms\.levels\.2", 256), (r"cms", 64)], named_parameters=named
+    )
     by_name = {lv.name: lv for lv in levels.levels}
     assert len(by_name[r"cms\.levels\.2"].params) == 4
     cms = [p for n, p in named if "cms" in n and "levels.2" not in n]
@@ -87,12 +91,15 @@ def test_first_matching_pattern_wins_and_the_rest_is_base():
     assert len(by_name["base"].params) == len(named) - 4 - len(cms)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"levels": [("nothing_is_called_this", 64)]}, "matches no parameter"),
-    ({"levels": [("slow", 0)]}, "period=0"),
-    ({"levels": [("slow", -32)]}, "period=-32"),
-    ({"levels": [("slow", 64)], "periods": {"slower": 128}}, "'slower', which does not exist"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"levels": [("nothing_is_called_this", 64)]}, "matches no parameter"),
+        ({"levels": [("slow", 0)]}, "period=0"),
+        ({"levels": [("slow", -32)]}, "period=-32"),
+        ({"levels": [("slow", 64)], "periods": {"slower": 128}}, "'slower', which does not exist"),
+    ],
+)
 def test_bad_levels_raise_clear_errors(kwargs, match):
     fast, slow = two_params()
     with pytest.raises(ValueError, match=match):
@@ -101,8 +108,9 @@ def test_bad_levels_raise_clear_errors(kwargs, match):
 
 def test_a_period_that_is_not_a_multiple_of_the_step_is_refused():
     fast, slow = two_params()
-    levels = Levels(torch.optim.SGD([fast, slow], lr=0.1), [("slow", 100)],
-                    named_parameters=[("fast", fast), ("slow", slow)])  # fmt: skip
+    levels = Levels(
+        torch.optim.SGD([fast, slow], lr=0.1), [("slow", 100)], named_parameters=[("fast", fast), ("slow", slow)]
+    )
     fast.grad, slow.grad = torch.ones(3), torch.ones(2, 2)
     with pytest.raises(ValueError, match="period 100 tokens, but each step advances the stream by 32"):
         levels.step(tokens=32)
@@ -118,8 +126,9 @@ def test_levels_state_dict_resumes_exactly_mid_period():
     def make():
         torch.manual_seed(0)
         fast, slow = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 3))
-        opt = Levels(M3([fast, slow], lr=0.01, slow_period=2), [("slow", 96)],
-                     named_parameters=[("fast", fast), ("slow", slow)])  # fmt: skip
+        opt = Levels(
+            M3([fast, slow], lr=0.01, slow_period=2), [("slow", 96)], named_parameters=[("fast", fast), ("slow", slow)]
+        )
         return (fast, slow), opt
 
     def steps(params, opt, ts):
@@ -177,8 +186,9 @@ def _ddp_worker(rank: int, port: int, queue) -> None:
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(2)]
         dist.all_gather(gathered, flat)
-        start = torch.cat([p.detach().flatten() for p in (torch.manual_seed(0), model_with_outer_levels())[1]
-                           .parameters()])  # fmt: skip
+        start = torch.cat(
+            [p.detach().flatten() for p in (torch.manual_seed(0), model_with_outer_levels())[1].parameters()]
+        )
         out[name] = ((gathered[0] - gathered[1]).abs().max().item(), (flat - start).abs().max().item())
     if rank == 0:
         queue.put(out)

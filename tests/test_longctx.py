@@ -82,20 +82,23 @@ def test_needles_are_deterministic_by_seed():
 # --- formal languages ---
 
 
-@pytest.mark.parametrize(("language", "string", "members"), [
-    ("parity", "0110", "1011"),
-    ("aa", "aaaa", "0101"),
-    ("abab", "ababab", "000100"),
-    ("abab", "abba", "0000"),
-    ("anbn", "aabb", "0001"),
-    ("anbn", "abab", "0100"),
-    ("anbncn", "aabbcc", "000001"),
-    ("anbncn", "abcabc", "001000"),
-    ("shuffle2", "([)]", "0001"),
-    ("shuffle2", "()[]", "0101"),
-    ("shuffle2", ")(", "00"),
-    ("shuffle2", "(]", "00"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("language", "string", "members"),
+    [
+        ("parity", "0110", "1011"),
+        ("aa", "aaaa", "0101"),
+        ("abab", "ababab", "000100"),
+        ("abab", "abba", "0000"),
+        ("anbn", "aabb", "0001"),
+        ("anbn", "abab", "0100"),
+        ("anbncn", "aabbcc", "000001"),
+        ("anbncn", "abcabc", "001000"),
+        ("shuffle2", "([)]", "0001"),
+        ("shuffle2", "()[]", "0101"),
+        ("shuffle2", ")(", "00"),
+        ("shuffle2", "(]", "00"),
+    ],
+)
 def test_membership_of_hand_made_strings(language, string, members):
     expected = [m == "1" for m in members]
     assert synthetic.prefix_membership(language, string) == expected
@@ -124,8 +127,9 @@ def test_formal_oracle_scores_one_and_constant_guess_scores_chance(language):
     lengths = mask.sum(1)
     assert lengths.min() > 40 and lengths.max() <= 80
     assert synthetic.formal_accuracy(F.one_hot(targets, 3).float(), targets, mask) == (1.0, 1.0)
-    position, sequence = synthetic.formal_accuracy(F.one_hot(torch.full_like(targets, REJECT), 3).float(), targets,
-                                                   mask)  # fmt: skip
+    position, sequence = synthetic.formal_accuracy(
+        F.one_hot(torch.full_like(targets, REJECT), 3).float(), targets, mask
+    )
     assert position == pytest.approx((targets == REJECT)[mask].float().mean().item())
     # a sequence is right only if every position is: always rejecting gets no string of a language right, since each
     # string drawn ends accepted (parity: no string of more than one bit has only odd prefixes)
@@ -280,17 +284,52 @@ def checkpoint(corpus, tmp_path_factory) -> Path:
     from nestlearn.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(preset="transformer", size="debug", data=str(corpus), data_root=str(out / "cache"),
-                      seq_len=32, steps=2, batch_size=4, warmup_steps=1, eval_every=0, eval_tokens=64, save_every=0,
-                      progress=False, tensorboard="off", out_dir=str(out / "run")))  # fmt: skip
+    train(
+        TrainConfig(
+            preset="transformer",
+            size="debug",
+            data=str(corpus),
+            data_root=str(out / "cache"),
+            seq_len=32,
+            steps=2,
+            batch_size=4,
+            warmup_steps=1,
+            eval_every=0,
+            eval_tokens=64,
+            save_every=0,
+            progress=False,
+            tensorboard="off",
+            out_dir=str(out / "run"),
+        )
+    )
     return out / "run"
 
 
 def test_niah_command_writes_results_and_heatmaps(checkpoint, corpus, tmp_path, capsys):
     out = tmp_path / "niah"
-    argv = ["longctx", "niah", str(checkpoint), "--haystack", str(corpus), "--kinds", "passkey", "number",
-            "--lengths", "512", "640", "--depths", "0", "1", "--samples", "1", "--device", "cpu", "--no-progress",
-            "--out-dir", str(out)]  # fmt: skip
+    argv = [
+        "longctx",
+        "niah",
+        str(checkpoint),
+        "--haystack",
+        str(corpus),
+        "--kinds",
+        "passkey",
+        "number",
+        "--lengths",
+        "512",
+        "640",
+        "--depths",
+        "0",
+        "1",
+        "--samples",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out-dir",
+        str(out),
+    ]
     assert cli(argv) == 0
     table = capsys.readouterr().out
     assert "| passkey (S-NIAH-1) |" in table and "| number (S-NIAH-2) |" in table
@@ -324,8 +363,26 @@ def test_niah_command_errors(checkpoint, corpus, tmp_path, capsys):
 
 
 def test_formal_command_prints_table_5(tmp_path, capsys):
-    argv = ["longctx", "formal", "--presets", "transformer", "--languages", "parity", "anbn", "--train-length", "8",
-            "--steps", "2", "--batch", "4", "--eval-samples", "16", "--quiet", "--out-dir", str(tmp_path)]  # fmt: skip
+    argv = [
+        "longctx",
+        "formal",
+        "--presets",
+        "transformer",
+        "--languages",
+        "parity",
+        "anbn",
+        "--train-length",
+        "8",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--eval-samples",
+        "16",
+        "--quiet",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert cli(argv) == 0
     table = capsys.readouterr().out
     assert "| Model | Parity Bin0 | Parity Bin1 | aⁿbⁿ Bin0 | aⁿbⁿ Bin1 |" in table
@@ -341,8 +398,22 @@ def test_formal_command_prints_table_5(tmp_path, capsys):
 @pytest.mark.parametrize("suite", ["mqar", "babi"])
 def test_mqar_and_babi_commands_report_accuracy_and_chance(suite, tmp_path, capsys):
     extra = ["--pairs", "4", "--test-pairs", "4", "8"] if suite == "mqar" else ["--tasks", "latest", "--facts", "3"]
-    argv = ["longctx", suite, "--presets", "transformer", "--steps", "2", "--batch", "4", "--eval-samples", "16",
-            "--quiet", "--out-dir", str(tmp_path), *extra]  # fmt: skip
+    argv = [
+        "longctx",
+        suite,
+        "--presets",
+        "transformer",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--eval-samples",
+        "16",
+        "--quiet",
+        "--out-dir",
+        str(tmp_path),
+        *extra,
+    ]
     assert cli(argv) == 0
     assert "| transformer |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -362,18 +433,39 @@ def test_memory_options_reach_the_mixers_and_update_periods_the_cms():
     from nestlearn import presets
     from nestlearn.longctx import train_synthetic
 
-    model, _ = train_synthetic("hope", lambda b, g: synthetic.parity(b, 8, generator=g), steps=1, batch=2,
-                               max_lr=2.0, lr_init=0.05, rule="gd", quiet=True)  # fmt: skip
+    model, _ = train_synthetic(
+        "hope",
+        lambda b, g: synthetic.parity(b, 8, generator=g),
+        steps=1,
+        batch=2,
+        max_lr=2.0,
+        lr_init=0.05,
+        rule="gd",
+        quiet=True,
+    )
     config = model.config
     assert (config.sm_titans.max_lr, config.sm_titans.lr_init, config.sm_titans.rule) == (2.0, 0.05, "gd")
     assert config.cms.max_lr == presets.hope("debug").cms.max_lr  # GD levels keep their own cap
-    model, _ = train_synthetic("hope", lambda b, g: synthetic.parity(b, 8, generator=g), steps=1, batch=2,
-                               update_periods=(None,), quiet=True)  # fmt: skip
+    model, _ = train_synthetic(
+        "hope", lambda b, g: synthetic.parity(b, 8, generator=g), steps=1, batch=2, update_periods=(None,), quiet=True
+    )
     assert model.config.cms.update_periods == (None,) and len(model.blocks[0].cms.levels) == 1  # Hope w/o CMS
 
 
 def test_lr_init_at_or_above_the_cap_is_refused_before_training(tmp_path, capsys):
-    argv = ["longctx", "formal", "--presets", "titans", "--languages", "parity", "--max-lr", "2", "--lr-init", "3",
-            "--out-dir", str(tmp_path)]  # fmt: skip
+    argv = [
+        "longctx",
+        "formal",
+        "--presets",
+        "titans",
+        "--languages",
+        "parity",
+        "--max-lr",
+        "2",
+        "--lr-init",
+        "3",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert cli(argv) == 1
     assert "TitansConfig.lr_init=3.0: must lie strictly between 0 and max_lr=2.0" in capsys.readouterr().err

@@ -75,8 +75,14 @@ def test_the_level_step_is_the_summed_gradient_of_its_period():
         for t, g in zip(total, torch.autograd.grad(loss, params), strict=True):
             t += g
         state = state.detach()
-    learner = Learner(model, lr=0.1, periods={SLOW: 32}, optimizer="deep_momentum",
-                      optimizer_args={"memory": "linear", "momentum": 0.0}, segment=16)  # fmt: skip
+    learner = Learner(
+        model,
+        lr=0.1,
+        periods={SLOW: 32},
+        optimizer="deep_momentum",
+        optimizer_args={"memory": "linear", "momentum": 0.0},
+        segment=16,
+    )
     memorize(model, x, learner=learner, measure=False)
     got = [p for n, p in model.named_parameters() if "cms.levels.2." in n]
     for p, p0, g in zip(got, params, total, strict=True):
@@ -135,15 +141,45 @@ def test_memorize_command_writes_a_model_that_continues(tmp_path):
     rng = random.Random(0)
     words = "the river memory learns fast and slow levels".split()
     for split in ("train", "validation", "test"):
-        write_documents(tmp_path / "corpus" / f"{split}.txt",
-                        [" ".join(rng.choice(words) for _ in range(80)) for _ in range(20)])  # fmt: skip
+        write_documents(
+            tmp_path / "corpus" / f"{split}.txt", [" ".join(rng.choice(words) for _ in range(80)) for _ in range(20)]
+        )
     run = tmp_path / "run"
-    train(TrainConfig(preset="hope", size="debug", data=str(tmp_path / "corpus"), data_root=str(tmp_path / "cache"),
-                      seq_len=16, steps=2, batch_size=2, eval_every=0, save_every=0, progress=False,
-                      tensorboard="off", out_dir=str(run)))  # fmt: skip
+    train(
+        TrainConfig(
+            preset="hope",
+            size="debug",
+            data=str(tmp_path / "corpus"),
+            data_root=str(tmp_path / "cache"),
+            seq_len=16,
+            steps=2,
+            batch_size=2,
+            eval_every=0,
+            save_every=0,
+            progress=False,
+            tensorboard="off",
+            out_dir=str(run),
+        )
+    )
     common = ["--data-root", str(tmp_path / "cache"), "--no-progress"]
-    assert cli(["memorize", str(run), "--tokens", "64", "--period", f"{SLOW}=32", "--lr", "1e-2",
-                "--out-dir", str(tmp_path / "m1"), *common]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "memorize",
+                str(run),
+                "--tokens",
+                "64",
+                "--period",
+                f"{SLOW}=32",
+                "--lr",
+                "1e-2",
+                "--out-dir",
+                str(tmp_path / "m1"),
+                *common,
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "m1" / "memorize.json").read_text())
     steps = {lv["name"]: lv["steps"] for lv in first["history"][0]["levels"]}
     assert first["offset"] == 64 and steps == {"base": 0, SLOW: 2}
@@ -154,5 +190,19 @@ def test_memorize_command_writes_a_model_that_continues(tmp_path):
     second = json.loads((tmp_path / "m2" / "memorize.json").read_text())
     assert second["offset"] == 96 and [h["offset"] for h in second["history"]] == [0, 64]
     assert cli(["eval", str(tmp_path / "m2"), "--data-root", str(tmp_path / "cache"), "--no-progress"]) == 0
-    assert cli(["memorize", str(tmp_path / "m1"), "--tokens", "32", "--lr", "1", "--out-dir", str(tmp_path / "m3"),
-                *common]) == 1  # a continued learner keeps its options  # fmt: skip
+    assert (
+        cli(
+            [
+                "memorize",
+                str(tmp_path / "m1"),
+                "--tokens",
+                "32",
+                "--lr",
+                "1",
+                "--out-dir",
+                str(tmp_path / "m3"),
+                *common,
+            ]
+        )
+        == 1
+    )  # a continued learner keeps its options

@@ -296,8 +296,10 @@ def test_retention_towards_an_origin_matches_reference(memory, rule, momentum, r
     # argument, O's included, equal the reference's
     inputs = make_inputs(memory, momentum, requires_grad=True)
     g = torch.Generator().manual_seed(5)
-    origin = {n: (torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.3).requires_grad_() for n, w in
-              inputs["state"].weights.items()}  # fmt: skip
+    origin = {
+        n: (torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.3).requires_grad_()
+        for n, w in inputs["state"].weights.items()
+    }
     opts = dict(memory=memory, objective="l2", rule=rule, chunk_size=chunk_size, read=read, activation="gelu")
     results = []
     for impl in ("reference", "chunked"):

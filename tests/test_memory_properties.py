@@ -129,9 +129,19 @@ def test_dgd_at_lr_two_reflects_the_memory_along_the_key(impl):
     k = torch.nn.functional.normalize(torch.randn(b, h, 1, d, generator=g, dtype=x["q"].dtype), dim=-1)
     k = k.expand(b, h, T, d)
     W0 = torch.randn(b, h, d, d, generator=g, dtype=k.dtype)
-    y, state = scan(k, k, torch.zeros_like(k), torch.full((b, h, T), 2.0, dtype=k.dtype), torch.ones(b, h, T,
-                    dtype=k.dtype), memory="linear", objective="dot", rule="dgd", chunk_size=4,
-                    state=MemoryState({"W": W0}), impl=impl)  # fmt: skip
+    y, state = scan(
+        k,
+        k,
+        torch.zeros_like(k),
+        torch.full((b, h, T), 2.0, dtype=k.dtype),
+        torch.ones(b, h, T, dtype=k.dtype),
+        memory="linear",
+        objective="dot",
+        rule="dgd",
+        chunk_size=4,
+        state=MemoryState({"W": W0}),
+        impl=impl,
+    )
     Mk = (W0 @ k[:, :, 0, :, None]).squeeze(-1)  # (b, h, d)
     signs = torch.tensor([(-1.0) ** (t + 1) for t in range(T)], dtype=k.dtype)  # read after token t's write
     torch.testing.assert_close(y, signs[:, None] * Mk[:, :, None], rtol=1e-9, atol=1e-9)
@@ -154,8 +164,9 @@ def test_momentum_one_and_no_retention_decay_accumulates_writes():
 def test_snapshot_read_sees_no_write_of_its_own_chunk():
     x = make_inputs("linear", False)
     zero = MemoryState({"W": torch.zeros_like(x["state"].weights["W"])})
-    y, _ = scan(x["q"], x["k"], x["v"], x["lr"], x["retention"], memory="linear", read="snapshot", chunk_size=4,
-                state=zero)  # fmt: skip
+    y, _ = scan(
+        x["q"], x["k"], x["v"], x["lr"], x["retention"], memory="linear", read="snapshot", chunk_size=4, state=zero
+    )
     assert torch.all(y[:, :, :4] == 0) and not torch.all(y[:, :, 4:8] == 0)
 
 

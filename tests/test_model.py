@@ -376,8 +376,10 @@ def test_self_modifying_titans_reads_eta_and_alpha_from_their_own_readouts(eta_b
         layer.readout_bias[0].fill_(eta_bias)
         layer.readout_bias[1].fill_(alpha_bias)
     _, state = layer(torch.randn(1, 32, 32), layer.init_state(1))
-    for name, start in (("gen", {"W1": layer.gen_W1, "W2": layer.gen_W2}),
-                        ("memory", {"W1": layer.mem_W1, "W2": layer.mem_W2})):  # fmt: skip
+    for name, start in (
+        ("gen", {"W1": layer.gen_W1, "W2": layer.gen_W2}),
+        ("memory", {"W1": layer.mem_W1, "W2": layer.mem_W2}),
+    ):
         for k, w0 in start.items():
             change = (state[name].weights[k] - w0).norm() / w0.norm()
             assert (change > 0.5) if moves else (change < 1e-6), (name, k, change.item())

@@ -124,13 +124,21 @@ def test_m3_literal_follows_algorithm_1():
             m1 = m1 + b1 * gs[t]
             v = v + b2 * gs[t] ** 2
             theta = theta - lr * (newton_schulz(m1) + alpha * o2) / (v.sqrt() + eps)
-    ours, _ = run(lambda ps: M3(ps, lr=lr, betas=(b1, b2, b3), alpha=alpha, slow_period=f, form="literal",
-                                scale="none", eps=eps), 8)  # fmt: skip
+    ours, _ = run(
+        lambda ps: M3(ps, lr=lr, betas=(b1, b2, b3), alpha=alpha, slow_period=f, form="literal", scale="none", eps=eps),
+        8,
+    )
     torch.testing.assert_close(ours[0].detach(), theta, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("make", [lambda ps: Muon(ps, lr=0.01, weight_decay=0.1), lambda ps: M3(ps, lr=0.01,
-                         weight_decay=0.1, adamw_betas=(0.9, 0.95))], ids=["muon", "m3"])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: Muon(ps, lr=0.01, weight_decay=0.1),
+        lambda ps: M3(ps, lr=0.01, weight_decay=0.1, adamw_betas=(0.9, 0.95)),
+    ],
+    ids=["muon", "m3"],
+)
 def test_vector_parameters_step_exactly_like_adamw(make):
     ours, _ = run(make, 4)
     ref, _ = run(lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1), 4)
@@ -211,21 +219,24 @@ def test_step_calls_the_closure_and_returns_its_loss(name):
     assert not torch.equal(before, p.detach())
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda ps: Muon(ps, lr=-1e-3), "lr=-0.001"),
-    (lambda ps: M3(ps, lr=-1.0), "lr=-1.0"),
-    (lambda ps: DeepMomentum(ps, lr=-1.0), "lr=-1.0"),
-    (lambda ps: DeltaMomentum(ps, lr=-1.0), "lr=-1.0"),
-    (lambda ps: PreconditionedMomentum(ps, lr=-1.0), "lr=-1.0"),
-    (lambda ps: Muon(ps, momentum=1.0), "momentum=1.0"),
-    (lambda ps: M3(ps, slow_period=0), "slow_period=0"),
-    (lambda ps: M3(ps, betas=(0.9, 0.9)), "three numbers"),
-    (lambda ps: M3(ps, form="adam"), "form='adam'"),
-    (lambda ps: DeltaMomentum(ps, form="x"), "form='x'"),
-    (lambda ps: DeepMomentum(ps, memory="deep"), "memory='deep'"),
-    (lambda ps: PreconditionedMomentum(ps, output="tanh"), "output='tanh'"),
-    (lambda ps: Muon(ps, scale="big"), "scale='big'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ps: Muon(ps, lr=-1e-3), "lr=-0.001"),
+        (lambda ps: M3(ps, lr=-1.0), "lr=-1.0"),
+        (lambda ps: DeepMomentum(ps, lr=-1.0), "lr=-1.0"),
+        (lambda ps: DeltaMomentum(ps, lr=-1.0), "lr=-1.0"),
+        (lambda ps: PreconditionedMomentum(ps, lr=-1.0), "lr=-1.0"),
+        (lambda ps: Muon(ps, momentum=1.0), "momentum=1.0"),
+        (lambda ps: M3(ps, slow_period=0), "slow_period=0"),
+        (lambda ps: M3(ps, betas=(0.9, 0.9)), "three numbers"),
+        (lambda ps: M3(ps, form="adam"), "form='adam'"),
+        (lambda ps: DeltaMomentum(ps, form="x"), "form='x'"),
+        (lambda ps: DeepMomentum(ps, memory="deep"), "memory='deep'"),
+        (lambda ps: PreconditionedMomentum(ps, output="tanh"), "output='tanh'"),
+        (lambda ps: Muon(ps, scale="big"), "scale='big'"),
+    ],
+)
 def test_bad_settings_raise_errors_that_name_the_value(make, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
         make([torch.nn.Parameter(torch.zeros(2, 2))])

@@ -42,9 +42,24 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def config(corpus: Path, out: Path, **fields) -> TrainConfig:
-    base = dict(preset="transformer", size="debug", data=str(corpus), data_root=str(out.parent / "cache"),
-                seq_len=32, steps=6, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0, eval_tokens=256,
-                log_every=1, save_every=0, progress=False, tensorboard="off", out_dir=str(out))  # fmt: skip
+    base = dict(
+        preset="transformer",
+        size="debug",
+        data=str(corpus),
+        data_root=str(out.parent / "cache"),
+        seq_len=32,
+        steps=6,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=0,
+        eval_tokens=256,
+        log_every=1,
+        save_every=0,
+        progress=False,
+        tensorboard="off",
+        out_dir=str(out),
+    )
     return TrainConfig(**{**base, **fields})
 
 
@@ -53,13 +68,17 @@ def losses(out: Path) -> dict[int, float]:
     return {x["step"]: x["loss"] for x in lines if x["kind"] == "train"}
 
 
-@pytest.mark.parametrize(("preset", "carry", "extra"), [
-    ("transformer", False, {}),
-    ("titans", True, {}),
-    ("transformer", False, {"optimizer": "deep_momentum", "lr": 0.05}),
-    # outer CMS levels every 2 and 4 steps: the stop at 3 falls inside the slow level's period
-    ("hope", False, {"optimizer": "m3", "update_periods": "8,64,128", "optimizer_args": '{"slow_period": 2}'}),
-], ids=["transformer", "titans-carry", "deep-momentum", "hope-levels-m3"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("preset", "carry", "extra"),
+    [
+        ("transformer", False, {}),
+        ("titans", True, {}),
+        ("transformer", False, {"optimizer": "deep_momentum", "lr": 0.05}),
+        # outer CMS levels every 2 and 4 steps: the stop at 3 falls inside the slow level's period
+        ("hope", False, {"optimizer": "m3", "update_periods": "8,64,128", "optimizer_args": '{"slow_period": 2}'}),
+    ],
+    ids=["transformer", "titans-carry", "deep-momentum", "hope-levels-m3"],
+)
 def test_resume_is_exact(corpus, tmp_path, preset, carry, extra):
     # 6 steps in one go == 3 steps, a stop with a checkpoint, a restart that resumes, 3 more
     whole = config(corpus, tmp_path / "whole", preset=preset, carry_state=carry, **extra)
@@ -90,8 +109,18 @@ def test_micro_batches_give_the_same_steps_as_one_batch(corpus, tmp_path):
 
 def torchrun(args: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nestlearn.cli", "train", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "nestlearn.cli",
+        "train",
+        *args,
+    ]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -257,8 +286,14 @@ def test_compare_trains_each_preset_with_each_optimizer(corpus, tmp_path):
     from nestlearn.compare import compare, parse_lrs
 
     lrs = parse_lrs(["deep_momentum=0.05"], ["adamw", "deep_momentum"])
-    rows = compare(["transformer"], config(corpus, tmp_path / "x", steps=2), tmp_path / "cmp", 64,
-                   optimizers=["adamw", "deep_momentum"], lrs=lrs)  # fmt: skip
+    rows = compare(
+        ["transformer"],
+        config(corpus, tmp_path / "x", steps=2),
+        tmp_path / "cmp",
+        64,
+        optimizers=["adamw", "deep_momentum"],
+        lrs=lrs,
+    )
     assert [(r["preset"], r["optimizer"], r["lr"]) for r in rows] == [
         ("transformer-adamw", "adamw", 3e-3),
         ("transformer-deep_momentum", "deep_momentum", 0.05),

@@ -22,8 +22,10 @@ def lane_starts(step: int, batch_size: int, num_tokens: int, seq_len: int) -> tu
     lane = num_tokens // batch_size
     segments = (lane - 1) // seq_len
     if segments < 1:
-        raise ValueError(f"{num_tokens} tokens cannot give {batch_size} rows a segment of {seq_len + 1} tokens each: "
-                         "use a smaller --batch-size or --seq-len, or more data")  # fmt: skip
+        raise ValueError(
+            f"{num_tokens} tokens cannot give {batch_size} rows a segment of {seq_len + 1} tokens each: "
+            "use a smaller --batch-size or --seq-len, or more data"
+        )
     seg = step % segments
     return np.arange(batch_size) * lane + seg * seq_len, seg == 0
 

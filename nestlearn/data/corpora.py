@@ -47,11 +47,30 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 __all__ = [
-    "Corpus", "CORPORA", "ALIASES", "HANDBOOK_LANGUAGES", "SPLITS", "DOC_SEPARATOR", "SPLIT_SALT", "FetchError",
-    "ChecksumError", "CorpusNotFetchedError", "UnknownCorpusError", "data_dir", "list_corpora", "get_corpus", "fetch",
-    "load_split", "load_manifest", "resolve_split_file", "split_documents", "read_documents", "write_documents",
-    "html_to_text", "main",
-]  # fmt: skip
+    "Corpus",
+    "CORPORA",
+    "ALIASES",
+    "HANDBOOK_LANGUAGES",
+    "SPLITS",
+    "DOC_SEPARATOR",
+    "SPLIT_SALT",
+    "FetchError",
+    "ChecksumError",
+    "CorpusNotFetchedError",
+    "UnknownCorpusError",
+    "data_dir",
+    "list_corpora",
+    "get_corpus",
+    "fetch",
+    "load_split",
+    "load_manifest",
+    "resolve_split_file",
+    "split_documents",
+    "read_documents",
+    "write_documents",
+    "html_to_text",
+    "main",
+]
 
 SPLITS = ("train", "validation", "test")
 EOS_TEXT = "<|endoftext|>"

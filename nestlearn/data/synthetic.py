@@ -23,10 +23,28 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "mqar", "parity", "TASKS", "accuracy", "FORMAL_LANGUAGES", "Language", "formal_language", "in_language",
-    "prefix_membership", "formal_accuracy", "formal_strings", "BabiStory", "BABI_TASKS", "babi_story", "babi_answer",
-    "babi_tokens", "babi", "sequence_accuracy", "PAD", "REJECT", "ACCEPT",
-]  # fmt: skip
+    "mqar",
+    "parity",
+    "TASKS",
+    "accuracy",
+    "FORMAL_LANGUAGES",
+    "Language",
+    "formal_language",
+    "in_language",
+    "prefix_membership",
+    "formal_accuracy",
+    "formal_strings",
+    "BabiStory",
+    "BABI_TASKS",
+    "babi_story",
+    "babi_answer",
+    "babi_tokens",
+    "babi",
+    "sequence_accuracy",
+    "PAD",
+    "REJECT",
+    "ACCEPT",
+]
 
 
 def mqar(batch: int, num_pairs: int, vocab_size: int = 256, generator: torch.Generator | None = None, gap: int = 0):
@@ -196,21 +214,30 @@ def prefix_membership(name: str, s: str) -> list[bool]:
     return out
 
 
-def formal_strings(name: str, batch: int, min_length: int, max_length: int,
-                   generator: torch.Generator | None = None) -> list[str]:  # fmt: skip
+def formal_strings(
+    name: str, batch: int, min_length: int, max_length: int, generator: torch.Generator | None = None
+) -> list[str]:
     """`batch` strings of the language, their lengths uniform over the lengths in [min_length, max_length] that the
     language has (multiples of its period)."""
     lang = _language(name)
     lengths = [n for n in range(max(1, min_length), max_length + 1) if n % lang.period == 0]
     if not lengths:
-        raise ValueError(f"{name}: no string length in [{min_length}, {max_length}] is a multiple of "
-                         f"{lang.period}, the only lengths {lang.title} has; widen the range")  # fmt: skip
+        raise ValueError(
+            f"{name}: no string length in [{min_length}, {max_length}] is a multiple of "
+            f"{lang.period}, the only lengths {lang.title} has; widen the range"
+        )
     picks = torch.randint(0, len(lengths), (batch,), generator=generator).tolist()
     return [lang.sample(lengths[i], generator) for i in picks]
 
 
-def formal_language(name: str, batch: int, min_length: int, max_length: int, pad_to: int | None = None,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def formal_language(
+    name: str,
+    batch: int,
+    min_length: int,
+    max_length: int,
+    pad_to: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Recognition of a formal language of paper Table 5, as a per-position task (Bhattamishra et al. 2020; Irie
     et al. 2023): after every symbol the model says whether the prefix so far is in the language.
 
@@ -261,9 +288,32 @@ def formal_accuracy(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[floa
 
 # --- bAbI-style fact tracking (Weston et al. 2015), generated here ------------------------------------------------
 
-BABI_PEOPLE = ("Mary", "John", "Daniel", "Sandra", "Alice", "Bob", "Charlie", "Emma", "Fred", "Grace", "Henry",
-               "Irene", "Jack", "Kate", "Liam", "Nina", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tina", "Umar",
-               "Vera")  # fmt: skip
+BABI_PEOPLE = (
+    "Mary",
+    "John",
+    "Daniel",
+    "Sandra",
+    "Alice",
+    "Bob",
+    "Charlie",
+    "Emma",
+    "Fred",
+    "Grace",
+    "Henry",
+    "Irene",
+    "Jack",
+    "Kate",
+    "Liam",
+    "Nina",
+    "Oscar",
+    "Paula",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tina",
+    "Umar",
+    "Vera",
+)
 BABI_PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # bAbI qa1's six places
 BABI_MOVES = ("went to", "moved to", "journeyed to", "travelled to", "went back to")  # and its verbs
 BABI_TASKS = {
@@ -304,8 +354,10 @@ def babi_story(task: str, num_facts: int, rng: random.Random, num_people: int = 
         person = rng.choice(people)
         return BabiStory(facts, person, where[person])
     if not 1 <= num_people <= len(BABI_PEOPLE) or num_facts < 2:
-        raise ValueError(f"latest: num_people={num_people} must lie in [1, {len(BABI_PEOPLE)}] and "
-                         f"num_facts={num_facts} be >= 2, so that someone can move twice")  # fmt: skip
+        raise ValueError(
+            f"latest: num_people={num_people} must lie in [1, {len(BABI_PEOPLE)}] and "
+            f"num_facts={num_facts} be >= 2, so that someone can move twice"
+        )
     people = rng.sample(BABI_PEOPLE, num_people)
     while True:  # redrawn only when nobody moved twice (possible when num_facts <= num_people)
         where, moves, facts = {}, dict.fromkeys(people, 0), []
@@ -358,8 +410,14 @@ def babi_tokens(stories: Sequence[BabiStory], tokenizer=None, pad_to: int | None
     return tokens, targets, mask
 
 
-def babi(task: str, batch: int, num_facts: int, num_people: int = 4, generator: torch.Generator | None = None,
-         pad_to: int | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def babi(
+    task: str,
+    batch: int,
+    num_facts: int,
+    num_people: int = 4,
+    generator: torch.Generator | None = None,
+    pad_to: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """A batch of bAbI-style stories as a byte-level task (see `babi_story`, `babi_tokens`); deterministic by
     generator. Chance (a constant place) is 1/6."""
     rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))

@@ -301,8 +301,16 @@ def _scan_chunks(
     # Unbind once: indexing [c] in the loop would make autograd build a full-size zero gradient per chunk, O(n²).
     unbound = [x.unbind(0) for x in kernels.values()]
     per_chunk = [dict(zip(kernels, xs, strict=True)) for xs in zip(*unbound, strict=True)]
-    flags = dict(memory=memory, objective=objective, rule=rule, read=read, activation=activation, q_is_k=q_is_k,
-                 max_grad_norm=max_grad_norm, self_target=self_target)  # fmt: skip
+    flags = dict(
+        memory=memory,
+        objective=objective,
+        rule=rule,
+        read=read,
+        activation=activation,
+        q_is_k=q_is_k,
+        max_grad_norm=max_grad_norm,
+        self_target=self_target,
+    )
     fn = _compiled_step() if compile else _step
 
     def step(c: int, W: dict, S: dict | None, Wg: dict | None):

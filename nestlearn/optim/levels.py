@@ -36,8 +36,10 @@ class LevelGroup:
 
 def _check_period(name: str, period) -> None:
     if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 1):
-        raise ValueError(f"level {name!r}: period={period!r} must be a positive number of tokens, or None to step "
-                         "the level at every optimizer step")  # fmt: skip
+        raise ValueError(
+            f"level {name!r}: period={period!r} must be a positive number of tokens, or None to step "
+            "the level at every optimizer step"
+        )
 
 
 class Levels:
@@ -69,8 +71,10 @@ class Levels:
             raise ValueError("a parameter belongs to two levels; each must be in exactly one")
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if set(in_levels) != in_opt:
-            raise ValueError(f"the levels hold {len(set(in_levels))} parameters and the optimizer {len(in_opt)}: "
-                             "give the optimizer exactly the parameters of the levels")  # fmt: skip
+            raise ValueError(
+                f"the levels hold {len(set(in_levels))} parameters and the optimizer {len(in_opt)}: "
+                "give the optimizer exactly the parameters of the levels"
+            )
         self.grad_sums: dict[int, Tensor] = {}  # id(param) -> gradient summed since its level's last step
 
     @staticmethod
@@ -90,8 +94,10 @@ class Levels:
             _check_period(pattern, period)
             hits = [p for n, p in named if n not in taken and re.search(pattern, n)]
             if not hits:
-                raise ValueError(f"level pattern {pattern!r} matches no parameter (not already taken by an earlier "
-                                 f"pattern); parameter names look like {named[0][0]!r}")  # fmt: skip
+                raise ValueError(
+                    f"level pattern {pattern!r} matches no parameter (not already taken by an earlier "
+                    f"pattern); parameter names look like {named[0][0]!r}"
+                )
             taken |= {n for n, _ in named if n not in taken and re.search(pattern, n)}
             groups.append(LevelGroup(pattern, period, hits))
         rest = [p for n, p in named if n not in taken]
@@ -109,9 +115,11 @@ class Levels:
                 out.append(lv)
                 continue
             if lv.period % tokens:
-                raise ValueError(f"level {lv.name!r} has period {lv.period} tokens, but each step advances the "
-                                 f"stream by {tokens}: use a period that is a multiple of {tokens}, or a window "
-                                 f"length that divides {lv.period}")  # fmt: skip
+                raise ValueError(
+                    f"level {lv.name!r} has period {lv.period} tokens, but each step advances the "
+                    f"stream by {tokens}: use a period that is a multiple of {tokens}, or a window "
+                    f"length that divides {lv.period}"
+                )
             if lv.tokens + tokens >= lv.period:
                 out.append(lv)
         return out
@@ -159,9 +167,10 @@ class Levels:
     def levels_state_dict(self) -> dict:
         """What Levels adds to the optimizer's own state: the token counters and the pending gradient sums."""
         index = self._index()
-        return {"levels": {lv.name: {"period": lv.period, "tokens": lv.tokens, "steps": lv.steps}
-                           for lv in self.levels},
-                "grad_sums": {index[k]: v.detach().clone() for k, v in self.grad_sums.items()}}  # fmt: skip
+        return {
+            "levels": {lv.name: {"period": lv.period, "tokens": lv.tokens, "steps": lv.steps} for lv in self.levels},
+            "grad_sums": {index[k]: v.detach().clone() for k, v in self.grad_sums.items()},
+        }
 
     def load_levels_state_dict(self, sd: dict) -> None:
         names = {lv.name for lv in self.levels}
@@ -170,8 +179,10 @@ class Levels:
         for lv in self.levels:
             saved = sd["levels"][lv.name]
             if saved["period"] != lv.period:
-                raise ValueError(f"level {lv.name!r}: the checkpoint has period {saved['period']}, this run "
-                                 f"{lv.period}; resume with the same periods")  # fmt: skip
+                raise ValueError(
+                    f"level {lv.name!r}: the checkpoint has period {saved['period']}, this run "
+                    f"{lv.period}; resume with the same periods"
+                )
             lv.tokens, lv.steps = saved["tokens"], saved["steps"]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.grad_sums = {id(params[int(i)]): v.to(params[int(i)]) for i, v in sd["grad_sums"].items()}

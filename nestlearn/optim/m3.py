@@ -40,10 +40,21 @@ class M3(ParamwiseOptimizer):
 
     name = "M3"
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.99),
-                 alpha: float = 1.0, slow_period: int = 8, form: str = "ema", second_moment: bool = True,
-                 ns_steps: int = 5, scale: str = "rms", weight_decay: float = 0.0,
-                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (0.9, 0.95, 0.99),
+        alpha: float = 1.0,
+        slow_period: int = 8,
+        form: str = "ema",
+        second_moment: bool = True,
+        ns_steps: int = 5,
+        scale: str = "rms",
+        weight_decay: float = 0.0,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ):
         check_range("M3", "lr", lr, 0.0)
         if len(betas) != 3:
             raise ValueError(f"M3: betas={betas!r} must be three numbers (β₁ fast, β₂ second moment, β₃ slow)")
@@ -56,9 +67,20 @@ class M3(ParamwiseOptimizer):
         check_choice("M3", "scale", scale, SCALES)
         check_range("M3", "weight_decay", weight_decay, 0.0)
         check_range("M3", "ns_steps", ns_steps, 1)
-        defaults = dict(lr=lr, betas=tuple(betas), alpha=alpha, slow_period=slow_period, form=form,
-                        second_moment=second_moment, ns_steps=ns_steps, scale=scale, weight_decay=weight_decay,
-                        adamw_betas=tuple(adamw_betas), eps=eps, muon=None)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            alpha=alpha,
+            slow_period=slow_period,
+            form=form,
+            second_moment=second_moment,
+            ns_steps=ns_steps,
+            scale=scale,
+            weight_decay=weight_decay,
+            adamw_betas=tuple(adamw_betas),
+            eps=eps,
+            muon=None,
+        )
         super().__init__(params, defaults)
 
     def _step_param(self, p, grad, state, group) -> None:

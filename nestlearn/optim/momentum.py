@@ -77,18 +77,38 @@ class PreconditionedMomentum(_Momentum):
 
     name = "PreconditionedMomentum"
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, precondition="none", beta2: float = 0.999,
-                 eps: float = 1e-8, feature_map="identity", output="identity", ns_steps: int = 5, scale: str = "rms",
-                 weight_decay: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        precondition="none",
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        feature_map="identity",
+        output="identity",
+        ns_steps: int = 5,
+        scale: str = "rms",
+        weight_decay: float = 0.0,
+    ):
         self._check(lr, momentum, weight_decay)
         check_range(self.name, "beta2", beta2, 0.0, 1.0, open_high=True)
         check_choice(self.name, "precondition", precondition, PRECONDITIONERS)
         check_choice(self.name, "feature_map", feature_map, FEATURE_MAPS)
         check_choice(self.name, "output", output, OUTPUTS)
         check_choice(self.name, "scale", scale, SCALES)
-        defaults = dict(lr=lr, momentum=momentum, precondition=precondition, beta2=beta2, eps=eps,
-                        feature_map=feature_map, output=output, ns_steps=ns_steps, scale=scale,
-                        weight_decay=weight_decay)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            precondition=precondition,
+            beta2=beta2,
+            eps=eps,
+            feature_map=feature_map,
+            output=output,
+            ns_steps=ns_steps,
+            scale=scale,
+            weight_decay=weight_decay,
+        )
         super().__init__(params, defaults)
 
     def _write(self, p, g, state, group):
@@ -125,8 +145,15 @@ class DeltaMomentum(_Momentum):
     name = "DeltaMomentum"
     FORMS = ("proximal", "normalized", "literal")
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, delta: float = 0.01, form: str = "proximal",
-                 weight_decay: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        delta: float = 0.01,
+        form: str = "proximal",
+        weight_decay: float = 0.0,
+    ):
         self._check(lr, momentum, weight_decay)
         check_range(self.name, "delta", delta, 0.0)
         if form not in self.FORMS:
@@ -176,20 +203,42 @@ class DeepMomentum(_Momentum):
 
     name = "DeepMomentum"
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, inner_lr: float = 1.0, memory: str = "mlp",
-                 objective: str = "dot", hidden: int = 2, activation: str = "gelu", weight_decay: float = 0.0,
-                 seed: int = 0, retain_to: str = "init"):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        inner_lr: float = 1.0,
+        memory: str = "mlp",
+        objective: str = "dot",
+        hidden: int = 2,
+        activation: str = "gelu",
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        retain_to: str = "init",
+    ):
         self._check(lr, momentum, weight_decay)
         check_range(self.name, "inner_lr", inner_lr, 0.0)
         check_range(self.name, "hidden", hidden, 1)
-        for name, value, allowed in (("memory", memory, mem.MEMORIES), ("objective", objective, mem.OBJECTIVES),
-                                     ("activation", activation, tuple(mem.ACTIVATIONS))):  # fmt: skip
+        for name, value, allowed in (
+            ("memory", memory, mem.MEMORIES),
+            ("objective", objective, mem.OBJECTIVES),
+            ("activation", activation, tuple(mem.ACTIVATIONS)),
+        ):
             if value not in allowed:
                 raise ValueError(f"{self.name}: {name}={value!r} is not known; expected one of {list(allowed)}")
         check_choice(self.name, "retain_to", retain_to, ("init", "zero"))
-        defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, memory=memory, objective=objective,
-                        hidden=hidden, activation=activation, weight_decay=weight_decay,
-                        retain_to=retain_to)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            inner_lr=inner_lr,
+            memory=memory,
+            objective=objective,
+            hidden=hidden,
+            activation=activation,
+            weight_decay=weight_decay,
+            retain_to=retain_to,
+        )
         super().__init__(params, defaults)
         self.seed = seed
 
@@ -221,9 +270,19 @@ class DeepMomentum(_Momentum):
         opts = dict(memory=group["memory"], activation=group["activation"])
         # a state saved before retain_to existed has no M_0: its memory then keeps retaining towards zero
         origin = state.get("memory_init") if group.get("retain_to", "init") == "init" else None
-        _, new = mem.scan(c, c, v, gate * group["inner_lr"], gate * group["momentum"], state=mem.MemoryState(
-            state["memory"]), objective=group["objective"], chunk_size=1, check_values=False, origin=origin,
-            **opts)  # fmt: skip
+        _, new = mem.scan(
+            c,
+            c,
+            v,
+            gate * group["inner_lr"],
+            gate * group["momentum"],
+            state=mem.MemoryState(state["memory"]),
+            objective=group["objective"],
+            chunk_size=1,
+            check_values=False,
+            origin=origin,
+            **opts,
+        )
         state["memory"] = {name: w.contiguous() for name, w in new.weights.items()}
         out = mem.read(c, new, **opts)  # (1, n, 1, d)
         if group["memory"] == "mlp":

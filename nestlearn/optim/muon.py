@@ -33,9 +33,18 @@ class Muon(ParamwiseOptimizer):
 
     name = "Muon"
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, scale: str = "rms", betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+        scale: str = "rms",
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ):
         check_range("Muon", "lr", lr, 0.0)
         check_range("Muon", "momentum", momentum, 0.0, 1.0, open_high=True)
         check_range("Muon", "weight_decay", weight_decay, 0.0)
@@ -43,8 +52,17 @@ class Muon(ParamwiseOptimizer):
         check_choice("Muon", "scale", scale, SCALES)
         for i, b in enumerate(betas):
             check_range("Muon", f"betas[{i}]", b, 0.0, 1.0, open_high=True)
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-                        scale=scale, betas=tuple(betas), eps=eps, muon=None)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
+            scale=scale,
+            betas=tuple(betas),
+            eps=eps,
+            muon=None,
+        )
         super().__init__(params, defaults)
 
     @staticmethod
