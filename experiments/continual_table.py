@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from nestlearn.continual import summary
+from nestlearn.evals.continual import summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import torch
 
 from nestlearn import TitansConfig, presets
 from nestlearn.data.synthetic import accuracy, mqar, parity
-from nestlearn.longctx import memory_arguments, memory_options, train_synthetic
+from nestlearn.evals.longctx import memory_arguments, memory_options, train_synthetic
 from nestlearn.train import parse_periods
 
 

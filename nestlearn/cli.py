@@ -149,25 +149,25 @@ def _memorize(argv: list[str]) -> int:
 
 
 def _lm_eval(argv: list[str]) -> int:
-    from .harness import main as harness_main
+    from .evals.harness import main as harness_main
 
     return harness_main(argv)
 
 
 def _continual(argv: list[str]) -> int:
-    from .continual import main as continual_main
+    from .evals.continual import main as continual_main
 
     return continual_main(argv)
 
 
 def _longctx(argv: list[str]) -> int:
-    from .longctx import main as longctx_main
+    from .evals.longctx import main as longctx_main
 
     return longctx_main(argv)
 
 
 def _compare(argv: list[str]) -> int:
-    from .compare import main as compare_main
+    from .evals.compare import main as compare_main
 
     return compare_main(argv)
 

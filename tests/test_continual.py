@@ -13,8 +13,17 @@ import torch
 
 from nestlearn import presets
 from nestlearn.cli import main as cli
-from nestlearn.continual import EWC, ContinualConfig, Replay, build_model, continual_metrics, make_stream, run, summary
 from nestlearn.data.corpora import BBC_CLASSES, write_documents
+from nestlearn.evals.continual import (
+    EWC,
+    ContinualConfig,
+    Replay,
+    build_model,
+    continual_metrics,
+    make_stream,
+    run,
+    summary,
+)
 
 
 def test_metrics_on_a_hand_computed_accuracy_matrix():

@@ -163,7 +163,7 @@ def test_synthetic_experiment_read_flag_reaches_the_memories():
 
 
 def test_continual_table_reads_run_folders_and_refuses_empty_ones(tmp_path, capsys):
-    from nestlearn.continual import ContinualConfig
+    from nestlearn.evals.continual import ContinualConfig
 
     for seed in (0, 1):
         run = tmp_path / f"run-s{seed}"

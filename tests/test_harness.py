@@ -1,6 +1,6 @@
-"""lm-eval-harness support (nestlearn.harness), offline: every score equals one computed here from a direct forward
-pass, streaming past max_length equals one forward over the whole input, truncation matches lm-eval's own rolling
-windows, generation stops at stop strings, and simple_evaluate and `nestlearn lm-eval` score a local
+"""lm-eval-harness support (nestlearn.evals.harness), offline: every score equals one computed here from a direct
+forward pass, streaming past max_length equals one forward over the whole input, truncation matches lm-eval's own
+rolling windows, generation stops at stop strings, and simple_evaluate and `nestlearn lm-eval` score a local
 multiple-choice task exactly as the model does."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 
 from nestlearn import build, presets  # noqa: E402
 from nestlearn.data.tokenizer import ByteTokenizer  # noqa: E402
-from nestlearn.harness import NestlearnLM  # noqa: E402
+from nestlearn.evals.harness import NestlearnLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = ByteTokenizer().eos_id
@@ -240,7 +240,7 @@ def test_simple_evaluate_on_a_local_task(ckpts, tmp_path, offline):
     acc = out["results"]["nestlearn_local_mc"]["acc,none"]
     assert 0.0 <= acc <= 1.0
     assert acc == pytest.approx(expected_accuracy(lm, DOCS))
-    # by name, as the command line does it (importing nestlearn.harness registered "nestlearn")
+    # by name, as the command line does it (importing nestlearn.evals.harness registered "nestlearn")
     out = lm_eval.simple_evaluate(
         model="nestlearn",
         model_args=f"path={ckpts['transformer']},device=cpu",
@@ -251,7 +251,7 @@ def test_simple_evaluate_on_a_local_task(ckpts, tmp_path, offline):
     assert out["results"]["nestlearn_local_mc"]["acc,none"] == pytest.approx(expected_accuracy(lm, DOCS[:2]))
 
 
-@pytest.mark.parametrize("command", [["nestlearn.cli", "lm-eval"], ["nestlearn.harness"]], ids=["cli", "module"])
+@pytest.mark.parametrize("command", [["nestlearn.cli", "lm-eval"], ["nestlearn.evals.harness"]], ids=["cli", "module"])
 def test_command_line(ckpts, tmp_path, command):
     tasks = write_task(tmp_path / "tasks")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}

@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nestlearn import niah
 from nestlearn.cli import main as cli
 from nestlearn.data import synthetic
 from nestlearn.data.corpora import write_documents
 from nestlearn.data.synthetic import ACCEPT, FORMAL_LANGUAGES, REJECT
 from nestlearn.data.tokenizer import ByteTokenizer, train_bpe
-from nestlearn.niah import KINDS, Haystack, constant_guess, make_sample, make_samples, oracle, string_match_all
+from nestlearn.evals import niah
+from nestlearn.evals.niah import KINDS, Haystack, constant_guess, make_sample, make_samples, oracle, string_match_all
 
 WORDS = "the river memory learns fast and slow levels update at their own rate while a cat sat on the mat".split()
 
@@ -431,7 +431,7 @@ def test_training_commands_refuse_bad_settings_before_training(tmp_path, capsys)
 
 def test_memory_options_reach_the_mixers_and_update_periods_the_cms():
     from nestlearn import presets
-    from nestlearn.longctx import train_synthetic
+    from nestlearn.evals.longctx import train_synthetic
 
     model, _ = train_synthetic(
         "hope",

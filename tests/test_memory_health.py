@@ -181,8 +181,8 @@ def test_memorize_reports_where_each_memory_died():
 
 def test_niah_retrieval_gain_pass_hands_its_state_to_the_check():
     # `nestlearn longctx niah` checks the memories through this hook: it must see the state at the end of the pass
-    from nestlearn import niah
     from nestlearn.data.tokenizer import ByteTokenizer
+    from nestlearn.evals import niah
 
     model, seen, tok = _dead_prone_titans(), [], ByteTokenizer()
     text = "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz ,.") for _ in range(600))

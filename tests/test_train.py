@@ -266,7 +266,7 @@ def test_train_eval_generate_from_the_command_line(corpus, tmp_path, capsys):
 
 def test_compare_keeps_going_when_one_model_diverges(corpus, tmp_path, monkeypatch):
     import nestlearn.train as train_module
-    from nestlearn.compare import compare, table
+    from nestlearn.evals.compare import compare, table
 
     real = train_module.train
 
@@ -283,7 +283,7 @@ def test_compare_keeps_going_when_one_model_diverges(corpus, tmp_path, monkeypat
 
 
 def test_compare_trains_each_preset_with_each_optimizer(corpus, tmp_path):
-    from nestlearn.compare import compare, parse_lrs
+    from nestlearn.evals.compare import compare, parse_lrs
 
     lrs = parse_lrs(["deep_momentum=0.05"], ["adamw", "deep_momentum"])
     rows = compare(

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from . import presets
-from .data import synthetic
-from .health import MemoryHealth, unhealthy, warn_about
-from .model import LanguageModel, ModelState, build
+from .. import presets
+from ..data import synthetic
+from ..health import MemoryHealth, unhealthy, warn_about
+from ..model import LanguageModel, ModelState, build
 
 __all__ = ["main", "train_synthetic", "memory_arguments", "memory_options", "niah_grids", "formal_table"]
 
@@ -190,10 +190,10 @@ def _heatmap(
 
 
 def run_niah(args: argparse.Namespace) -> dict:
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..data.corpora import load_split
+    from ..runtime import flush_subnormals, resolve_device
     from . import niah
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .data.corpora import load_split
-    from .runtime import flush_subnormals, resolve_device
 
     device = resolve_device(args.device)
     flush_subnormals(device)
@@ -393,7 +393,7 @@ def run_mqar(args: argparse.Namespace) -> list[dict]:
 
 
 def run_babi(args: argparse.Namespace) -> list[dict]:
-    from .data.tokenizer import ByteTokenizer
+    from ..data.tokenizer import ByteTokenizer
 
     test_facts = args.test_facts or [args.facts, 2 * args.facts]
     for task in args.tasks:  # refuse a bad setting before training, not after
@@ -524,7 +524,7 @@ def _training_args(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data.synthetic import BABI_TASKS, FORMAL_LANGUAGES
+    from ..data.synthetic import BABI_TASKS, FORMAL_LANGUAGES
     from .niah import KINDS
 
     parser = argparse.ArgumentParser(

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .data.tokenizer import Tokenizer
+from ..data.tokenizer import Tokenizer
 
 __all__ = [
     "KINDS",

@@ -40,10 +40,10 @@ def compare(
 ) -> list[dict]:
     """Train each preset (× optimizer) with `base` (a TrainConfig) and evaluate it on the test split.
     `lrs` gives an optimizer its own peak learning rate. Returns one row per run."""
-    from .checkpoint import load_checkpoint
-    from .data.shards import open_shard
-    from .evaluate import evaluate
-    from .train import prepare_data, train
+    from ..checkpoint import load_checkpoint
+    from ..data.shards import open_shard
+    from ..evaluate import evaluate
+    from ..train import prepare_data, train
 
     rows = []
     for name, preset, optimizer in runs_of(presets, optimizers):
@@ -141,7 +141,7 @@ def parse_lrs(items: list[str], optimizers: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     p = argparse.ArgumentParser(prog="nestlearn compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["hope", "transformer"], help="(default: hope transformer)")

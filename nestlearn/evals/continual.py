@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import presets
-from .data.shards import ShardMeta
-from .data.tokenizer import ByteTokenizer
+from .. import presets
+from ..data.shards import ShardMeta
+from ..data.tokenizer import ByteTokenizer
 
 __all__ = ["continual_metrics", "STREAMS", "STRATEGIES", "ContinualConfig", "run", "summary"]
 
@@ -85,13 +85,13 @@ class LMTask:
     metric = "bits per byte"
 
     def batch(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        from .data.batches import gather
+        from ..data.batches import gather
 
         x = gather(self.train, rng.integers(0, len(self.train) - seq_len - 1, size=batch_size), seq_len + 1)
         return x, torch.ones_like(x[:, 1:], dtype=torch.bool)
 
     def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
-        from .evaluate import evaluate
+        from ..evaluate import evaluate
 
         return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens)["bits_per_byte"]
 
@@ -146,8 +146,8 @@ class ClassTask:
 
 
 def _lm_task(corpus: str, data_root: str | None, name: str | None = None) -> LMTask:
-    from .data.shards import open_shard
-    from .train import shards_for
+    from ..data.shards import open_shard
+    from ..train import shards_for
 
     tokenizer = ByteTokenizer()
     out = shards_for(corpus, tokenizer, data_root, ("train", "validation"), progress=False)
@@ -157,7 +157,7 @@ def _lm_task(corpus: str, data_root: str | None, name: str | None = None) -> LMT
 
 
 def _bbc_tasks(data_root: str | None, prompt_chars: int, classes_per_task: int, corpus: str = "bbc") -> list[ClassTask]:
-    from .data.corpora import BBC_CLASSES, load_split
+    from ..data.corpora import BBC_CLASSES, load_split
 
     def examples(split: str) -> list[tuple[str, str]]:
         out = []
@@ -343,9 +343,9 @@ class ContinualConfig:
 
 def build_model(config: ContinualConfig):
     """The preset at `config.size`, byte-level; with `init_from`, shaped like that checkpoint and started from it."""
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .model import build
-    from .train import parse_periods
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..model import build
+    from ..train import parse_periods
 
     model_config = dataclasses.replace(
         presets.PRESETS[config.preset](config.size), seq_len=config.seq_len, vocab_size=ByteTokenizer().vocab_size
@@ -381,7 +381,7 @@ def level_stack(model, source) -> list[str]:
     parameter with the same name and shape is copied (embeddings, norms, attention when both have it), and every
     outer (SwiGLU) CMS level of block i starts from the source's MLP of block i, its first CMS level; in-context
     levels and memories keep their own initialisation. Returns the names of the parameters set."""
-    from .cms import SwiGLU
+    from ..cms import SwiGLU
 
     src = dict(source.named_parameters())
     done = []
@@ -405,7 +405,7 @@ def run(config: ContinualConfig) -> dict:
     """Train on the stream's tasks in order, scoring every task after each; returns R, the metrics and curves."""
     from tqdm import tqdm
 
-    from .optim import Levels
+    from ..optim import Levels
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)

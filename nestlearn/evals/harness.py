@@ -1,17 +1,17 @@
 """EleutherAI's lm-evaluation-harness (`lm-eval`) for nestlearn checkpoints: `NestlearnLM`, registered as "nestlearn".
 
     pip install -e ".[eval]"                    # lm-eval==0.4.13
-    python -m nestlearn.harness --model nestlearn --model_args path=runs/hope-tiny --tasks lambada_openai
-    python -m nestlearn.harness --model nestlearn --model_args path=runs/hope-tiny,max_length=4096 \\
+    python -m nestlearn.evals.harness --model nestlearn --model_args path=runs/hope-tiny --tasks lambada_openai
+    python -m nestlearn.evals.harness --model nestlearn --model_args path=runs/hope-tiny,max_length=4096 \\
         --tasks my_task --include_path my_tasks/ --batch_size 16 --limit 100
 
-`python -m nestlearn.harness ARGS` is the `lm_eval ARGS` command line with "nestlearn" registered. Plain
+`python -m nestlearn.evals.harness ARGS` is the `lm_eval ARGS` command line with "nestlearn" registered. Plain
 `lm_eval --model nestlearn` cannot work: lm-eval 0.4.13 knows only the models of its own table
 (`lm_eval.models.MODEL_MAPPING`) and those registered by modules already imported, and reads no plugin entry points.
 From Python, pass an instance (or the name, once this module is imported):
 
     import lm_eval
-    from nestlearn.harness import NestlearnLM
+    from nestlearn.evals.harness import NestlearnLM
     out = lm_eval.simple_evaluate(model=NestlearnLM(path="runs/hope-tiny"), tasks=["hellaswag"])
     out = lm_eval.simple_evaluate(model="nestlearn", model_args="path=runs/hope-tiny", tasks=["hellaswag"])
 
@@ -54,12 +54,12 @@ except ModuleNotFoundError as e:  # nestlearn itself never needs lm-eval; only t
     if e.name is None or e.name.split(".")[0] != "lm_eval":
         raise
     raise ModuleNotFoundError(
-        "nestlearn.harness needs lm-eval: pip install 'lm-eval==0.4.13' (or pip install -e '.[eval]' in the repo)"
+        "nestlearn.evals.harness needs lm-eval: pip install 'lm-eval==0.4.13' (or pip install -e '.[eval]' in the repo)"
     ) from e
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
-from .model import sample_next
-from .runtime import autocast, flush_subnormals, resolve_device
+from ..checkpoint import load_checkpoint, resolve_checkpoint
+from ..model import sample_next
+from ..runtime import autocast, flush_subnormals, resolve_device
 
 __all__ = ["NestlearnLM", "main"]
 
@@ -72,8 +72,8 @@ EXAMPLE = "--model_args path=runs/hope-tiny"
 
 
 def _register(cls: type) -> type:
-    # `python -m nestlearn.harness` runs this file as __main__ and then imports nestlearn.harness for main(): only
-    # the importable copy registers, since lm-eval refuses a second class under the same name.
+    # `python -m nestlearn.evals.harness` runs this file as __main__ and then imports nestlearn.evals.harness for
+    # main(): only the importable copy registers, since lm-eval refuses a second class under the same name.
     return cls if __name__ == "__main__" else register_model("nestlearn")(cls)
 
 
@@ -328,7 +328,7 @@ class NestlearnLM(LM):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The lm_eval command line with the "nestlearn" model registered: `python -m nestlearn.harness ARGS`."""
+    """The lm_eval command line with the "nestlearn" model registered: `python -m nestlearn.evals.harness ARGS`."""
     from lm_eval.__main__ import cli_evaluate
 
     # lm-eval's parser reads sys.argv itself (it inserts the `run` subcommand when none is given)
@@ -338,6 +338,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from nestlearn.harness import main as _main  # the registered copy of this module (see _register)
+    from nestlearn.evals.harness import main as _main  # the registered copy of this module (see _register)
 
     sys.exit(_main())
