@@ -70,18 +70,23 @@ class MemoryReport:
 
 @dataclass
 class MemorizeReport:
-    """What one `memorize` call changed. Losses are mean next-token cross-entropy (nats) over the stream:
+    """What one `memorize` call changed. Losses are mean next-token cross-entropy (nats). On the stream:
     `loss_before` read from a fresh state with the weights before the call, `loss_online` while memorizing (each
     segment before the outer levels saw it), `loss_after` read again from a fresh state with the new weights (what
-    the outer levels kept), `loss_after_in_context` read again after the state the call ended in (what the outer
-    levels and the in-context memories hold together)."""
+    the outer levels kept of what they saw). On a held-out continuation of the stream, when one is given (what was
+    learned, not what was seen): `held_out_before` with the old weights and a fresh state, `held_out_after` with
+    the new weights and a fresh state (the outer levels' learning), `held_out_in_context` with the new weights and
+    the state the stream ended in (the outer levels and the in-context memories together)."""
 
     tokens: int
     segments: int
     loss_before: float | None
     loss_online: float
     loss_after: float | None
-    loss_after_in_context: float | None
+    held_out_tokens: int = 0
+    held_out_before: float | None = None
+    held_out_after: float | None = None
+    held_out_in_context: float | None = None
     levels: list[LevelReport] = field(default_factory=list)
     memories: list[MemoryReport] = field(default_factory=list)
     # memories that reached the dead state (nestlearn.health) and the stream position where each was first found
@@ -97,9 +102,16 @@ class MemorizeReport:
             return "" if x is None else f"{x:.4f}"
 
         lines = [
-            f"{self.tokens} tokens per sequence in {self.segments} segments; loss (nats/token): before "
-            f"{f(self.loss_before)}, online {f(self.loss_online)}, after {f(self.loss_after)}, after with "
-            f"the memorized state {f(self.loss_after_in_context)}",
+            f"{self.tokens} tokens per sequence in {self.segments} segments; loss on them (nats/token): before "
+            f"{f(self.loss_before)}, online {f(self.loss_online)}, after {f(self.loss_after)}",
+        ]
+        if self.held_out_tokens:
+            lines.append(
+                f"on the next {self.held_out_tokens} tokens (held out): before {f(self.held_out_before)}, after "
+                f"{f(self.held_out_after)} (fresh state), after with the memorized state "
+                f"{f(self.held_out_in_context)}"
+            )
+        lines += [
             "",
             "| level | kind | period | lr | updates | relative change |",
             "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -237,10 +249,18 @@ class Learner:
     # --- learning ---
 
     def memorize(
-        self, tokens: Tensor, state: ModelState | None = None, *, measure: bool = True, progress: bool = False
+        self,
+        tokens: Tensor,
+        state: ModelState | None = None,
+        *,
+        held_out: Tensor | None = None,
+        measure: bool = True,
+        progress: bool = False,
     ) -> tuple[ModelState, MemorizeReport]:
         """Read `tokens` (b, n), n − 1 a multiple of the segment, learning as it goes. Returns the state after the
-        stream and a report; `measure=False` skips the three extra passes behind loss_before / loss_after."""
+        stream and a report; `measure=False` skips the extra passes behind loss_before / loss_after. `held_out`
+        (b, m + 1), the stream's continuation, is read (not learned from) before and after: the report's held_out_*
+        losses say what was learned rather than what was seen."""
         from tqdm import tqdm
 
         model, S = self.model, self.segment
@@ -252,6 +272,14 @@ class Learner:
                 f"the stream has {n} predictions per row ({n + 1} tokens), which is not a positive "
                 f"multiple of the segment {S}: give k·{S} + 1 tokens per row"
             )
+        if held_out is not None and (
+            not isinstance(held_out, Tensor) or held_out.dim() != 2 or held_out.shape[0] != tokens.shape[0]
+        ):
+            raise ValueError(
+                f"held_out must be an int64 tensor (batch={tokens.shape[0]}, m + 1): the continuation of each stream"
+            )
+        if held_out is not None and held_out.shape[1] < 2:
+            raise ValueError("held_out needs at least 2 tokens per row: one to read and one to predict")
         if not self.learning and not _memories(model):
             raise ValueError(
                 "nothing would learn: every learning rate is 0 and the model has no in-context memory; "
@@ -264,6 +292,7 @@ class Learner:
         before = {n_: p.detach().clone() for lv in self.learning for n_, p in lv.params.items()}
         steps0 = {lv.name: lv.steps for lv in self.levels.levels} if self.levels else {}
         loss_before = stream_loss(model, tokens, S) if measure else None
+        held_before = stream_loss(model, held_out, S) if held_out is not None else None
         total, dead = 0.0, {}
         for lo in tqdm(range(0, n, S), desc="memorize", unit="segment", disable=not progress, leave=False):
             x = tokens[:, lo : lo + S + 1]
@@ -288,9 +317,13 @@ class Learner:
             loss_before=loss_before,
             loss_online=total / (n // S),
             loss_after=stream_loss(model, tokens, S) if measure else None,
-            loss_after_in_context=stream_loss(model, tokens, S, state) if measure else None,
             dead_memories=dead,
         )
+        if held_out is not None:
+            report.held_out_tokens = held_out.shape[1] - 1
+            report.held_out_before = held_before
+            report.held_out_after = stream_loss(model, held_out, S)
+            report.held_out_in_context = stream_loss(model, held_out, S, state)
         for lv in self.learning:
             num = sum(((p.detach() - before[k]) ** 2).sum() for k, p in lv.params.items())
             den = sum((before[k] ** 2).sum() for k in lv.params)
@@ -359,6 +392,7 @@ def memorize(
     state: ModelState | None = None,
     learner: Learner | None = None,
     *,
+    held_out: Tensor | None = None,
     measure: bool = True,
     progress: bool = False,
     **options,
@@ -366,14 +400,14 @@ def memorize(
     """Learn from a stream after deployment, every level at its own rate: in-context memories through the forward
     pass, outer levels by the next-token loss every C^(ℓ) tokens with their optimizer. tokens: int64 (b, n).
     `options` build a `Learner` (lr, base_lr, lrs, periods, optimizer, ...); pass `learner=` instead to keep the
-    level optimizers across calls. Returns (state, MemorizeReport)."""
+    level optimizers across calls; `held_out` as in `Learner.memorize`. Returns (state, MemorizeReport)."""
     if learner is None:
         learner = Learner(model, **options)
     elif options:
         raise ValueError(f"give either learner= or Learner options, not both; got options {sorted(options)}")
     elif learner.model is not model:
         raise ValueError("learner was built for another model: build it with Learner(this_model, ...)")
-    return learner.memorize(tokens, state, measure=measure, progress=progress)
+    return learner.memorize(tokens, state, held_out=held_out, measure=measure, progress=progress)
 
 
 def _outer(levels: list[Level], lrs: dict[str, float] | None) -> list[str]:
@@ -447,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         help="position in each lane to start from (default: 0, or where an earlier memorize stopped)",
     )
     p.add_argument("--segment", type=int, default=None, help="tokens per forward pass (default: the model's seq_len)")
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=None,
+        help="tokens after the stream, in each lane, read before and after (not learned from) to measure what was "
+        "learned (default: one segment; 0: none)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate of every outer level (default: 1e-3)")
     p.add_argument("--base-lr", type=float, default=None, help="learning rate of the base level (default: 0, frozen)")
     p.add_argument(
@@ -476,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tokens < 1 or args.batch_size < 1 or (args.offset is not None and args.offset < 0):
         p.error("--tokens and --batch-size must be positive and --offset >= 0")
+    if args.held_out is not None and args.held_out < 0:
+        p.error(f"--held-out must be >= 0 (0: no held-out measurement); got {args.held_out}")
 
     device = resolve_device(args.device)
     flush_subnormals(device)
@@ -521,13 +564,17 @@ def main(argv: list[str] | None = None) -> int:
     split_dir = shards_for(data, tokenizer, args.data_root, (args.split,), progress=not args.no_progress)
     ids, _ = open_shard(split_dir / args.split, tokenizer)
     lane = len(ids) // args.batch_size
-    if offset + args.tokens + 1 > lane:
+    held = learner.segment if args.held_out is None else args.held_out
+    if offset + args.tokens + held + 1 > lane:
         raise ValueError(
             f"each of the {args.batch_size} lanes of {data}/{args.split} has {lane} tokens; offset "
-            f"{offset} + {args.tokens} + 1 does not fit: use fewer --tokens or --batch-size"
+            f"{offset} + {args.tokens} + {held} held out + 1 does not fit: use fewer --tokens, --held-out or "
+            "--batch-size"
         )
-    x = gather(ids, np.arange(args.batch_size) * lane + offset, args.tokens + 1).to(device)
-    state, report = learner.memorize(x, state, progress=not args.no_progress)
+    starts = np.arange(args.batch_size) * lane + offset
+    x = gather(ids, starts, args.tokens + 1).to(device)
+    held_out = gather(ids, starts + args.tokens, held + 1).to(device) if held else None
+    state, report = learner.memorize(x, state, held_out=held_out, progress=not args.no_progress)
 
     out = Path(args.out_dir)
     learner.save(out, state)

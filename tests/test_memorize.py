@@ -53,14 +53,20 @@ def test_in_context_memories_write_every_chunk_through_the_forward_pass():
     model = hope()
     before = snapshot(model)
     learner = Learner(model, lr=0.0, segment=16)  # no outer level learns: only the fast weights in the state change
-    state, report = learner.memorize(stream(48))
+    x = stream(48 + 16)
+    state, report = learner.memorize(x[:, :49], held_out=x[:, 48:])
     assert changed(model, before) == set()
     writes = {m.name: m.writes for m in report.memories}
     assert writes["blocks.0.mixer.memory"] == 48 // 16 and writes["blocks.1.cms.levels.0"] == 48 // 16
     assert all(m.change > 0 for m in report.memories)
-    # what was memorized lives in the state: reading the stream again after it differs from a fresh read
+    # what was memorized lives in the state: the held-out continuation read after the stream differs from a fresh read
     assert report.loss_after == pytest.approx(report.loss_before)
-    assert report.loss_after_in_context != pytest.approx(report.loss_before)
+    assert report.held_out_tokens == 16 and report.held_out_after == pytest.approx(report.held_out_before)
+    assert report.held_out_in_context != pytest.approx(report.held_out_before)
+    assert report.held_out_in_context == pytest.approx(stream_loss(model, x[:, 48:], 16, state))
+    assert "on the next 16 tokens (held out)" in report.table()
+    with pytest.raises(ValueError, match="held_out must be an int64 tensor"):
+        learner.memorize(x[:, :17], held_out=x[:1, 16:])
 
 
 def test_the_level_step_is_the_summed_gradient_of_its_period():
