@@ -469,3 +469,40 @@ def test_lr_init_at_or_above_the_cap_is_refused_before_training(tmp_path, capsys
     ]
     assert cli(argv) == 1
     assert "TitansConfig.lr_init=3.0: must lie strictly between 0 and max_lr=2.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("predict", "want"), [("oracle", 1.0), ("constant", 0.0)])
+def test_mqar_command_scores_what_the_model_predicts(predict, want, tmp_path, capsys, monkeypatch):
+    # the reported accuracy is the share of queried values the predictions get right: an oracle that reads the
+    # next token scores exactly 1, a constant that is never a value exactly 0 (not merely "within [0, 1]")
+    from nestlearn.evals import longctx
+
+    def fake(model, tokens, reduce, chunk=64):
+        return torch.roll(tokens, -1, dims=1) if predict == "oracle" else torch.zeros_like(tokens)
+
+    monkeypatch.setattr(longctx, "_predict", fake)
+    argv = [
+        "longctx",
+        "mqar",
+        "--presets",
+        "transformer",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--pairs",
+        "4",
+        "--test-pairs",
+        "4",
+        "6",
+        "--gap",
+        "5",
+        "--eval-samples",
+        "8",
+        "--quiet",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    assert cli(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["accuracy"] for r in rows] == [want, want] and [r["gap"] for r in rows] == [5, 5]
