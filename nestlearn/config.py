@@ -208,7 +208,8 @@ class CMSConfig:
     for the optimizer (eq. 71); a shorter period makes an in-context level. A Transformer's MLP is one outer level.
     `outer_from` is fixed when the config is made (the model's seq_len then), so that training or evaluating at
     another length never changes the architecture: an in-context level whose period is longer than the window
-    writes only when the state is carried across windows (`--carry-state`, streaming evaluation, `memorize`).
+    reads its initial weights throughout a window, and what it writes is read only when the state is carried
+    across windows (`--carry-state`, streaming evaluation, `memorize`).
     """
 
     # C^(ℓ) in tokens, fastest first. None: an ordinary MLP stepped with every optimizer step, like the rest of the
