@@ -85,6 +85,10 @@ class InContextLevel(nn.Module):
     def init_state(self, batch_size: int) -> MemoryState:
         return MemoryState({"W1": self.W1, "W2": self.W2})
 
+    def origin(self) -> dict[str, Tensor] | None:
+        """What retention pulls the level towards: M_0 with `retain_to="init"`, zero (None) with "zero"."""
+        return {"W1": self.W1, "W2": self.W2} if self.retain_to == "init" else None
+
     def forward(self, h: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         b, t, dim = h.shape
         H, d = self.num_heads, self.head_dim
@@ -108,7 +112,7 @@ class InContextLevel(nn.Module):
             checkpoint=self.checkpoint,
             max_grad_norm=self.max_grad_norm,
             compile=self.compile_chunks,
-            origin={"W1": self.W1, "W2": self.W2} if self.retain_to == "init" else None,
+            origin=self.origin(),
         )
         y = (y - k).transpose(1, 2).reshape(b, t, dim)  # the MLP part of M(k) = k + W1 σ(W2 k)
         return self.out(y), state

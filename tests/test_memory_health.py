@@ -77,8 +77,7 @@ def _origin_of(model, name: str):
     if parts[2] == "mixer":
         mixer = block.mixer
         return mixer.origin() if hasattr(mixer, "origin") else mixer.origins()[parts[3]]
-    level = block.cms.levels[int(parts[4])]
-    return {"W1": level.W1, "W2": level.W2} if level.retain_to == "init" else None
+    return block.cms.levels[int(parts[4])].origin()
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["at-init", "after-3-steps"])
