@@ -10,6 +10,7 @@ plain containers only, so that trainer.pt loads with `weights_only=True`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from .data.tokenizer import Tokenizer, load_tokenizer
 from .model import LanguageModel, ModelState, load
@@ -34,6 +36,8 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "read_trainer",
+    "checkpoint_problem",
+    "newest_intact",
 ]
 
 TRAINER_FILE, TRAIN_CONFIG_FILE, CHECKPOINTS = "trainer.pt", "train_config.json", "checkpoints"
@@ -148,6 +152,7 @@ def save_checkpoint(
 
 
 def read_trainer(path: Path) -> dict:
+    """trainer.pt of a checkpoint folder, with a clear error when it is unreadable."""
     try:
         return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -156,3 +161,30 @@ def read_trainer(path: Path) -> dict:
             f"cannot read {path / TRAINER_FILE} ({first}): the checkpoint is corrupt; delete {path} to "
             "resume from the one before it"
         ) from e
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be read back whole, or None when it can: every file it holds is
+    opened and decoded (a save cut short by a full disk or a killed job leaves a truncated file, not a missing one)."""
+    try:
+        for name in ("config.json", "tokenizer.json", TRAIN_CONFIG_FILE):
+            json.loads((path / name).read_text())
+        load_file(path / "model.safetensors")
+        torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # json, safetensors, pickle and the OS raise many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}"[:200]
+    return None
+
+
+def newest_intact(out_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run folder that reads back whole, and the newer ones that do not, with why."""
+    root = Path(out_dir) / CHECKPOINTS
+    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name)) if root.is_dir() else []
+    bad = []
+    for path in reversed(steps):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, bad
+        bad.append((path, problem))
+    return None, bad

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,33 +19,37 @@ import time
 import traceback
 from pathlib import Path
 
+from .interrupt import Interrupted
+from .options import add_device, add_threads, non_negative_float, non_negative_int, parser, positive_int
+
 __all__ = ["main"]
 
 _PACKAGE = Path(__file__).resolve().parent
 
 
 def _eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="nestlearn eval",
-        description="Loss, perplexity, bits per byte and tokens/s of a checkpoint on a split of a corpus.",
-    )
+    p = parser("nestlearn eval", "Loss, perplexity, bits per byte and tokens/s of a checkpoint on a split of a corpus.")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--data", default=None, help="corpus name or folder (default: the one the model was trained on)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="(default: test)")
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's seq_len)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    p.add_argument("--tokens", type=int, default=0, help="evaluate the first N predictions only (default 0: all)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: the model's seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument(
+        "--tokens", type=non_negative_int, default=0, help="evaluate the first N predictions only (default 0: all)"
+    )
+    add_device(p)
+    add_threads(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .evaluate import evaluate
-    from .runtime import flush_subnormals, resolve_device
+    from .runtime import flush_subnormals, resolve_device, set_threads
     from .train import shards_for
 
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     flush_subnormals(device)
     path = resolve_checkpoint(args.checkpoint)
     model, tokenizer = load_checkpoint(path, device)
@@ -82,26 +85,24 @@ def _trained_on(path: Path) -> str:
 
 
 def _generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="nestlearn generate", description="Continue a prompt with a checkpoint, printing text as it is produced."
-    )
+    p = parser("nestlearn generate", "Continue a prompt with a checkpoint, printing text as it is produced.")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="(default: 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: 50)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=200, help="(default: 200)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    add_device(p)
+    add_threads(p)
     args = p.parse_args(argv)
     import torch
 
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .model import sample_next
-    from .runtime import flush_subnormals, resolve_device
+    from .runtime import flush_subnormals, resolve_device, set_threads
 
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 1:
-        p.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     flush_subnormals(device)
     model, tokenizer = load_checkpoint(resolve_checkpoint(args.checkpoint), device)
     model.eval()
@@ -187,6 +188,16 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:
+        # `nestlearn ... | head` closed the pipe: stop quietly, and keep Python from failing again at exit while
+        # flushing stdout into the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
         print(
@@ -199,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[argv[0]][0](argv[1:])
+    except Interrupted as e:  # the job saved and says how to resume
+        print(f"nestlearn {argv[0]}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the job could save
+        print(f"\nnestlearn {argv[0]}: stopped at once; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError) as e:
         if os.environ.get("NESTLEARN_DEBUG") or not _raised_by_nestlearn(e):
             raise  # a bug, or torch's own error (shapes, out of memory): the traceback is what helps

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,8 +41,10 @@ from .checkpoint import decode_state, encode_state
 from .health import memories as _memories
 from .health import memory_state as _memory_state
 from .health import unhealthy, warn_about
+from .interrupt import Interrupted, StopRequest
 from .model import LanguageModel, Level, ModelState, load
 from .optim import OPTIMIZERS, Levels, optimizer_class
+from .options import add_device, add_threads, non_negative_float, non_negative_int, parser, positive_int
 
 __all__ = ["Learner", "MemorizeReport", "memorize", "stream_loss"]
 
@@ -91,6 +95,7 @@ class MemorizeReport:
     memories: list[MemoryReport] = field(default_factory=list)
     # memories that reached the dead state (nestlearn.health) and the stream position where each was first found
     dead_memories: dict[str, int] = field(default_factory=dict)
+    stopped: bool = False  # ended early by a stop request (a signal): `tokens` were read of those given
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -256,11 +261,14 @@ class Learner:
         held_out: Tensor | None = None,
         measure: bool = True,
         progress: bool = False,
+        stop: Callable[[], bool] | None = None,
     ) -> tuple[ModelState, MemorizeReport]:
         """Read `tokens` (b, n), n − 1 a multiple of the segment, learning as it goes. Returns the state after the
         stream and a report; `measure=False` skips the extra passes behind loss_before / loss_after. `held_out`
         (b, m + 1), the stream's continuation, is read (not learned from) before and after: the report's held_out_*
-        losses say what was learned rather than what was seen."""
+        losses say what was learned rather than what was seen. `stop`, asked after every segment, ends the stream
+        there when it returns True: the report (`stopped=True`) covers the segments read, without the measurements
+        after the stream, and the state is the one to continue from."""
         from tqdm import tqdm
 
         model, S = self.model, self.segment
@@ -293,7 +301,7 @@ class Learner:
         steps0 = {lv.name: lv.steps for lv in self.levels.levels} if self.levels else {}
         loss_before = stream_loss(model, tokens, S) if measure else None
         held_before = stream_loss(model, held_out, S) if held_out is not None else None
-        total, dead = 0.0, {}
+        total, dead, read = 0.0, {}, 0
         for lo in tqdm(range(0, n, S), desc="memorize", unit="segment", disable=not progress, leave=False):
             x = tokens[:, lo : lo + S + 1]
             with torch.set_grad_enabled(bool(self.params)):
@@ -310,16 +318,21 @@ class Learner:
             bad = [m for m in unhealthy(model, state) if m.name not in dead]
             warn_about(bad, f"after {lo + S:,} tokens of the stream")
             dead |= {m.name: lo + S for m in bad}
+            read = lo + S
+            if stop is not None and read < n and stop():
+                break
         model.train(was_training)
+        stopped = read < n
         report = MemorizeReport(
-            tokens=n,
-            segments=n // S,
+            tokens=read,
+            segments=read // S,
             loss_before=loss_before,
-            loss_online=total / (n // S),
-            loss_after=stream_loss(model, tokens, S) if measure else None,
+            loss_online=total / (read // S),
+            loss_after=stream_loss(model, tokens[:, : read + 1], S) if measure and not stopped else None,
             dead_memories=dead,
+            stopped=stopped,
         )
-        if held_out is not None:
+        if held_out is not None and not stopped:
             report.held_out_tokens = held_out.shape[1] - 1
             report.held_out_before = held_before
             report.held_out_after = stream_loss(model, held_out, S)
@@ -337,7 +350,7 @@ class Learner:
             report.levels.append(LevelReport(name, period, 0.0, 0, 0.0))
         for name, period in _memories(model).items():
             old, new = _memory_state(start_state, name), _memory_state(state, name)
-            writes = (old.offset + n) // period
+            writes = (old.offset + read) // period
             report.memories.append(MemoryReport(name, period, writes, _relative_change(old.weights, new.weights)))
         return state, report
 
@@ -363,8 +376,12 @@ class Learner:
     def save(self, path: str | Path, state: ModelState | None = None) -> Path:
         """Write the model (save_pretrained), the learner and the stream state into the folder `path`."""
         path = Path(path)
-        self.model.save_pretrained(path)
-        torch.save({**self.state_dict(), "state": encode_state(state)}, path / LEARNER_FILE)
+        tmp = path / f".tmp-{os.getpid()}"  # written whole first, then moved in: a save cut short spoils nothing
+        self.model.save_pretrained(tmp)
+        torch.save({**self.state_dict(), "state": encode_state(state)}, tmp / LEARNER_FILE)
+        for file in tmp.iterdir():
+            os.replace(file, path / file.name)
+        tmp.rmdir()
         return path
 
     @classmethod
@@ -376,8 +393,15 @@ class Learner:
                 f"{path / LEARNER_FILE} does not exist: is {path} a folder written by "
                 "Learner.save or nestlearn memorize?"
             )
-        saved = torch.load(path / LEARNER_FILE, map_location=device, weights_only=True)
-        model = load(path, device=device)
+        try:
+            saved = torch.load(path / LEARNER_FILE, map_location=device, weights_only=True)
+            model = load(path, device=device)
+        except Exception as e:  # torch, safetensors and json raise many kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"cannot read the memorize folder {path} ({first}): it is corrupt or incomplete; start again from "
+                "the original checkpoint"
+            ) from e
         options = dict(saved["options"])
         if not _outer(_carve(model.levels(), options.get("periods")), options.get("lrs")):
             options["lr"] = None  # saved before an unused lr was refused: it trained nothing then either
@@ -439,23 +463,22 @@ def _pairs(items: list[str] | None, flag: str, convert) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`nestlearn memorize CHECKPOINT --data wiki --tokens 65536 --out-dir DIR`: see the module docstring."""
-    import argparse
 
     import numpy as np
 
     from .checkpoint import TRAIN_CONFIG_FILE, load_checkpoint, resolve_checkpoint
     from .data.batches import gather
     from .data.shards import open_shard
-    from .runtime import flush_subnormals, resolve_device
+    from .runtime import flush_subnormals, resolve_device, set_threads
     from .train import shards_for
 
-    p = argparse.ArgumentParser(
-        prog="nestlearn memorize",
-        description="Learning after deployment: a checkpoint "
+    p = parser(
+        "nestlearn memorize",
+        "Learning after deployment: a checkpoint "
         "reads a stream of a corpus and keeps learning, in-context memories through the "
         "forward pass and outer levels by the next-token loss every C tokens. Writes the "
         "updated model, its level optimizers and the stream state to --out-dir, and a "
-        "report.",
+        "report. Ctrl-C (or SIGTERM) stops after the current segment and saves what was learned so far.",
     )
     p.add_argument(
         "checkpoint",
@@ -467,29 +490,43 @@ def main(argv: list[str] | None = None) -> int:
         "--split", default="validation", choices=["train", "validation", "test"], help="(default: validation)"
     )
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
-    p.add_argument("--tokens", type=int, required=True, help="tokens to read per stream, a multiple of --segment")
+    p.add_argument(
+        "--tokens",
+        type=positive_int,
+        required=True,
+        help="tokens to read per stream (predictions), a multiple of --segment",
+    )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=1,
         help="parallel streams: the split is cut into this many lanes, each read from its start (default: 1)",
     )
     p.add_argument(
         "--offset",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="position in each lane to start from (default: 0, or where an earlier memorize stopped)",
     )
-    p.add_argument("--segment", type=int, default=None, help="tokens per forward pass (default: the model's seq_len)")
+    p.add_argument(
+        "--segment", type=positive_int, default=None, help="tokens per forward pass (default: the model's seq_len)"
+    )
     p.add_argument(
         "--held-out",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="tokens after the stream, in each lane, read before and after (not learned from) to measure what was "
         "learned (default: one segment; 0: none)",
     )
-    p.add_argument("--lr", type=float, default=None, help="learning rate of every outer level (default: 1e-3)")
-    p.add_argument("--base-lr", type=float, default=None, help="learning rate of the base level (default: 0, frozen)")
+    p.add_argument(
+        "--lr", type=non_negative_float, default=None, help="learning rate of every outer level (default: 1e-3)"
+    )
+    p.add_argument(
+        "--base-lr",
+        type=non_negative_float,
+        default=None,
+        help="learning rate of the base level (default: 0, frozen)",
+    )
     p.add_argument(
         "--level-lr",
         action="append",
@@ -512,15 +549,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out-dir", required=True, help="where to write the model, learner.pt, memorize.json and the report"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    add_device(p)
+    add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.tokens < 1 or args.batch_size < 1 or (args.offset is not None and args.offset < 0):
-        p.error("--tokens and --batch-size must be positive and --offset >= 0")
-    if args.held_out is not None and args.held_out < 0:
-        p.error(f"--held-out must be >= 0 (0: no held-out measurement); got {args.held_out}")
+    try:
+        optimizer_args = json.loads(args.optimizer_args) if args.optimizer_args else None
+    except json.JSONDecodeError as e:
+        p.error(f"--optimizer-args {args.optimizer_args!r} is not JSON ({e}); write e.g. '{{\"betas\": [0.9, 0.99]}}'")
 
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     flush_subnormals(device)
     source = Path(args.checkpoint)
     resumed = (source / LEARNER_FILE).is_file()
@@ -530,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         lrs=_pairs(args.level_lr, "--level-lr", float),
         periods=_pairs(args.period, "--period", int),
         optimizer=args.optimizer,
-        optimizer_args=json.loads(args.optimizer_args) if args.optimizer_args else None,
+        optimizer_args=optimizer_args,
         segment=args.segment,
     )
     given = sorted(k for k, v in options.items() if v not in (None, {}))
@@ -550,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         state, stream = None, {"data": None, "split": args.split, "offset": 0, "history": []}
         train_config = resolve_checkpoint(source) / TRAIN_CONFIG_FILE
         stream["data"] = json.loads(train_config.read_text())["data"] if train_config.is_file() else None
+    if args.tokens % learner.segment:
+        k = max(1, round(args.tokens / learner.segment))
+        p.error(
+            f"--tokens {args.tokens} is not a multiple of the segment, {learner.segment} tokens (--segment, by "
+            f"default the model's seq_len): use e.g. --tokens {k * learner.segment}"
+        )
     data = args.data or stream["data"]
     if data is None:
         raise ValueError(f"{source} does not say which corpus it was trained on: pass --data")
@@ -574,7 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     starts = np.arange(args.batch_size) * lane + offset
     x = gather(ids, starts, args.tokens + 1).to(device)
     held_out = gather(ids, starts + args.tokens, held + 1).to(device) if held else None
-    state, report = learner.memorize(x, state, held_out=held_out, progress=not args.no_progress)
+    with StopRequest("the current segment") as stop:  # Ctrl-C: keep what was learned, say how to go on
+        state, report = learner.memorize(
+            x, state, held_out=held_out, progress=not args.no_progress, stop=lambda: stop.requested
+        )
 
     out = Path(args.out_dir)
     learner.save(out, state)
@@ -582,10 +630,16 @@ def main(argv: list[str] | None = None) -> int:
     config_file = (source if resumed else resolve_checkpoint(source)) / TRAIN_CONFIG_FILE
     if config_file.is_file() and config_file.resolve() != (out / TRAIN_CONFIG_FILE).resolve():
         shutil.copyfile(config_file, out / TRAIN_CONFIG_FILE)  # so that `nestlearn eval OUT` knows the corpus
-    stream.update(data=data, split=args.split, offset=offset + args.tokens)
+    stream.update(data=data, split=args.split, offset=offset + report.tokens)
     stream["history"].append({"offset": offset, **report.to_dict()})
     (out / STREAM_FILE).write_text(json.dumps(stream, indent=2) + "\n")
     write_report(out, report)
     print(report.table())
+    if report.stopped:
+        raise Interrupted(
+            stop.signum,
+            f"stopped by {stop.name} after {report.tokens} of {args.tokens} tokens; saved {out}. Continue with "
+            f"`nestlearn memorize {out} --tokens {args.tokens - report.tokens} --out-dir {out}`",
+        )
     print(f"\nwrote {out} (continue with: nestlearn memorize {out} --tokens N --out-dir DIR)")
     return 0

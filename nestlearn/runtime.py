@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "setup_distributed", "flush_subnormals", "resolve_device", "autocast"]
+__all__ = [
+    "Dist",
+    "setup_distributed",
+    "flush_subnormals",
+    "resolve_device",
+    "autocast",
+    "set_threads",
+    "SharedCPUWarning",
+]
 
 
 @dataclass
@@ -45,7 +54,10 @@ def flush_subnormals(device: torch.device) -> None:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but no GPU is visible to torch; use --device cpu or auto")
     return device
@@ -55,3 +67,33 @@ def autocast(device: torch.device, precision: str):
     """bfloat16 autocast for `bf16`, and for `auto` on a GPU; nothing otherwise."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+class SharedCPUWarning(UserWarning):
+    """Other processes are using the CPU that torch's threads are about to compete for."""
+
+
+def set_threads(threads: int | None, device: torch.device | None = None) -> int:
+    """Use `threads` CPU threads (None: torch's choice, one per core) and warn when the machine looks shared.
+
+    torch's CPU kernels split every operation over all their threads and wait for the slowest; a thread that loses
+    its core to another process holds up the others, and the memories' many small operations suffer most (Hope ran
+    15x slower per step with a test run beside it; docs/training.md, "Sharing the CPU"). Returns the thread count."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be a positive number of CPU threads")
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    if device is None or device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        spare = max(1, round(cores - busy))
+        if n > 1 and busy >= 0.75 and spare < n:  # one thread waits on no other
+            warnings.warn(
+                f"the machine's load is {busy:.1f} on {cores} cores: other processes are using the CPU, and "
+                f"torch's {n} threads will wait on each other (Hope slowed 15x this way). Pass --threads {spare}, or "
+                "run alone (docs/training.md, 'Sharing the CPU')",
+                SharedCPUWarning,
+                stacklevel=2,
+            )
+    return n

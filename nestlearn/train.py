@@ -27,6 +27,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 import types
@@ -42,9 +44,11 @@ from torch import nn
 
 from . import presets
 from .checkpoint import (
+    CHECKPOINTS,
     TRAIN_CONFIG_FILE,
+    checkpoint_problem,
     decode_state,
-    latest_checkpoint,
+    newest_intact,
     read_trainer,
     resolve_checkpoint,
     save_checkpoint,
@@ -55,9 +59,11 @@ from .data.corpora import data_dir, load_split
 from .data.shards import open_shard, prepare
 from .data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 from .evaluate import evaluate
+from .interrupt import Interrupted, SaveClock, StopRequest
 from .model import LanguageModel, build
 from .optim import OPTIMIZERS
-from .runtime import Dist, autocast, flush_subnormals, resolve_device, setup_distributed
+from .options import parser
+from .runtime import Dist, autocast, flush_subnormals, resolve_device, set_threads, setup_distributed
 
 __all__ = ["TrainConfig", "train", "prepare_data", "model_config_of", "make_optimizer", "param_groups"]
 
@@ -136,6 +142,11 @@ class TrainConfig:
     carry_state: bool = _help("carry the model state across consecutive segments (truncated BPTT)", default=False)
     # speed
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
+    threads: int | None = _help(
+        "CPU threads for torch (default: torch's choice, one per core); when other work shares the CPU, "
+        "the free cores (docs/training.md, 'Sharing the CPU')",
+        default=None,
+    )
     precision: str = _help("auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", default="auto")
     compile: bool = _help(
         "torch.compile: the memories' per-chunk step where the model has memories (one graph for "
@@ -149,6 +160,9 @@ class TrainConfig:
     eval_tokens: int = _help("validation tokens per evaluation (0: the whole split)", default=65536)
     log_every: int = _help("write training metrics every N steps", default=10)
     save_every: int = _help("checkpoint every N steps (0: only at the end)", default=500)
+    save_every_minutes: float = _help(
+        "also checkpoint when this many minutes have passed since the last save (0: off)", default=0.0
+    )
     keep_last: int = _help("checkpoints to keep", default=2)
     tensorboard: str = _help("auto (if the tensorboard package is installed), on or off", default="auto")
     progress: bool = _help("show a progress bar", default=True)
@@ -173,13 +187,29 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("warmup_steps", "eval_every", "eval_tokens", "log_every", "save_every", "grad_clip", "lr"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "eval_tokens",
+            "log_every",
+            "save_every",
+            "save_every_minutes",
+            "grad_clip",
+            "lr",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at={self.stop_at} must lie in [1, steps={self.steps}]")
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"seq_len={self.seq_len} must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1 (or unset: torch's choice)")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device={self.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if self.retain_to not in (None, *RETAIN_TO):
@@ -237,8 +267,17 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """The flags given, over --config's file, over (when --out-dir holds a run to resume) that run's saved
+        config, over the defaults: `nestlearn train --out-dir RUN` alone resumes RUN as it was started."""
         base = dataclasses.asdict(cls.from_file(args.config)) if args.config else {}
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+        out_dir = Path(given.get("out_dir", base.get("out_dir", cls.out_dir)))
+        saved = out_dir / TRAIN_CONFIG_FILE
+        resuming = given.get("resume", base.get("resume", cls.resume)) == "auto" and any(
+            (out_dir / CHECKPOINTS).glob("step-*")
+        )
+        if resuming and saved.is_file() and not args.config:
+            base = {**dataclasses.asdict(cls.from_file(saved)), "resume": "auto"}
         return cls(**{**base, **given})
 
 
@@ -488,37 +527,91 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _check_run_folder(out_dir: Path, config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, after checking that the folder's run is this run."""
+# What a resumed run may change. RUN_FIELDS define the run (its model, data, order and optimizer): another value
+# is another run, refused. SCHEDULE_FIELDS change the numbers from the resumed step on; they are accepted and named,
+# as is every other field (how the run is executed and recorded), so that nothing changes silently.
+RUN_FIELDS = (
+    "preset",
+    "size",
+    "model_config",
+    "seq_len",
+    "retain_to",
+    "retention_init",
+    "data",
+    "tokenizer",
+    "batch_size",
+    "seed",
+    "carry_state",
+    "optimizer",
+    "optimizer_args",
+    "update_periods",
+)
+SCHEDULE_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
+
+
+def _say(text: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"nestlearn train: {text}", file=sys.stderr, flush=True)
+
+
+def _resume_point(out_dir: Path, config: TrainConfig, main: bool) -> Path | None:
+    """The checkpoint to resume from, after checking that the folder's run is this run and naming what changed.
+    A newest checkpoint that does not read back whole (a save cut short) is moved aside as corrupt-step-N, and
+    the run resumes from the newest one that does."""
     if config.resume not in ("auto", "never"):
-        return resolve_checkpoint(config.resume)
-    found = latest_checkpoint(out_dir)
-    if found is None:
+        path = resolve_checkpoint(config.resume)
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ValueError(
+                f"--resume {config.resume}: {path} cannot be read ({problem}); the checkpoint is corrupt or "
+                "incomplete: use an earlier one (checkpoints/step-*)"
+            )
+        return path
+    if not (out_dir / CHECKPOINTS).is_dir() or not any((out_dir / CHECKPOINTS).glob("step-*")):
         return None
     if config.resume == "never":
         raise ValueError(
-            f"{out_dir} already holds checkpoints ({found.name}); pass --resume auto to continue that run "
+            f"{out_dir} already holds checkpoints; pass --resume auto to continue that run or choose another --out-dir"
+        )
+    found, bad = newest_intact(out_dir)
+    if found is None:
+        detail = "; ".join(f"{p.name}: {why}" for p, why in bad)
+        raise ValueError(
+            f"no checkpoint in {out_dir / CHECKPOINTS} can be read ({detail}): the run cannot resume. Delete "
+            f"{out_dir / CHECKPOINTS} to start it afresh, or choose another --out-dir"
+        )
+    for path, why in bad:
+        aside = path.with_name("corrupt-" + path.name)
+        if main:  # out of the way of `latest_checkpoint` and of keep_last's pruning
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+        _say(f"{path} cannot be read ({why}): moved to {aside.name}; resuming from {found.name} instead")
+    saved = TrainConfig.from_file(found / TRAIN_CONFIG_FILE)
+    changed = {f.name: (getattr(saved, f.name), getattr(config, f.name)) for f in dataclasses.fields(TrainConfig)}
+    changed = {k: v for k, v in changed.items() if v[0] != v[1] and k != "resume"}
+    refused = {k: v for k, v in changed.items() if k in RUN_FIELDS}
+    if refused:
+        detail = ", ".join(f"--{k.replace('_', '-')} {a!r} there, {b!r} now" for k, (a, b) in refused.items())
+        raise ValueError(
+            f"{out_dir} holds a different run ({detail}): these define the run. Drop them to resume it, "
             "or choose another --out-dir"
         )
-    saved = TrainConfig.from_file(found / TRAIN_CONFIG_FILE)
-    fixed = (
-        "preset",
-        "size",
-        "model_config",
-        "seq_len",
-        "data",
-        "tokenizer",
-        "batch_size",
-        "seed",
-        "carry_state",
-        "optimizer",
-        "update_periods",
-    )
-    diff = {k: (getattr(saved, k), getattr(config, k)) for k in fixed if getattr(saved, k) != getattr(config, k)}
-    if diff:
-        detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-        raise ValueError(f"{out_dir} holds a different run ({detail}); choose another --out-dir or match it")
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        note = (
+            " (the schedule and the optimizer's settings change from the resumed step on)"
+            if set(changed) & set(SCHEDULE_FIELDS)
+            else ""
+        )
+        _say(f"changed since the run was saved: {detail}{note}")
     return found
+
+
+def _last_validation(path: Path, step: int) -> dict:
+    """The validation metrics metrics.jsonl holds for `step`, or {} when it has none."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    found = [x for x in lines if x.get("kind") == "validation" and x.get("step") == step]
+    return {k: v for k, v in found[-1].items() if k not in ("kind", "step")} if found else {}
 
 
 def train(config: TrainConfig) -> dict:
@@ -536,8 +629,20 @@ def train(config: TrainConfig) -> dict:
             f"batch_size={config.batch_size} must be a multiple of processes × grad_accum = "
             f"{env.world} × {config.grad_accum}"
         )
+    set_threads(config.threads, device)
     out_dir = Path(config.out_dir)
-    resume_from = _check_run_folder(out_dir, config)
+    resume_from = _resume_point(out_dir, config, env.main)
+    trainer = read_trainer(resume_from) if resume_from is not None else None
+    last = config.stop_at or config.steps
+    if trainer is not None and trainer["step"] >= last:
+        what = "finished" if last == config.steps else f"stopped at --stop-at {last}"
+        _say(
+            f"{out_dir} is already {what}: step {trainer['step']} of {config.steps} ({resume_from}); nothing to "
+            f"train. Raise --steps (or --stop-at) to train on; `nestlearn eval {out_dir}` evaluates it"
+        )
+        return {"step": trainer["step"], "finished": True, **_last_validation(out_dir / "metrics.jsonl", last)}
+    if trainer is not None:
+        _say(f"resuming {out_dir} from step {trainer['step']} of {config.steps} ({resume_from.name})")
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         shard_dir, tokenizer = prepare_data(config, progress=config.progress)
@@ -559,7 +664,6 @@ def train(config: TrainConfig) -> dict:
     if resume_from is not None:
         from safetensors.torch import load_model
 
-        trainer = read_trainer(resume_from)
         load_model(model, resume_from / "model.safetensors", device=str(device))
         step, optimizer_sd = trainer["step"], trainer["optimizer"]
         torch.set_rng_state(trainer["torch_rng"])
@@ -642,94 +746,109 @@ def train(config: TrainConfig) -> dict:
     )
     seen, t_start, window_t0, window_tokens = 0, time.perf_counter(), time.perf_counter(), 0
     net.train()
-    last = config.stop_at or config.steps
-    while step < last:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        if config.carry_state:
-            starts, fresh = lane_starts(step, config.batch_size, len(train_tokens), T)
-            if fresh:
-                carried = [None] * config.grad_accum
-        else:
-            starts = window_starts(config.seed, step, config.batch_size, len(train_tokens), T + 1)
-        loss_sum = 0.0
-        for m in range(config.grad_accum):
-            rows = starts[m * micro * env.world : (m + 1) * micro * env.world][env.rank :: env.world]
-            x = gather(train_tokens, rows, T + 1).to(device)
-            sync = m == config.grad_accum - 1 or env.world == 1 or config.parallel != "ddp"
-            ddp = getattr(net, "_orig_mod", net)  # under torch.compile, no_sync lives on the wrapped DDP module
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                with autocast(device, config.precision):  # the forward only, as torch.amp recommends
-                    logits, state = net(x[:, :-1], carried[m])
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-                (loss / config.grad_accum).backward()
+    stop, clock = StopRequest("the current step"), SaveClock(config.save_every_minutes)
+    with stop:  # SIGINT/SIGTERM: finish the step, save, raise Interrupted (a second signal stops at once)
+        while step < last:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
             if config.carry_state:
-                carried[m] = state.detach()
-            loss_sum += loss.item()
-            # Gone before the next forward: kept alive, this step's graph leftovers fragment the heap, and Hope's
-            # next step ran 1.3x slower on CPU (fresh memory faulted in; docs/benchmarks.md)
-            del logits, state, loss
-        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        if levels is not None:
-            levels.step(tokens=T)  # each row's stream advanced by T tokens
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += config.batch_size * T
-        window_tokens += config.batch_size * T
-        loss_value = loss_sum / config.grad_accum
-        if env.world > 1:
-            t = torch.tensor([loss_value], dtype=torch.float64)
-            dist.all_reduce(t)
-            loss_value = t.item() / env.world
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"training loss is {loss_value} at step {step}: lower --lr or raise --warmup-steps"
-            )
-        bar.update(1)
-        if step % config.log_every == 0 or step == last:
-            now = time.perf_counter()
-            tps = window_tokens / (now - window_t0)
-            values = {
-                "loss": loss_value,
-                "lr": lr_at(step - 1, config),
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tps,
-                "tokens": seen,
-            }
-            metrics.log(step, "train", values)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
-            window_t0, window_tokens = now, 0
-        if config.eval_every and step % config.eval_every == 0 and step < last:
-            validate(step)
-        if config.save_every and step % config.save_every == 0 and step < last:
-            save(step)
-    bar.close()
-    train_seconds = time.perf_counter() - t_start
-    result = validate(step)
-    save(step)
-    metrics.close()
-    # tokens over the wall time of the loop, periodic validation and checkpoints included
-    result["train_tokens_per_s"] = seen / train_seconds if seen else float("nan")
-    return result
+                starts, fresh = lane_starts(step, config.batch_size, len(train_tokens), T)
+                if fresh:
+                    carried = [None] * config.grad_accum
+            else:
+                starts = window_starts(config.seed, step, config.batch_size, len(train_tokens), T + 1)
+            loss_sum = 0.0
+            for m in range(config.grad_accum):
+                rows = starts[m * micro * env.world : (m + 1) * micro * env.world][env.rank :: env.world]
+                x = gather(train_tokens, rows, T + 1).to(device)
+                sync = m == config.grad_accum - 1 or env.world == 1 or config.parallel != "ddp"
+                ddp = getattr(net, "_orig_mod", net)  # under torch.compile, no_sync lives on the wrapped DDP module
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    with autocast(device, config.precision):  # the forward only, as torch.amp recommends
+                        logits, state = net(x[:, :-1], carried[m])
+                        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+                    (loss / config.grad_accum).backward()
+                if config.carry_state:
+                    carried[m] = state.detach()
+                loss_sum += loss.item()
+                # Gone before the next forward: kept alive, this step's graph leftovers fragment the heap, and Hope's
+                # next step ran 1.3x slower on CPU (fresh memory faulted in; docs/benchmarks.md)
+                del logits, state, loss
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            if levels is not None:
+                levels.step(tokens=T)  # each row's stream advanced by T tokens
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += config.batch_size * T
+            window_tokens += config.batch_size * T
+            loss_value, flags = loss_sum / config.grad_accum, [float(stop.requested), float(clock.due())]
+            if env.world > 1:  # one collective: the mean loss, and whether any process was signalled or is due
+                t = torch.tensor([loss_value, *flags], dtype=torch.float64)
+                dist.all_reduce(t)
+                loss_value, flags = t[0].item() / env.world, t[1:].tolist()
+            stop_now, save_now = flags[0] > 0, flags[1] > 0
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"training loss is {loss_value} at step {step}: lower --lr or raise --warmup-steps"
+                )
+            bar.update(1)
+            if step % config.log_every == 0 or step == last:
+                now = time.perf_counter()
+                tps = window_tokens / (now - window_t0)
+                values = {
+                    "loss": loss_value,
+                    "lr": lr_at(step - 1, config),
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tps,
+                    "tokens": seen,
+                }
+                metrics.log(step, "train", values)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
+                window_t0, window_tokens = now, 0
+            if config.eval_every and step % config.eval_every == 0 and step < last:
+                validate(step)
+            if step < last and (stop_now or save_now or (config.save_every and step % config.save_every == 0)):
+                save(step)
+                clock.reset()
+            if stop_now and step < last:
+                bar.close()
+                metrics.close()
+                signum = stop.signum or signal.SIGTERM  # a process that was not signalled stops with the others
+                raise Interrupted(
+                    signum,
+                    f"stopped by {signal.Signals(signum).name} at step {step} of {config.steps}; saved "
+                    f"{out_dir / CHECKPOINTS / f'step-{step:08d}'}. Resume with the same command, or "
+                    f"`nestlearn train --out-dir {out_dir}`",
+                )
+        bar.close()
+        train_seconds = time.perf_counter() - t_start
+        result = validate(step)
+        save(step)
+        metrics.close()
+        # tokens over the wall time of the loop, periodic validation and checkpoints included
+        result["train_tokens_per_s"] = seen / train_seconds if seen else float("nan")
+        return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nestlearn train", description=__doc__.split("\n\n")[0])
-    TrainConfig.add_arguments(parser)
-    args = parser.parse_args(argv)
+    p = parser("nestlearn train", __doc__.split("\n\n")[0])
+    TrainConfig.add_arguments(p)
+    args = p.parse_args(argv)
     try:
         config = TrainConfig.from_args(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        parser.error(str(e))
-    result = train(config)
+        p.error(str(e))
+    try:
+        result = train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

@@ -31,14 +31,18 @@ from nestlearn.train import TrainConfig, train
 WORDS = "the river memory learns fast and slow levels update at their own rate while a cat sat on the mat".split()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def write_corpus(root: Path) -> Path:
+    """A small seeded corpus of train/validation/test.txt in `root`."""
     rng = random.Random(0)
-    root = tmp_path_factory.mktemp("corpus")
     for split, n in (("train", 120), ("validation", 12), ("test", 12)):
         docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60))) for _ in range(n)]
         write_documents(root / f"{split}.txt", docs)
     return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def config(corpus: Path, out: Path, **fields) -> TrainConfig:
@@ -167,7 +171,7 @@ def test_a_missing_or_corrupt_checkpoint_says_so(corpus, tmp_path):
     with pytest.raises(ValueError, match="corrupt or incomplete"):
         load_checkpoint(c.out_dir)
     (ckpt / "trainer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="trainer.pt.*corrupt"):
+    with pytest.raises(ValueError, match="no checkpoint in .* can be read .step-00000002: .*: the run cannot resume"):
         train(dataclasses.replace(c, steps=4))
 
 
@@ -243,7 +247,7 @@ def test_train_config_flags_and_files_round_trip(tmp_path):
 def test_a_run_folder_holding_another_run_is_refused(corpus, tmp_path):
     c = config(corpus, tmp_path / "run", steps=2)
     train(c)
-    with pytest.raises(ValueError, match="holds a different run .*preset: 'transformer' there, 'titans' now"):
+    with pytest.raises(ValueError, match="holds a different run .--preset 'transformer' there, 'titans' now"):
         train(dataclasses.replace(c, preset="titans"))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(dataclasses.replace(c, resume="never"))

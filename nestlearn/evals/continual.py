@@ -24,10 +24,11 @@ batch drawn from a buffer of earlier tasks), `levels` (every level at its own pe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ from torch import Tensor
 from .. import presets
 from ..data.shards import ShardMeta
 from ..data.tokenizer import ByteTokenizer
+from ..interrupt import Interrupted, StopRequest
+from ..options import add_threads, non_negative_float, parser, positive_float, positive_int
+from ..runtime import set_threads
 
 __all__ = ["continual_metrics", "STREAMS", "STRATEGIES", "ContinualConfig", "run", "summary"]
 
@@ -401,8 +405,20 @@ def level_stack(model, source) -> list[str]:
     return sorted(set(done))
 
 
-def run(config: ContinualConfig) -> dict:
-    """Train on the stream's tasks in order, scoring every task after each; returns R, the metrics and curves."""
+PROGRESS_FILE = "progress.pt"
+
+
+def _progress_key(config: ContinualConfig) -> dict:
+    """What a saved progress must share with the config that resumes it (not where the data lives or bars)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("data_root", "progress")}
+
+
+def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dict:
+    """Train on the stream's tasks in order, scoring every task after each; returns R, the metrics and curves.
+
+    With `progress_file`, everything the protocol has done is saved there after each task, and after the step in
+    progress when SIGINT/SIGTERM arrives (then `Interrupted` is raised); a later call with the same file and config
+    resumes exactly where it stopped: the same batches, the same numbers as a run that was never interrupted."""
     from tqdm import tqdm
 
     from ..optim import Levels
@@ -438,37 +454,100 @@ def run(config: ContinualConfig) -> dict:
         model.train()
         return out
 
-    baseline = score_all(-1)
-    R, losses, step, t0 = [], [], 0, time.perf_counter()
-    for i, task in enumerate(tasks):
-        bar = tqdm(
-            range(config.steps_per_task),
-            desc=f"task {i + 1}/{len(tasks)} {task.name}",
-            unit="step",
-            disable=not config.progress,
-            leave=False,
-        )
-        for _ in bar:
-            lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, mask = task.batch(rng, config.batch_size, config.seq_len)
-            if replay is not None:
-                x, mask = replay.mix(x, mask, rng)
-            loss = _loss(model, x, mask)
-            total = loss + (ewc.penalty() if ewc is not None else 0.0)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            levels.step(config.seq_len) if levels is not None else opt.step()
-            losses.append({"step": step, "task": i, "loss": loss.item()})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            step += 1
+    def save(task: int, task_step: int) -> None:
+        if progress_file is None:
+            return
+        sd = {
+            "config": json.dumps(_progress_key(config)),
+            "task": task,
+            "task_step": task_step,
+            "step": step,
+            "seconds": seconds + time.perf_counter() - t0,
+            "R": R,
+            "baseline": baseline,
+            "losses": losses,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "levels": levels.levels_state_dict() if levels is not None else {},
+            "numpy_rng": json.dumps(rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "ewc": {"fisher": ewc.fisher, "anchor": ewc.anchor} if ewc is not None else {},
+            "replay": [list(row) for row in replay.rows] if replay is not None else [],
+        }
+        path = Path(progress_file)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(sd, tmp)
+        os.replace(tmp, path)  # whole or not at all
+
+    R, losses, step, seconds, first_task, first_step = [], [], 0, 0.0, 0, 0
+    saved = _read_progress(progress_file, config)
+    if saved is None:
+        baseline = score_all(-1)
+    else:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if levels is not None:
+            levels.load_levels_state_dict(saved["levels"])
+        rng.bit_generator.state = json.loads(saved["numpy_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(saved["python_rng"])
         if ewc is not None:
-            ewc.consolidate(task, rng, config.batch_size, config.seq_len)
+            ewc.fisher, ewc.anchor = saved["ewc"]["fisher"], saved["ewc"]["anchor"]
         if replay is not None:
-            replay.remember(task, rng, config.batch_size, config.seq_len)
-        R.append(score_all(i))
+            replay.rows = [tuple(row) for row in saved["replay"]]
+        R, baseline, losses, step, seconds = (saved[k] for k in ("R", "baseline", "losses", "step", "seconds"))
+        first_task, first_step = saved["task"], saved["task_step"]
+        print(
+            f"nestlearn continual: {progress_file} is finished; its results again"
+            if first_task == len(tasks)
+            else f"nestlearn continual: resuming from task {first_task + 1}/{len(tasks)}, step {first_step} of "
+            f"{config.steps_per_task} ({progress_file})",
+            file=sys.stderr,
+        )
+    t0 = time.perf_counter()
+    with StopRequest("the current step") as stop:
+        for i, task in enumerate(tasks):
+            if i < first_task:
+                continue
+            bar = tqdm(
+                range(first_step if i == first_task else 0, config.steps_per_task),
+                desc=f"task {i + 1}/{len(tasks)} {task.name}",
+                unit="step",
+                disable=not config.progress,
+                leave=False,
+            )
+            for j in bar:
+                lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x, mask = task.batch(rng, config.batch_size, config.seq_len)
+                if replay is not None:
+                    x, mask = replay.mix(x, mask, rng)
+                loss = _loss(model, x, mask)
+                total = loss + (ewc.penalty() if ewc is not None else 0.0)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                levels.step(config.seq_len) if levels is not None else opt.step()
+                losses.append({"step": step, "task": i, "loss": loss.item()})
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                step += 1
+                if stop.requested and j + 1 < config.steps_per_task:
+                    bar.close()
+                    save(i, j + 1)
+                    where = "nothing saved (no progress file)" if progress_file is None else f"saved {progress_file}"
+                    raise Interrupted(
+                        stop.signum,
+                        f"stopped by {stop.name} at step {j + 1} of {config.steps_per_task} of task {i + 1}/"
+                        f"{len(tasks)} ({task.name}); {where}. Resume with the same command",
+                    )
+            if ewc is not None:
+                ewc.consolidate(task, rng, config.batch_size, config.seq_len)
+            if replay is not None:
+                replay.remember(task, rng, config.batch_size, config.seq_len)
+            R.append(score_all(i))
+            save(i + 1, 0)  # a task done is never redone
     higher = tasks[0].higher_is_better
     return {
         "config": asdict(config),
@@ -480,8 +559,30 @@ def run(config: ContinualConfig) -> dict:
         "params": model.num_parameters(),
         "metrics": continual_metrics(R, baseline, higher),
         "losses": losses,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds + time.perf_counter() - t0,
     }
+
+
+def _read_progress(path: str | Path | None, config: ContinualConfig) -> dict | None:
+    """The saved progress of this config's run, None when there is none; a different run's is refused."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot read {path} ({first}): it is corrupt or incomplete; delete it to start the run afresh"
+        ) from e
+    theirs, ours = json.loads(saved["config"]), _progress_key(config)
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{path} is the progress of a different run ({detail}); resume it with its settings, or choose "
+            "another --out-dir"
+        )
+    return saved
 
 
 # --- output ---
@@ -570,7 +671,11 @@ def summary(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="nestlearn continual", description=__doc__.split("\n\n")[0])
+    p = parser(
+        "nestlearn continual",
+        __doc__.split("\n\n")[0] + " Ctrl-C (or SIGTERM) stops after the current step, saving out_dir/"
+        f"{PROGRESS_FILE}; the same command resumes it.",
+    )
     d = ContinualConfig()
     p.add_argument(
         "--stream",
@@ -587,15 +692,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="levels: the CMS update periods in tokens, fastest first, 'none' for every step (default: the preset's)",
     )
-    p.add_argument("--steps-per-task", type=int, default=d.steps_per_task, help=f"(default: {d.steps_per_task})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"(default: {d.seq_len})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW, constant after warm-up (default: {d.lr})")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"(default: {d.warmup_steps})")
-    p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda, help=f"ewc: λ (default: {d.ewc_lambda})")
+    p.add_argument(
+        "--steps-per-task", type=positive_int, default=d.steps_per_task, help=f"(default: {d.steps_per_task})"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help=f"(default: {d.seq_len})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW, constant after warm-up (default: {d.lr})")
+    p.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps, help=f"(default: {d.warmup_steps})")
+    p.add_argument(
+        "--ewc-lambda", type=non_negative_float, default=d.ewc_lambda, help=f"ewc: λ (default: {d.ewc_lambda})"
+    )
     p.add_argument(
         "--ewc-batches",
-        type=int,
+        type=positive_int,
         default=d.ewc_batches,
         help=f"ewc: batches per Fisher estimate (default: {d.ewc_batches})",
     )
@@ -607,13 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--replay-batches",
-        type=int,
+        type=positive_int,
         default=d.replay_batches,
         help=f"replay: batches kept per finished task (default: {d.replay_batches})",
     )
     p.add_argument(
         "--classes-per-task",
-        type=int,
+        type=positive_int,
         default=d.classes_per_task,
         help=f"bbc: classes per task (default: {d.classes_per_task})",
     )
@@ -626,13 +735,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--eval-tokens",
-        type=int,
+        type=positive_int,
         default=d.eval_tokens,
         help=f"language-model streams: validation tokens scored per task (default: {d.eval_tokens})",
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
-    p.add_argument("--out-dir", required=True, help="where results.json and continual.png go")
+    p.add_argument(
+        "--out-dir",
+        required=True,
+        help=f"where results.json, continual.png and {PROGRESS_FILE} (to resume an interrupted run) go",
+    )
+    add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     config = ContinualConfig(
@@ -658,10 +772,11 @@ def main(argv: list[str] | None = None) -> int:
         data_root=args.data_root,
         progress=not args.no_progress,
     )
+    set_threads(args.threads)
     random.seed(config.seed)
-    result = run(config)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    result = run(config, out / PROGRESS_FILE)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "continual.png")
     print(table(result))
