@@ -251,13 +251,20 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field, named after it (--out-dir for out_dir), with the field's help and default."""
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), defaults: dict | None = None
+    ) -> None:
+        """One flag per field, named after it (--out-dir for out_dir), with the field's help and default; a command
+        that builds on TrainConfig leaves out the fields it sets itself (`exclude`) and shows its own `defaults`."""
         parser.add_argument("--config", help="a saved train_config.json; flags given with it override it")
         hints, choices = typing.get_type_hints(cls), cls.choices()
         for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
             flag, typ, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
-            if "default" not in text:
+            if defaults and f.name in defaults:
+                text = text.split(" (default")[0] + f" (default: {defaults[f.name]})"
+            elif "default" not in text:
                 text += f" (default: {f.default})"
             if typ is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -270,7 +277,7 @@ class TrainConfig:
         """The flags given, over --config's file, over (when --out-dir holds a run to resume) that run's saved
         config, over the defaults: `nestlearn train --out-dir RUN` alone resumes RUN as it was started."""
         base = dataclasses.asdict(cls.from_file(args.config)) if args.config else {}
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+        given = {f.name: v for f in dataclasses.fields(cls) if (v := getattr(args, f.name, None)) is not None}
         out_dir = Path(given.get("out_dir", base.get("out_dir", cls.out_dir)))
         saved = out_dir / TRAIN_CONFIG_FILE
         resuming = given.get("resume", base.get("resume", cls.resume)) == "auto" and any(

@@ -12,12 +12,14 @@ training tokens/s, seconds per step) and writes out_dir/results.json and out_dir
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import time
 from pathlib import Path
+
+from ..interrupt import Interrupted
+from ..options import non_negative_int, parser
 
 __all__ = ["compare", "main"]
 
@@ -57,6 +59,8 @@ def compare(
             rows.append({"preset": name, "optimizer": optimizer, "lr": lr, "failed": str(e)})
             continue
         minutes = (time.perf_counter() - t0) / 60
+        if result.get("finished"):  # trained by an earlier call: its speed from its own log
+            result["train_tokens_per_s"], minutes = _logged_speed(Path(config.out_dir))
         model, tokenizer = load_checkpoint(config.out_dir)
         shard_dir, _ = prepare_data(config, progress=False)
         tokens, meta = open_shard(shard_dir / "test", tokenizer)
@@ -78,6 +82,15 @@ def compare(
             }
         )
     return rows
+
+
+def _logged_speed(run: Path) -> tuple[float, float]:
+    """Training tokens/s and minutes of a finished run, from the windows its metrics.jsonl logged."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [x for x in lines if x["kind"] == "train"]
+    previous = [{"tokens": 0}, *train[:-1]]
+    seconds = sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(previous, train, strict=True))
+    return train[-1]["tokens"] / seconds, seconds / 60
 
 
 def table(rows: list[dict], tokens: int) -> str:
@@ -141,11 +154,23 @@ def parse_lrs(items: list[str], optimizers: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .. import presets
     from ..train import TrainConfig
 
-    p = argparse.ArgumentParser(prog="nestlearn compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=["hope", "transformer"], help="(default: hope transformer)")
-    p.add_argument("--test-tokens", type=int, default=32768, help="test predictions per model (0: the whole split)")
+    p = parser("nestlearn compare", __doc__.split("\n\n")[0])
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=["hope", "transformer"],
+        choices=list(presets.PRESETS),
+        help="the models to compare (default: hope transformer)",
+    )
+    p.add_argument(
+        "--test-tokens",
+        type=non_negative_int,
+        default=32768,
+        help="test predictions per model (0: the whole split) (default: 32768)",
+    )
     p.add_argument(
         "--optimizers",
         nargs="+",
@@ -172,10 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         eval_tokens=16384,
         save_every=0,
         log_every=2,
-        out_dir=time.strftime("runs/compare/%Y%m%d-%H%M%S"),
+        out_dir="runs/compare/<date-time>",
     )
-    TrainConfig.add_arguments(p)
+    # --preset would be silently overridden by --presets: compare has only the latter
+    TrainConfig.add_arguments(p, exclude=("preset",), defaults=defaults)
     args = p.parse_args(argv)
+    defaults["out_dir"] = time.strftime("runs/compare/%Y%m%d-%H%M%S")
     for name, value in defaults.items():  # the main job's budget, unless a flag says otherwise
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -188,11 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         p.error(str(e))
     out_dir = Path(base.out_dir)
-    rows = compare(args.presets, base, out_dir, args.test_tokens, args.optimizers, lrs)
+    try:
+        rows = compare(args.presets, base, out_dir, args.test_tokens, args.optimizers, lrs)
+    except Interrupted as e:
+        raise Interrupted(
+            e.signum,
+            f"{e}. To finish the comparison, rerun the same `nestlearn compare` with --out-dir {out_dir}: the "
+            "finished runs are not trained again, the interrupted one resumes",
+        ) from e
     budget = base.steps * base.batch_size * (base.seq_len or 0)
     text = table(rows, budget)
     print(text)
-    (out_dir / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rows": rows}, indent=2))
+    config = {k: v for k, v in dataclasses.asdict(base).items() if k != "preset"}  # each row names its own
+    results = {"presets": args.presets, "optimizers": args.optimizers, "config": config, "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(out_dir, [name for name, _, _ in runs_of(args.presets, args.optimizers)], out_dir / "loss_curves.png")
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'loss_curves.png'}")
     return 0

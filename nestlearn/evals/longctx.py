@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .. import presets
+from .. import options, presets
 from ..data import synthetic
 from ..health import MemoryHealth, unhealthy, warn_about
 from ..model import LanguageModel, ModelState, build
+from ..runtime import set_threads
 
 __all__ = ["main", "train_synthetic", "memory_arguments", "memory_options", "niah_grids", "formal_table"]
 
@@ -518,7 +520,8 @@ def _training_args(p: argparse.ArgumentParser, name: str) -> None:
     memory_arguments(p)
     p.add_argument("--eval-samples", type=int, default=512, help="new sequences scored per setting (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, training and test data (default: 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    options.add_device(p, default="cpu")
+    options.add_threads(p)
     p.add_argument("--out-dir", default=f"runs/longctx-{name}", help=f"(default: runs/longctx-{name})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -527,13 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.synthetic import BABI_TASKS, FORMAL_LANGUAGES
     from .niah import KINDS
 
-    parser = argparse.ArgumentParser(
-        prog="nestlearn longctx",
-        description=__doc__.split("\n\n")[0],
+    parser = options.parser(
+        "nestlearn longctx",
+        __doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
-    sub = parser.add_subparsers(dest="suite", required=True, metavar="{niah,formal,mqar,babi}")
+    # every suite refuses abbreviated options too
+    strict = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="{niah,formal,mqar,babi}", parser_class=strict)
 
     p = sub.add_parser("niah", help="RULER-style needle in a haystack on a checkpoint: heatmaps over length × depth")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
@@ -570,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         "(docs/longctx.md; two more forward passes per sample) (default: on)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of keys, values, haystack start (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    options.add_device(p)
+    options.add_threads(p)
     p.add_argument("--out-dir", default="runs/longctx-niah", help="(default: runs/longctx-niah)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -609,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     _training_args(p, "babi")
 
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     if args.suite == "niah":
         if min(args.lengths) < 1 or args.samples < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
             parser.error("--lengths, --samples and --max-new-tokens must be positive")
