@@ -27,7 +27,7 @@ import torch
 from nestlearn import TitansConfig, presets
 from nestlearn.data.synthetic import accuracy, mqar, parity
 from nestlearn.evals.longctx import memory_arguments, memory_options, train_synthetic
-from nestlearn.train import parse_periods
+from nestlearn.train_config import parse_periods
 
 
 def batch_of(task: str, batch: int, args, generator: torch.Generator, length: int | None = None):

@@ -1,0 +1,127 @@
+"""`nestlearn continual`: train on tasks in order, evaluate on all after each (nestlearn.evals.continual)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .. import presets
+from ..evals.continual import PROGRESS_FILE, STRATEGIES, STREAMS, ContinualConfig, plot, run, table
+from ..evals.continual import __doc__ as CONTINUAL_DOC
+from ..options import add_threads, non_negative_float, parser, positive_float, positive_int
+from ..runtime import set_threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(
+        "nestlearn continual",
+        CONTINUAL_DOC.split("\n\n")[0] + " Ctrl-C (or SIGTERM) stops after the current step, saving out_dir/"
+        f"{PROGRESS_FILE}; the same command resumes it.",
+    )
+    d = ContinualConfig()
+    p.add_argument(
+        "--stream",
+        default=d.stream,
+        choices=list(STREAMS),
+        help="; ".join(f"{k}: {v}" for k, v in STREAMS.items()) + f" (default: {d.stream})",
+    )
+    p.add_argument("--tasks", nargs="+", default=None, help="the stream's tasks, in order (languages, corpora)")
+    p.add_argument("--preset", default=d.preset, choices=list(presets.PRESETS), help=f"(default: {d.preset})")
+    p.add_argument("--size", default=d.size, choices=list(presets.SIZES), help=f"(default: {d.size})")
+    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES, help=f"(default: {d.strategy})")
+    p.add_argument(
+        "--update-periods",
+        default=None,
+        help="levels: the CMS update periods in tokens, fastest first, 'none' for every step (default: the preset's)",
+    )
+    p.add_argument(
+        "--steps-per-task", type=positive_int, default=d.steps_per_task, help=f"(default: {d.steps_per_task})"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help=f"(default: {d.seq_len})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW, constant after warm-up (default: {d.lr})")
+    p.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps, help=f"(default: {d.warmup_steps})")
+    p.add_argument(
+        "--ewc-lambda", type=non_negative_float, default=d.ewc_lambda, help=f"ewc: λ (default: {d.ewc_lambda})"
+    )
+    p.add_argument(
+        "--ewc-batches",
+        type=positive_int,
+        default=d.ewc_batches,
+        help=f"ewc: batches per Fisher estimate (default: {d.ewc_batches})",
+    )
+    p.add_argument(
+        "--replay-fraction",
+        type=float,
+        default=d.replay_fraction,
+        help=f"replay: share of each batch drawn from the buffer (default: {d.replay_fraction})",
+    )
+    p.add_argument(
+        "--replay-batches",
+        type=positive_int,
+        default=d.replay_batches,
+        help=f"replay: batches kept per finished task (default: {d.replay_batches})",
+    )
+    p.add_argument(
+        "--classes-per-task",
+        type=positive_int,
+        default=d.classes_per_task,
+        help=f"bbc: classes per task (default: {d.classes_per_task})",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="a trained byte-level checkpoint (e.g. a transformer) to "
+        "start from: same-named weights copied, every SwiGLU CMS level initialised from its MLP (paper "
+        "§7.3)",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=positive_int,
+        default=d.eval_tokens,
+        help=f"language-model streams: validation tokens scored per task (default: {d.eval_tokens})",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
+    p.add_argument(
+        "--out-dir",
+        required=True,
+        help=f"where results.json, continual.png and {PROGRESS_FILE} (to resume an interrupted run) go",
+    )
+    add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    config = ContinualConfig(
+        stream=args.stream,
+        tasks=args.tasks,
+        preset=args.preset,
+        size=args.size,
+        strategy=args.strategy,
+        update_periods=args.update_periods,
+        steps_per_task=args.steps_per_task,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ewc_lambda=args.ewc_lambda,
+        ewc_batches=args.ewc_batches,
+        replay_fraction=args.replay_fraction,
+        replay_batches=args.replay_batches,
+        classes_per_task=args.classes_per_task,
+        init_from=args.init_from,
+        eval_tokens=args.eval_tokens,
+        seed=args.seed,
+        data_root=args.data_root,
+        progress=not args.no_progress,
+    )
+    set_threads(args.threads)
+    random.seed(config.seed)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(config, out / PROGRESS_FILE)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "continual.png")
+    print(table(result))
+    print(f"\nwrote {out / 'results.json'} and {out / 'continual.png'}")
+    return 0
