@@ -1,6 +1,7 @@
-"""The main job for now: write a stream of key/value pairs into associative memories and report recall as it grows.
+"""Associative recall: write one stream of random key/value pairs into four memories (linear attention, the delta
+rule, gated DGD, an MLP memory) and print, as the stream grows, the share of the keys each one recalls.
 
-    python -m nestlearn.demo                  # 4096 pairs, dim 64, about 5 s on 2 CPU cores
+    python -m nestlearn.demo                  # 4096 pairs, dim 64: 1.5 s on a 2-core CPU, start-up included
 
 Each memory sees the same stream of random unit keys k_i and values v_i, written in increments with the state
 carried between calls (`nestlearn.memory.scan`). After each increment, every key written so far is read back with
