@@ -1,6 +1,7 @@
 """Delta momentum against momentum on the paper's toy landscape (Fig. 4, eq. 53; issue #5).
 
-    python experiments/toy_momentum.py                     # the table and docs/img/toy_momentum.png
+    python experiments/toy_momentum.py                         # the table; the plot in runs/toy_momentum/
+    python experiments/toy_momentum.py --out-dir docs/img      # regenerates docs/img/toy_momentum.png
 
     ψ(r, θ) = r² + k (r − θ + α sin(ω r))²,   minimum ψ = 0 at (0, 0),   start (r₀, θ₀) = (−3.5, 2)
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 
@@ -75,6 +77,8 @@ def plot(results: dict, args, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.contour(R.numpy(), T.numpy(), torch.log10(Z + 1e-3).numpy(), levels=30, cmap="Greys", linewidths=0.6)
     for (method, (steps, lr, trace)), color in zip(results.items(), ("tab:blue", "tab:red"), strict=False):
+        if not trace:  # no learning rate of the grid arrived within --steps: nothing to draw
+            continue
         xs, ys = zip(*trace, strict=True)
         ax.plot(xs, ys, color=color, lw=1.2, label=f"{method} (lr {lr:g}): {steps} steps")
     ax.plot([-3.5], [2], "ko")
@@ -98,16 +102,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lrs", type=float, nargs="+", default=list(LRS), help="learning-rate grid, per method")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--tol", type=float, default=1e-4)
-    ap.add_argument("--plot", default="docs/img/toy_momentum.png", help="'' for no plot")
+    ap.add_argument(
+        "--out-dir",
+        default="runs/toy_momentum",
+        help="folder of the outputs, made if missing (default runs/toy_momentum); "
+        "--out-dir docs/img regenerates the image of docs/optimizers.md",
+    )
+    ap.add_argument(
+        "--plot",
+        default="toy_momentum.png",
+        help="file name of the plot inside --out-dir (default toy_momentum.png); '' for no plot",
+    )
     args = ap.parse_args(argv)
+    if args.plot and Path(args.plot).name != args.plot:
+        ap.error(f"--plot {args.plot!r} is a file name inside --out-dir, not a path; give the folder with --out-dir")
     results = {m: best(m, args) for m in ("momentum", "delta")}
     print(f"| method | best lr | steps to ψ < {args.tol:g} |")
     print("| --- | ---: | ---: |")
     for method, (steps, lr, _) in results.items():
         print(f"| {method} | {lr:g} | {steps if steps is not None else f'not within {args.steps}'} |")
     if args.plot:
-        plot(results, args, args.plot)
-        print(f"plot: {args.plot}")
+        path = Path(args.out_dir) / args.plot
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot(results, args, str(path))
+        print(f"plot: {path}")
     return {m: (s, lr) for m, (s, lr, _) in results.items()}
 
 
