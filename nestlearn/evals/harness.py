@@ -1,18 +1,22 @@
 """EleutherAI's lm-evaluation-harness (`lm-eval`) for nestlearn checkpoints: `NestlearnLM`, registered as "nestlearn".
 
     pip install -e ".[eval]"                    # lm-eval==0.4.13
-    python -m nestlearn.evals.harness --model nestlearn --model_args path=runs/hope-tiny --tasks lambada_openai
+    nestlearn lm-eval --model nestlearn --model_args path=runs/hope-tiny --tasks docs/lm-eval/spelling.yaml
     python -m nestlearn.evals.harness --model nestlearn --model_args path=runs/hope-tiny,max_length=4096 \\
         --tasks my_task --include_path my_tasks/ --batch_size 16 --limit 100
 
-`python -m nestlearn.evals.harness ARGS` is the `lm_eval ARGS` command line with "nestlearn" registered. Plain
+`nestlearn lm-eval ARGS` and `python -m nestlearn.evals.harness ARGS` are the `lm_eval ARGS` command line with
+"nestlearn" registered; `--help` starts with how to name a checkpoint. A task whose data is on the HF hub
+(hellaswag, lambada_openai, ...) cannot load without the hub: the command then says so in one line, with how to
+give the task local data (a task YAML over local files, as docs/lm-eval/spelling.yaml), instead of lm-eval's
+traceback (NESTLEARN_DEBUG=1 keeps the traceback). Plain
 `lm_eval --model nestlearn` cannot work: lm-eval 0.4.13 knows only the models of its own table
 (`lm_eval.models.MODEL_MAPPING`) and those registered by modules already imported, and reads no plugin entry points.
 From Python, pass an instance (or the name, once this module is imported):
 
     import lm_eval
     from nestlearn.evals.harness import NestlearnLM
-    out = lm_eval.simple_evaluate(model=NestlearnLM(path="runs/hope-tiny"), tasks=["hellaswag"])
+    out = lm_eval.simple_evaluate(model=NestlearnLM(path="runs/hope-tiny"), tasks=["docs/lm-eval/spelling.yaml"])
     out = lm_eval.simple_evaluate(model="nestlearn", model_args="path=runs/hope-tiny", tasks=["hellaswag"])
 
 model_args (`--model_args key=value,key=value`):
@@ -41,7 +45,10 @@ process on one device; run tasks in separate processes to use several GPUs).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
+import traceback
 from typing import Any
 
 import torch
@@ -61,7 +68,7 @@ from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..model import sample_next
 from ..runtime import autocast, flush_subnormals, resolve_device
 
-__all__ = ["NestlearnLM", "main"]
+__all__ = ["NestlearnLM", "main", "offline_message"]
 
 log = logging.getLogger(__name__)
 
@@ -327,13 +334,118 @@ class NestlearnLM(LM):
         return out
 
 
+HELP = """\
+usage: nestlearn lm-eval --model nestlearn --model_args path=CHECKPOINT[,KEY=VALUE...] --tasks TASKS [lm-eval options]
+       (the same: python -m nestlearn.evals.harness ...)
+
+lm-evaluation-harness on a nestlearn checkpoint: lm-eval's own command line (lm-eval 0.4.13) with the model
+"nestlearn" registered. Name the checkpoint with --model nestlearn --model_args path=CHECKPOINT, where CHECKPOINT
+is a checkpoint folder or a run folder (its newest checkpoint), e.g. --model_args path=runs/hope-tiny. lm-eval's
+pretrained= is not understood.
+
+examples:
+  nestlearn lm-eval --model nestlearn --model_args path=runs/hope-tiny --tasks docs/lm-eval/spelling.yaml
+  nestlearn lm-eval --model nestlearn --model_args path=runs/hope-tiny,max_length=4096 --device cpu \\
+      --tasks my_task --include_path my_tasks/ --batch_size 16 --output_path results/
+
+model_args, comma-separated KEY=VALUE: path (required), max_length (default: the checkpoint's seq_len),
+long_inputs (auto, stream or truncate), max_gen_toks (256), precision (fp32, bf16 or auto). Give the batch size
+and the device with lm-eval's --batch_size (a number) and --device (default cuda:0, cpu without a GPU).
+
+Offline: lm-eval's own tasks (hellaswag, lambada_openai, ...) load their data from the HF hub. Without it, give a
+task over local files: a task YAML (docs/lm-eval/spelling.yaml is one, run from the repository root) passed as
+--tasks FILE.yaml, or a folder of them passed as --include_path DIR with --tasks TASK_NAME. Documented in
+docs/training.md, "Evaluating with lm-eval-harness".
+
+lm-eval's own help follows; where it says lm-eval, write nestlearn lm-eval.
+"""
+
+# exceptions that mean "the HF hub (or any remote host) could not be reached": by the module that defines the class
+# and the class name, so that none of these optional packages has to be importable. httpx matches httpx and httpx2.
+UNREACHABLE = {
+    "requests": ("ConnectionError", "Timeout"),
+    "urllib3": ("NewConnectionError", "ConnectTimeoutError", "MaxRetryError"),
+    "httpx": ("ConnectError", "NetworkError", "TimeoutException"),
+    "huggingface_hub": ("OfflineModeIsEnabled", "LocalEntryNotFoundError"),
+    "aiohttp": ("ClientConnectionError",),
+}
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """e and every exception it was raised from or during (__cause__, __context__), each once."""
+    out, todo = [], [e]
+    while todo:
+        x = todo.pop()
+        if x is not None and all(x is not y for y in out):
+            out.append(x)
+            todo += [x.__cause__, x.__context__]
+    return out
+
+
+def _unreachable(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    for cls in type(e).__mro__:
+        root = cls.__module__.split(".")[0]
+        names = UNREACHABLE.get("httpx" if root.startswith("httpx") else root, ())
+        if cls.__name__ in names:
+            return True
+    return False
+
+
+def offline_message(e: BaseException) -> str | None:
+    """A one-line message for an error that means a task's data is on a host that cannot be reached (the HF hub,
+    offline), naming the task and dataset when the traceback shows them; None for any other error."""
+    chain = _chain(e)
+    if not any(_unreachable(x) for x in chain):
+        return None
+    task = dataset = None
+    for x in chain:
+        for frame, _ in traceback.walk_tb(x.__traceback__):
+            names, module = frame.f_locals, frame.f_globals.get("__name__", "")
+            config = getattr(names.get("self"), "config", None)
+            if module.startswith("lm_eval.") and frame.f_code.co_name == "download" and config is not None:
+                task = task or getattr(config, "task", None)
+                dataset = dataset or getattr(config, "dataset_path", None)
+            if module.startswith("datasets.") and frame.f_code.co_name == "load_dataset":
+                dataset = dataset or names.get("path")
+    what = f"task {task!r}" if task else "a task"
+    data = f"the dataset {dataset!r}" if dataset else "data"
+    reason = f"{type(e).__name__}: {e}".splitlines()[0]
+    return (
+        f"{what} needs {data} from the HF hub, which cannot be reached from here ({reason}). Give the task its data "
+        "locally: a task YAML over local files (dataset_path: json with dataset_kwargs: data_files:, or "
+        "dataset_path: a local folder with one file per split, e.g. test.jsonl), passed as --tasks FILE.yaml or "
+        "through --include_path DIR; example: docs/lm-eval/spelling.yaml; docs/training.md, 'Offline, on local data'"
+    )
+
+
+def _wants_help(argv: list[str]) -> bool:
+    if argv[:1] in (["ls"], ["validate"]):  # lm-eval's other subcommands: their own help only
+        return False
+    return not argv or argv == ["run"] or any(a in ("-h", "--help") for a in argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The lm_eval command line with the "nestlearn" model registered: `python -m nestlearn.evals.harness ARGS`."""
+    """The lm_eval command line with the "nestlearn" model registered: `python -m nestlearn.evals.harness ARGS`.
+    Its help starts with how to name a nestlearn checkpoint; an error that means a task's data cannot be reached
+    (the HF hub, offline) is one line on stderr and exit status 1 (NESTLEARN_DEBUG=1: the traceback)."""
     from lm_eval.__main__ import cli_evaluate
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _wants_help(argv):
+        print(HELP)
+        sys.stdout.flush()
     # lm-eval's parser reads sys.argv itself (it inserts the `run` subcommand when none is given)
-    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    except Exception as e:
+        message = offline_message(e)
+        if message is None or os.environ.get("NESTLEARN_DEBUG"):
+            raise
+        print(f"nestlearn lm-eval: error: {message} (NESTLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
     return 0
 
 
