@@ -43,7 +43,11 @@ def evaluate(
     if max_tokens:
         n = min(n, max(1, max_tokens // seq_len))
     if n < 1:
-        raise ValueError(f"the split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+        raise ValueError(
+            f"the split has {len(tokens)} tokens and one window needs {seq_len + 1} ({seq_len + 1 - len(tokens)} "
+            "short): give more text in this split (for your own data, its fraction; docs/data.md) or a smaller "
+            "--seq-len"
+        )
     total, count, bad, t0 = 0.0, 0, 0, time.perf_counter()
     lm = getattr(model, "module", model)  # under DDP, the LanguageModel inside
     dead: list[MemoryHealth] = []

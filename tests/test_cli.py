@@ -106,3 +106,24 @@ def test_no_command_shows_torch_or_argparse_internals_for_a_missing_checkpoint(t
     assert cli(["eval", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
+
+
+def test_a_corpus_too_small_for_the_window_says_by_how_much(tmp_path, capsys):
+    for split in ("train", "validation", "test"):
+        (tmp_path / "tiny").mkdir(exist_ok=True)
+        (tmp_path / "tiny" / f"{split}.txt").write_text("a few words\n")
+    run = ["train", "--preset", "transformer", "--size", "debug", "--data", str(tmp_path / "tiny")]
+    run += [
+        "--data-root",
+        str(tmp_path / "cache"),
+        "--seq-len",
+        "32",
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    assert cli(run) == 1
+    err = capsys.readouterr().err
+    assert (
+        "the train split has 12 tokens and windows of 33 need at least 34 (22 short)" in err and "--seq-len" in err
+    ), err

@@ -12,7 +12,11 @@ __all__ = ["window_starts", "lane_starts", "gather"]
 def window_starts(seed: int, step: int, batch_size: int, num_tokens: int, length: int) -> np.ndarray:
     """Start positions of step `step`'s `batch_size` random windows of `length` tokens: a pure function."""
     if num_tokens <= length:
-        raise ValueError(f"the shard has {num_tokens} tokens, fewer than a window of {length}: use a smaller --seq-len")
+        raise ValueError(
+            f"the train split has {num_tokens} tokens and windows of {length} need at least {length + 1} "
+            f"({length + 1 - num_tokens} short): give more text (for your own data, a larger train fraction; "
+            "docs/data.md) or a smaller --seq-len"
+        )
     return np.random.default_rng([seed, step]).integers(0, num_tokens - length, size=batch_size)
 
 
@@ -23,8 +27,9 @@ def lane_starts(step: int, batch_size: int, num_tokens: int, seq_len: int) -> tu
     segments = (lane - 1) // seq_len
     if segments < 1:
         raise ValueError(
-            f"{num_tokens} tokens cannot give {batch_size} rows a segment of {seq_len + 1} tokens each: "
-            "use a smaller --batch-size or --seq-len, or more data"
+            f"the train split has {num_tokens} tokens and --carry-state needs {batch_size * (seq_len + 1)} "
+            f"({batch_size} rows of a {seq_len + 1}-token segment each): give more text (docs/data.md) or a smaller "
+            "--batch-size or --seq-len"
         )
     seg = step % segments
     return np.arange(batch_size) * lane + seg * seq_len, seg == 0
