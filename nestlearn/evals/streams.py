@@ -1,0 +1,170 @@
+"""The continual-learning streams: tasks in order, each a corpus to model (scored in bits per byte) or classes to
+tell apart (scored by accuracy among the classes seen so far). `languages`: the Debian handbook in one language after
+another; `domains`: wiki, shakespeare, pydoc; `bbc`: class-incremental BBC News."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.shards import ShardMeta
+from ..data.tokenizer import ByteTokenizer
+
+__all__ = ["LANGUAGES", "STREAMS", "LMTask", "ClassTask", "make_stream"]
+
+LANGUAGES = ("en-US", "de-DE", "fr-FR", "es-ES")
+
+# --- tasks ---
+
+
+@dataclass
+class LMTask:
+    """Language modelling on one corpus: train on random windows of its train split, scored in bits per byte on
+    the first `eval_tokens` of its validation split (`nestlearn.evaluate.evaluate`)."""
+
+    name: str
+    train: np.ndarray
+    valid: np.ndarray
+    valid_meta: ShardMeta
+    higher_is_better = False
+    metric = "bits per byte"
+
+    def batch(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        from ..data.batches import gather
+
+        x = gather(self.train, rng.integers(0, len(self.train) - seq_len - 1, size=batch_size), seq_len + 1)
+        return x, torch.ones_like(x[:, 1:], dtype=torch.bool)
+
+    def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
+        from ..evaluate import evaluate
+
+        return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens)["bits_per_byte"]
+
+
+@dataclass
+class ClassTask:
+    """Class-incremental classification with a language model: an example is the start of an article, then
+    "\\nTopic:" and the class name; training is next-token loss on the class name's tokens. Scoring picks, among the
+    classes seen so far (`candidates`: those of every task trained on, and the task's own), the class name of
+    lowest mean negative log-likelihood per token (the mean, not the sum, so that short names are not favoured)."""
+
+    name: str
+    labels: tuple[str, ...]
+    train: list[str]  # prompts of this task's classes
+    train_labels: list[str]
+    valid: list[str]
+    valid_labels: list[str]
+    higher_is_better = True
+    metric = "accuracy"
+    tokenizer = ByteTokenizer()
+
+    def _rows(self, prompts: list[str], answers: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
+        rows, masks = [], []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            p, a = self.tokenizer.encode(prompt), self.tokenizer.encode(f" {answer}\n")
+            ids = (p + a)[-(seq_len + 1) :]
+            rows.append([self.tokenizer.eos_id] * (seq_len + 1 - len(ids)) + ids)  # left-padded
+            masks.append([False] * (seq_len + 1 - len(a)) + [True] * len(a))
+        x, m = torch.tensor(rows), torch.tensor(masks)
+        return x, m[:, 1:]  # mask over the predictions of x[:, 1:]
+
+    def batch(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        idx = rng.integers(0, len(self.train), size=batch_size)
+        return self._rows([self.train[i] for i in idx], [self.train_labels[i] for i in idx], seq_len)
+
+    @torch.no_grad()
+    def score(self, model, seq_len: int, candidates: list[str], batch_size: int = 16, **_) -> float:
+        correct = 0
+        for lo in range(0, len(self.valid), batch_size):
+            prompts = self.valid[lo : lo + batch_size]
+            nlls = []
+            for label in candidates:
+                x, m = self._rows(prompts, [label] * len(prompts), seq_len)
+                logits, _ = model(x[:, :-1])
+                nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+                nlls.append((nll * m).sum(1) / m.sum(1))
+            best = torch.stack(nlls, 1).argmin(1)
+            correct += sum(
+                candidates[int(b)] == y for b, y in zip(best, self.valid_labels[lo : lo + batch_size], strict=True)
+            )
+        return correct / len(self.valid)
+
+
+def _lm_task(corpus: str, data_root: str | None, name: str | None = None) -> LMTask:
+    from ..data.shards import open_shard
+    from ..train import shards_for
+
+    tokenizer = ByteTokenizer()
+    out = shards_for(corpus, tokenizer, data_root, ("train", "validation"), progress=False)
+    train, _ = open_shard(out / "train", tokenizer)
+    valid, meta = open_shard(out / "validation", tokenizer)
+    return LMTask(name or corpus, train, valid, meta)
+
+
+def _bbc_tasks(data_root: str | None, prompt_chars: int, classes_per_task: int, corpus: str = "bbc") -> list[ClassTask]:
+    from ..data.corpora import BBC_CLASSES, load_split
+
+    def examples(split: str) -> list[tuple[str, str]]:
+        out = []
+        for doc in load_split(corpus, split, data_root):
+            label, _, text = doc.partition("\n")
+            head = " ".join(text.split())[:prompt_chars]
+            out.append((f"{head}\nTopic:", label))
+        return out
+
+    train, valid = examples("train"), examples("validation")
+    groups = [BBC_CLASSES[i : i + classes_per_task] for i in range(0, len(BBC_CLASSES), classes_per_task)]
+    tasks = []
+    for labels in groups:
+        tr = [(p, y) for p, y in train if y in labels]
+        va = [(p, y) for p, y in valid if y in labels]
+        tasks.append(
+            ClassTask(
+                "+".join(labels),
+                tuple(labels),
+                [p for p, _ in tr],
+                [y for _, y in tr],
+                [p for p, _ in va],
+                [y for _, y in va],
+            )
+        )
+    return tasks
+
+
+STREAMS = {
+    "languages": "the Debian handbook, one language after another (--tasks: en-US de-DE fr-FR es-ES ...)",
+    "domains": "wiki → shakespeare → pydoc (--tasks: any fetched corpora, in order)",
+    "bbc": "class-incremental BBC News: one class per task, scored among the classes seen so far",
+}
+
+
+def make_stream(
+    name: str, tasks: list[str] | None, data_root: str | None, seq_len: int, classes_per_task: int = 1
+) -> list:
+    """The tasks of a stream. A task may also be a local corpus folder (train.txt, validation.txt, test.txt); for
+    `bbc`, `tasks` may name one corpus (a folder in the bbc format: the class on each document's first line)."""
+    if name == "languages":
+        return [
+            _lm_task(lang if Path(lang).is_dir() else f"handbook-{lang}", data_root, Path(lang).name)
+            for lang in (tasks or LANGUAGES)
+        ]
+    if name == "domains":
+        return [_lm_task(c, data_root, Path(c).name) for c in (tasks or ("wiki", "shakespeare", "pydoc"))]
+    if name == "bbc":
+        if tasks and len(tasks) != 1:
+            raise ValueError(
+                f"the bbc stream's tasks are its classes, in a fixed order; --tasks may only name the "
+                f"corpus to read them from (default bbc); got {tasks}"
+            )
+        return _bbc_tasks(
+            data_root,
+            prompt_chars=max(16, seq_len - 24),
+            classes_per_task=classes_per_task,
+            corpus=tasks[0] if tasks else "bbc",
+        )
+    raise ValueError(f"stream={name!r} is not known; expected one of {list(STREAMS)}")
