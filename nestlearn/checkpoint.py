@@ -46,7 +46,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 def encode_state(x: Any) -> Any:
     if isinstance(x, ModelState):
-        return {"__model_state__": encode_state(x.layers)}
+        return {"__model_state__": encode_state(x.layers), "__task__": encode_state(x.task)}
     if isinstance(x, MemoryState):
         return {"__memory_state__": {f.name: encode_state(getattr(x, f.name)) for f in dataclasses.fields(x)}}
     if isinstance(x, dict):
@@ -58,7 +58,7 @@ def encode_state(x: Any) -> Any:
 
 def decode_state(x: Any) -> Any:
     if isinstance(x, dict) and "__model_state__" in x:
-        return ModelState(decode_state(x["__model_state__"]))
+        return ModelState(decode_state(x["__model_state__"]), decode_state(x.get("__task__")))
     if isinstance(x, dict) and "__memory_state__" in x:
         return MemoryState(**{k: decode_state(v) for k, v in x["__memory_state__"].items()})
     if isinstance(x, dict):

@@ -34,7 +34,7 @@ from .memory import scan
 from .state import MemoryState
 from .titans import mlp_memory_parameters
 
-__all__ = ["SwiGLU", "InContextLevel", "CMS"]
+__all__ = ["SwiGLU", "InContextLevel", "TaskLevel", "CMS"]
 
 
 class SwiGLU(nn.Module):
@@ -118,6 +118,48 @@ class InContextLevel(nn.Module):
         return self.out(y), state
 
 
+class TaskLevel(nn.Module):
+    """An in-context level learned by the task loss (eq. 71): a SwiGLU MLP of the outer levels' form whose weights
+    θ = (W_up, W_down) are per-sequence fast state. Its forward only reads θ; the steps θ ← θ − η Σ_t ∇_θ ℓ_NTP are
+    taken by the model, which alone sees the loss (`LanguageModel`, chunk by chunk). θ_0 are parameters in
+    `nn.Linear` layout, meta-learned through the steps (eq. 73), and can be seeded from a pretrained MLP (§7.3).
+
+    State: {"up": (b, 2·hidden, dim), "down": (b, dim, hidden)} and, for a level slower than the model's chunk, the
+    gradient summed so far over its period, {"sum_up", "sum_down"} (zeros at the start of a period)."""
+
+    def __init__(self, dim: int, hidden: int, period: int, config: CMSConfig):
+        super().__init__()
+        self.period, self.lr = period, config.task_lr
+        self.up = nn.Parameter(torch.empty(2 * hidden, dim))  # gate and up, fused as in SwiGLU
+        self.down = nn.Parameter(torch.empty(dim, hidden))
+        nn.init.normal_(self.up, std=0.02)
+        nn.init.normal_(self.down, std=0.02)
+        self.learns = True  # False: the block reads θ_0 unchanged (CMSConfig.task_blocks)
+
+    def init_state(self, batch_size: int) -> dict:
+        b = batch_size
+        state = {"up": self.up.expand(b, *self.up.shape), "down": self.down.expand(b, *self.down.shape)}
+        state["sum_up"], state["sum_down"] = torch.zeros_like(state["up"]), torch.zeros_like(state["down"])
+        return state
+
+    def forward(self, h: Tensor, state: dict) -> tuple[Tensor, dict]:
+        gate, up = torch.bmm(h, state["up"].transpose(1, 2)).chunk(2, dim=-1)  # (b, t, hidden) each
+        return torch.bmm(F.silu(gate) * up, state["down"].transpose(1, 2)), state  # (b, t, dim)
+
+    @torch.no_grad()
+    def load_mlp(self, gate: Tensor, up: Tensor, down: Tensor) -> None:
+        """θ_0 from an existing SwiGLU MLP (§7.3), in `nn.Linear` layout as `SwiGLU.load_mlp`."""
+        hidden, dim = self.down.shape[1], self.down.shape[0]
+        for name, w, want in (("gate", gate, (hidden, dim)), ("up", up, (hidden, dim)), ("down", down, (dim, hidden))):
+            if tuple(w.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(w.shape)}; this level expects {want}")
+        self.up.copy_(torch.cat([gate, up], dim=0))
+        self.down.copy_(down)
+
+
+IN_CONTEXT = (InContextLevel, TaskLevel)  # levels whose weights live in the per-sequence state
+
+
 class CMS(nn.Module):
     """State: one entry per level, a MemoryState for in-context levels and None for outer levels."""
 
@@ -129,7 +171,10 @@ class CMS(nn.Module):
         levels = []
         for period in config.update_periods:
             if period is not None and period < (config.outer_from or seq_len):
-                levels.append(InContextLevel(dim, num_heads, period, config))
+                if config.signal == "task":
+                    levels.append(TaskLevel(dim, hidden, period, config))
+                else:
+                    levels.append(InContextLevel(dim, num_heads, period, config))
             else:
                 level = SwiGLU(dim, hidden)
                 level.period = period  # C^(ℓ), read by LanguageModel.levels()
@@ -146,7 +191,7 @@ class CMS(nn.Module):
             self.agg_logits = nn.Parameter(torch.zeros(len(levels)))  # Agg of eq. 74: a learned weighted sum
 
     def init_state(self, batch_size: int) -> list | dict:
-        levels = [lv.init_state(batch_size) if isinstance(lv, InContextLevel) else None for lv in self.levels]
+        levels = [lv.init_state(batch_size) if isinstance(lv, IN_CONTEXT) else None for lv in self.levels]
         # nested: the stream position too, because resets follow the global grid of the slower periods
         return {"levels": levels, "position": 0} if self.config.variant == "nested" else levels
 
@@ -157,7 +202,7 @@ class CMS(nn.Module):
         h, outs, new_state = x, [], []
         for level, level_state, reset in zip(self.levels, states, self.resets, strict=True):
             inp = h if chained else x
-            if not isinstance(level, InContextLevel):
+            if not isinstance(level, IN_CONTEXT):
                 y = level(inp)
             elif nested and reset is not None:
                 y, level_state = self._nested(level, inp, level_state, position, reset)

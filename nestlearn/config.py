@@ -233,6 +233,18 @@ class CMSConfig:
     retain_to: str = "init"  # in-context levels: retention towards their initial state, or "zero" (TitansConfig)
     retention_init: float | None = None  # in-context levels: α_t at initialisation; None: ≈ 0.982 (TitansConfig)
     checkpoint: bool = False  # the same for in-context levels: keep every ⌈√n⌉-th chunk's weights, recompute the rest
+    # What an in-context level learns from. "local": a per-head MLP memory written with its own objective
+    # ½‖M(k_t) − v_t‖² and retention (the fields above; docs/deviations.md). "task": eq. 71 as written, a full-width
+    # SwiGLU MLP (the outer levels' form) whose weights θ are per-sequence fast state and take one step every C^(ℓ)
+    # tokens on the model's next-token loss over those tokens, θ ← θ − task_lr Σ_t ∇_θ ℓ_NTP(θ; x_t), no retention
+    signal: str = "local"
+    task_lr: float = 1e-3  # "task": η^(ℓ), constant, on the gradient summed over the level's period
+    # "task": the outer gradient through the inner steps (eq. 73): "first_order" treats each inner gradient as a
+    # constant (θ_0 gets the gradient of the identity path), "full" differentiates through it (second order)
+    meta_grad: str = "first_order"
+    # "task": how many of the last blocks learn in context (None: all); the others read their θ_0 unchanged, as
+    # TTT-E2E updates only the last quarter, to trade cost for what is learned
+    task_blocks: int | None = None
 
     def __post_init__(self) -> None:
         self.update_periods = tuple(self.update_periods)
@@ -256,6 +268,17 @@ class CMSConfig:
         _check_clip(self)
         _check_retain_to(self)
         _check_retention_init(self)
+        if self.signal not in ("local", "task"):
+            _fail("CMSConfig", "signal", self.signal, "expected 'local' (the level's own objective) or 'task' (eq. 71)")
+        if not (isinstance(self.task_lr, (int, float)) and math.isfinite(self.task_lr) and self.task_lr > 0):
+            _fail("CMSConfig", "task_lr", self.task_lr, "must be a finite number > 0")
+        if self.meta_grad not in ("first_order", "full"):
+            _fail("CMSConfig", "meta_grad", self.meta_grad, "expected 'first_order' or 'full'")
+        tb = self.task_blocks
+        if tb is not None and (isinstance(tb, bool) or not isinstance(tb, int) or tb < 0):
+            _fail("CMSConfig", "task_blocks", tb, "must be an int >= 0 (the last blocks that learn), or None (all)")
+        if self.signal == "task" and self.variant == "nested":
+            _fail("CMSConfig", "variant", self.variant, "nested resets are not defined for task-loss levels yet")
         if self.variant not in ("sequential", "independent", "nested"):
             _fail(
                 "CMSConfig",

@@ -18,7 +18,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,8 @@ from .attention import Attention
 from .cms import CMS, InContextLevel, SwiGLU
 from .config import ModelConfig
 from .sm_titans import SelfModifyingTitans
-from .state import MemoryState
+from .state import tree_map
+from .task_cms import task_forward, task_levels
 from .titans import TitansMixer
 
 __all__ = ["LanguageModel", "ModelState", "Level", "build", "load", "tree_map", "sample_next"]
@@ -37,31 +37,24 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MEMORY_MODULES = (SelfModifyingTitans, TitansMixer, InContextLevel)  # what `compile_chunks` switches
 
 
-def tree_map(fn, x: Any) -> Any:
-    """Apply fn to every tensor of a nested state (dicts, lists, tuples, MemoryState)."""
-    if isinstance(x, Tensor):
-        return fn(x)
-    if isinstance(x, MemoryState):
-        return x.map(fn)
-    if isinstance(x, dict):
-        return {k: tree_map(fn, v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(tree_map(fn, v) for v in x)
-    return x
-
-
 @dataclass
 class ModelState:
-    """Per-sequence state of every layer: {"mixer": ..., "cms": ...} per block (KV cache, conv cache, memories)."""
+    """Per-sequence state of every layer: {"mixer": ..., "cms": ...} per block (KV cache, conv cache, memories).
+
+    `task`, for a model with task-loss CMS levels only: the stream position, and the tokens of the chunk in progress
+    with every layer's state at its start (`chunk`, `start`), from which the chunk is computed again, whole, when
+    the rest of it arrives in a later call (its inner step needs the gradient through all of it)."""
 
     layers: list[dict]
+    task: dict | None = None
 
     def detach(self) -> ModelState:
         """Cut the autograd graph between segments (truncated backprop through time)."""
-        return ModelState(tree_map(Tensor.detach, self.layers))
+        return ModelState(tree_map(Tensor.detach, self.layers), tree_map(Tensor.detach, self.task))
 
     def to(self, *args, **kwargs) -> ModelState:
-        return ModelState(tree_map(lambda x: x.to(*args, **kwargs), self.layers))
+        move = lambda x: x.to(*args, **kwargs)  # noqa: E731
+        return ModelState(tree_map(move, self.layers), tree_map(move, self.task))
 
 
 @dataclass
@@ -110,13 +103,15 @@ class LanguageModel(nn.Module):
             # Linear and embedding weights: N(0, 0.02); memories, convs, gates and read-outs keep their own init
             if p.dim() == 2 and not any(s in name for s in (".conv.", ".gates.", "readout")):
                 nn.init.normal_(p, std=0.02)
+        self.task_levels = task_levels(self.blocks, config)
 
     # --- state ---
 
     def init_state(self, batch_size: int) -> ModelState:
         """A fresh state for `batch_size` sequences. Memories start from their meta-learned initial values."""
         p = self.embed.weight
-        return ModelState([blk.init_state(batch_size, p.device, p.dtype) for blk in self.blocks])
+        layers = [blk.init_state(batch_size, p.device, p.dtype) for blk in self.blocks]
+        return ModelState(layers, {"position": 0, "chunk": None, "start": None} if self.task_levels else None)
 
     # --- forward ---
 
@@ -139,14 +134,21 @@ class LanguageModel(nn.Module):
             state = self.init_state(tokens.shape[0])
         elif not isinstance(state, ModelState) or len(state.layers) != len(self.blocks):
             raise ValueError("state must be the ModelState returned by this model (or model.init_state)")
-        x = self.embed(tokens)  # (b, t, dim)
-        layers = []
-        for block, layer_state in zip(self.blocks, state.layers, strict=True):
-            x, layer_state = block(x, layer_state)
-            layers.append(layer_state)
-        x = self.norm(x)
-        logits = x @ self.embed.weight.T if self.head is None else self.head(x)  # (b, t, V)
+        if self.task_levels:  # eq. 71 in context: chunk by chunk, each level stepping on the task loss
+            logits, layers, task = task_forward(self, tokens, state.layers, state.task)
+            return logits, ModelState(layers, task)
+        logits, layers = self.forward_blocks(tokens, state.layers)
         return logits, ModelState(layers)
+
+    def forward_blocks(self, tokens: Tensor, layers: list[dict]) -> tuple[Tensor, list[dict]]:
+        """The forward pass proper: logits (b, t, V) and every block's new state, task-loss levels read, not written."""
+        x = self.embed(tokens)  # (b, t, dim)
+        new = []
+        for block, layer_state in zip(self.blocks, layers, strict=True):
+            x, layer_state = block(x, layer_state)
+            new.append(layer_state)
+        x = self.norm(x)
+        return (x @ self.embed.weight.T if self.head is None else self.head(x)), new  # (b, t, V)
 
     def loss(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Mean next-token cross-entropy of tokens[:, 1:] given tokens[:, :-1]."""

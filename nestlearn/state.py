@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["MemoryState"]
+__all__ = ["MemoryState", "tree_map"]
 
 
 @dataclass
@@ -47,3 +47,16 @@ class MemoryState:
     def to(self, *args, **kwargs) -> MemoryState:
         """`Tensor.to` on every tensor: `state.to("cuda")`, `state.to(torch.float64)`, `state.to(q)`."""
         return self.map(lambda x: x.to(*args, **kwargs))
+
+
+def tree_map(fn, x: object) -> object:
+    """Apply fn to every tensor of a nested state (dicts, lists, tuples, MemoryState)."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, MemoryState):
+        return x.map(fn)
+    if isinstance(x, dict):
+        return {k: tree_map(fn, v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(tree_map(fn, v) for v in x)
+    return x

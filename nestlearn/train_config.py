@@ -65,6 +65,20 @@ class TrainConfig:
     retention_init: float | None = _help(
         "the memories' retention α_t at initialisation, in (0, 1) (default: the preset's, 0.982)", default=None
     )
+    cms_signal: str | None = _help(
+        "what the in-context CMS levels learn from: local (a per-head memory with its own objective) or task (eq. "
+        "71: full-width MLPs stepped on the next-token loss every C tokens; docs/deviations.md) (default: the "
+        "preset's, local)",
+        default=None,
+    )
+    task_lr: float | None = _help("--cms-signal task: η of every in-context level (default: 1e-3)", default=None)
+    meta_grad: str | None = _help(
+        "--cms-signal task: first_order (each inner gradient a constant) or full (second order) (default: first_order)",
+        default=None,
+    )
+    task_blocks: int | None = _help(
+        "--cms-signal task: how many of the last blocks learn in context (default: all)", default=None
+    )
     # data
     data: str = _help(
         "corpus name (nestlearn fetch-data --list), a text/JSONL file or folder, a folder with "
@@ -150,11 +164,13 @@ class TrainConfig:
             "precision": ["auto", "fp32", "bf16"],
             "parallel": ["ddp", "fsdp"],
             "tensorboard": ["auto", "on", "off"],
+            "cms_signal": ["local", "task"],
+            "meta_grad": ["first_order", "full"],
         }
 
     def __post_init__(self) -> None:
         for name, allowed in self.choices().items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (getattr(self, name) is None and _is_optional_field(name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("steps", "batch_size", "grad_accum", "keep_last"):
             if getattr(self, name) < 1:
@@ -277,6 +293,10 @@ def parse_periods(text: str) -> tuple[int | None, ...]:
     return tuple(out)
 
 
+def _is_optional_field(name: str) -> bool:
+    return _is_optional(typing.get_type_hints(TrainConfig)[name])
+
+
 def _is_optional(typ: Any) -> bool:
     return isinstance(typ, types.UnionType) and type(None) in typing.get_args(typ)
 
@@ -305,6 +325,18 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
     if retention:  # every memory: the mixers' and the in-context CMS levels'; dataclasses.replace checks the values
         for name in ("titans", "sm_titans", "cms"):
             setattr(model_config, name, dataclasses.replace(getattr(model_config, name), **retention))
+    task = {
+        k: v
+        for k, v in (
+            ("signal", config.cms_signal),
+            ("task_lr", config.task_lr),
+            ("meta_grad", config.meta_grad),
+            ("task_blocks", config.task_blocks),
+        )
+        if v is not None
+    }
+    if task:
+        model_config = dataclasses.replace(model_config, cms=dataclasses.replace(model_config.cms, **task))
     return model_config
 
 
@@ -347,6 +379,10 @@ RUN_FIELDS = (
     "seq_len",
     "retain_to",
     "retention_init",
+    "cms_signal",
+    "task_lr",
+    "meta_grad",
+    "task_blocks",
     "data",
     "tokenizer",
     "batch_size",

@@ -1,0 +1,197 @@
+"""Task-loss CMS levels: eq. 71 as the paper writes it, in context.
+
+    θ^(ℓ)_{i+1} = θ^(ℓ)_i − η^(ℓ) Σ_{t = i−C^(ℓ)}^{i} ∇_θ ℓ_NTP(θ^(ℓ)_i; x_t)      if i ≡ 0 (mod C^(ℓ)), else θ^(ℓ)_i
+
+Every in-context level (`cms.TaskLevel`) is a SwiGLU MLP whose weights are per-sequence state. The model reads its
+input in chunks of C = the fastest level's period, on the stream's global grid. For each chunk it runs the whole
+network with the current weights, takes the next-token loss of the chunk's tokens (summed over them: eq. 71's Σ),
+and one backward gives every learning level the gradient of that loss with respect to its own weights as this chunk
+read them, through every layer above it (earlier chunks' states are given, as in truncated backpropagation). A level adds it to the sum over its period and, at the period's end, steps. So chunk i is
+read with the weights after chunk i − 1: no token sees a write that its own or a later label produced.
+
+Choices the paper leaves open (docs/deviations.md): the chunk's last target, the first token of the next chunk, is
+not used (a step must not wait for a token that belongs to the next chunk); the learning rate is a constant per
+level (`CMSConfig.task_lr`); no retention; θ_0 is learned through the steps to first order by default
+(`CMSConfig.meta_grad`).
+
+A call may end inside a chunk (streaming, token-by-token generation): its tokens and every layer's state at the
+chunk's start are kept in the state, and the next call computes the chunk again, whole, before it steps. Under
+`torch.no_grad()` (evaluation, generation) the inner steps still run, with gradients enabled for them alone.
+
+`reference_forward` is the slow, obvious version the fast one is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cms import TaskLevel
+from .config import ModelConfig
+from .state import tree_map
+
+__all__ = ["task_levels", "task_forward", "reference_forward"]
+
+Where = tuple[int, int, TaskLevel]  # (block, CMS level index, level)
+
+
+def task_levels(blocks: nn.ModuleList, config: ModelConfig) -> list[Where]:
+    """The task-loss levels that learn (those of the last `task_blocks` blocks; the others read θ_0), checked: every
+    period a multiple of the fastest, so that every level steps on the chunk grid."""
+    found = [(i, j, lv) for i, b in enumerate(blocks) for j, lv in enumerate(b.cms.levels) if isinstance(lv, TaskLevel)]
+    keep = config.cms.task_blocks
+    first = 0 if keep is None else len(blocks) - keep
+    for i, _, lv in found:
+        lv.learns = i >= first
+    learning = [w for w in found if w[2].learns]
+    if learning:
+        chunk = min(lv.period for _, _, lv in learning)
+        bad = sorted({lv.period for _, _, lv in learning if lv.period % chunk})
+        if bad:
+            raise ValueError(
+                f"CMSConfig.update_periods={config.cms.update_periods}: with signal='task' every in-context period "
+                f"must be a multiple of the fastest, {chunk} (the chunk every level steps on); {bad} are not"
+            )
+    return learning
+
+
+def _chunk(levels: list[Where]) -> int:
+    return min(lv.period for _, _, lv in levels)
+
+
+def _with(layers: list[dict], where: Where, value: dict) -> list[dict]:
+    """`layers` with one level's state replaced (new lists and dicts along the path; the rest shared)."""
+    i, j, _ = where
+    cms = list(layers[i]["cms"])
+    cms[j] = value
+    out = list(layers)
+    out[i] = {**layers[i], "cms": cms}
+    return out
+
+
+def _inner_step(model: nn.Module, seg: Tensor, layers: list[dict], end: int, outer: bool):
+    """One full chunk: logits with the current weights, then every learning level's gradient of the chunk's summed
+    next-token loss, added to its period's sum, and a step where `end` (the stream position after the chunk) closes
+    a period. Returns logits (b, C, V) and the new layers."""
+    levels = model.task_levels
+    with torch.enable_grad():
+        thetas = []
+        for where in levels:
+            i, j, _ = where
+            s = layers[i]["cms"][j]
+            # the weights as this chunk reads them, a node of their own: the gradient is that of the chunk's reads
+            # alone, not of earlier chunks read with the same weights (a slower level's), whose states are given
+            if s["up"].requires_grad:
+                up, down = s["up"].view_as(s["up"]), s["down"].view_as(s["down"])
+            else:  # evaluation, or frozen weights: leaves of this chunk's own graph
+                up, down = s["up"].detach().requires_grad_(), s["down"].detach().requires_grad_()
+            layers = _with(layers, where, {**s, "up": up, "down": down})
+            thetas += [up, down]
+        logits, new = model.forward_blocks(seg, layers)
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="sum")
+        full = outer and model.config.cms.meta_grad == "full"
+        grads = torch.autograd.grad(loss, thetas, retain_graph=outer, create_graph=full)
+    for n, where in enumerate(levels):
+        i, j, level = where
+        up, down = thetas[2 * n], thetas[2 * n + 1]
+        g_up, g_down = grads[2 * n], grads[2 * n + 1]
+        s = new[i]["cms"][j]
+        sum_up, sum_down = s["sum_up"] + g_up, s["sum_down"] + g_down
+        if end % level.period == 0:  # the period closes: θ ← θ − η Σ ∇ (eq. 71)
+            up, down = up - level.lr * sum_up, down - level.lr * sum_down
+            sum_up, sum_down = torch.zeros_like(sum_up), torch.zeros_like(sum_down)
+            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise FloatingPointError(
+                    f"the task-loss CMS level blocks.{i}.cms.levels.{j} diverged at its step after token {end}: "
+                    f"lower CMSConfig.task_lr (now {level.lr})"
+                )
+        new = _with(new, where, {"up": up, "down": down, "sum_up": sum_up, "sum_down": sum_down})
+    if not outer:
+        logits = logits.detach()
+        new = _detach(new)
+    return logits, new
+
+
+def _detach(layers: list[dict]) -> list[dict]:
+    return tree_map(Tensor.detach, layers)
+
+
+def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dict):
+    """The forward pass of a LanguageModel (`model`, which imports this module) with learning task-loss levels:
+    logits (b, t, V), the new layers, and the new `task` part of the state (the position; the chunk in progress and
+    every layer's state at its start)."""
+    C = _chunk(model.task_levels)
+    position, pending, start = task["position"], task["chunk"], task["start"]
+    if pending is not None:  # a chunk begun by an earlier call: computed again from its start, whole
+        x, layers, skip = torch.cat([pending, tokens], dim=1), start, pending.shape[1]
+    else:
+        x, skip = tokens, 0
+    base = position - skip  # the stream position of x[:, 0], a multiple of C
+    outer = torch.is_grad_enabled()
+    out, pending, start = [], None, None
+    for lo in range(0, x.shape[1], C):
+        seg = x[:, lo : lo + C]
+        if seg.shape[1] == C:
+            logits, layers = _inner_step(model, seg, layers, base + lo + C, outer)
+        else:  # the chunk goes on in a later call: read it with the current weights, step then
+            pending, start = seg, layers
+            logits, layers = model.forward_blocks(seg, layers)
+        out.append(logits)
+    logits = torch.cat(out, dim=1)[:, skip:]
+    return logits, layers, {"position": position + tokens.shape[1], "chunk": pending, "start": start}
+
+
+def reference_forward(model: nn.Module, tokens: Tensor) -> Tensor:
+    """The slow, obvious eq. 71, for tests: one sequence at a time; before the step after chunk i, the whole prefix is
+    computed again from a fresh state with the weight history θ_0 … θ_i (chunk j read with θ_j), and the step takes
+    plain autograd's gradient of chunk i's summed next-token loss with respect to θ_i alone. Returns the logits of
+    a last pass over the whole sequence with that history; the outer gradient flows through it to first order
+    (each inner gradient a constant), or through the inner gradients too with meta_grad="full"."""
+    levels = model.task_levels
+    C, full = _chunk(levels), model.config.cms.meta_grad == "full"
+    rows = []
+    for r in range(tokens.shape[0]):
+        x = tokens[r : r + 1]
+        n = x.shape[1] // C
+        theta = [{"up": lv.up[None], "down": lv.down[None]} for _, _, lv in levels]
+        sums = [{"up": 0.0, "down": 0.0} for _ in levels]
+        history = []  # θ used by each chunk
+
+        for c in range(n):
+            leaves = [{k: v.detach().requires_grad_() if not full else v for k, v in th.items()} for th in theta]
+            if full:
+                leaves = [{k: v + 0 for k, v in th.items()} for th in theta]  # non-leaf copies to differentiate at
+            logits = _replay(model, x, [*history, leaves], c + 1)[:, c * C :]
+            seg = x[:, c * C : (c + 1) * C]
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="sum")
+            flat = [v for th in leaves for v in th.values()]
+            grads = iter(torch.autograd.grad(loss, flat, create_graph=full))
+            history.append(theta)
+            new_theta = []
+            for (_, _, lv), th, s in zip(levels, theta, sums, strict=True):
+                for k in ("up", "down"):
+                    s[k] = s[k] + next(grads)
+                if (c + 1) * C % lv.period == 0:
+                    th = {k: th[k] - lv.lr * s[k] for k in ("up", "down")}
+                    s["up"], s["down"] = 0.0, 0.0
+                new_theta.append(th)
+            theta = new_theta
+        rest = x.shape[1] - n * C
+        hist = history + ([theta] if rest else [])
+        logits = _replay(model, x, hist, n + (1 if rest else 0))
+        rows.append(logits)
+    return torch.cat(rows, dim=0)
+
+
+def _replay(model: nn.Module, x: Tensor, history: list[list[dict]], chunks: int) -> Tensor:
+    """The first `chunks` chunks of x (1, t) from a fresh state, chunk c read with the weights history[c]."""
+    levels = model.task_levels
+    C = _chunk(levels)
+    layers, out = model.init_state(1).layers, []
+    for c in range(chunks):
+        for where, theta in zip(levels, history[c], strict=True):
+            layers = _with(layers, where, {**layers[where[0]]["cms"][where[1]], **theta})
+        logits, layers = model.forward_blocks(x[:, c * C : (c + 1) * C], layers)
+        out.append(logits)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,194 @@
+"""Task-loss CMS levels (eq. 71): the chunked fast path equals the slow reference (outputs and gradients, first
+order and full), streams cut anywhere equal one call, rows and the future never leak, each level steps exactly at
+its period, evaluation and generation keep learning, and bad settings are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nestlearn import build, presets
+from nestlearn.checkpoint import decode_state, encode_state
+from nestlearn.cms import TaskLevel
+from nestlearn.config import CMSConfig
+from nestlearn.task_cms import reference_forward
+
+V = 48
+
+
+def task_model(preset: str = "hope", periods=(8, 16, None), lr: float = 0.05, **cms) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = presets.PRESETS[preset]("debug")
+    fields = dict(signal="task", update_periods=periods, outer_from=64, task_lr=lr, **cms)
+    config = dataclasses.replace(config, vocab_size=V, cms=dataclasses.replace(config.cms, **fields))
+    return build(config).double()
+
+
+def tokens(b: int = 2, t: int = 44, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", ["hope", "hope_attention", "transformer"])
+def test_the_fast_path_equals_the_reference(preset):
+    model, x = task_model(preset), tokens()  # 44 tokens: five chunks of 8 and a partial one
+    logits, _ = model(x)
+    torch.testing.assert_close(logits, reference_forward(model, x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("meta_grad", ["first_order", "full"])
+def test_outer_gradients_equal_the_references(meta_grad):
+    model, x = task_model(meta_grad=meta_grad), tokens(t=32)
+    fast = torch.autograd.grad(model(x)[0].square().mean(), list(model.parameters()), allow_unused=True)
+    slow = torch.autograd.grad(reference_forward(model, x).square().mean(), list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), fast, slow, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None, name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12, msg=name)
+    theta0 = dict(zip([n for n, _ in model.named_parameters()], fast, strict=True))
+    assert theta0["blocks.1.cms.levels.1.up"].abs().sum() > 0  # θ_0 is learned through the steps (eq. 73)
+
+
+def test_full_and_first_order_meta_gradients_differ():
+    x = tokens(t=32)
+    grads = []
+    for meta_grad in ("first_order", "full"):
+        model = task_model(meta_grad=meta_grad)
+        grads.append(torch.autograd.grad(model(x)[0].square().mean(), [model.blocks[0].cms.levels[0].up])[0])
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("cuts", [[13, 29], [1, 2, 3, 8, 9, 40], [8, 16, 24]], ids=["odd", "tokens", "chunks"])
+def test_a_stream_cut_anywhere_equals_one_call(cuts):
+    model, x = task_model(), tokens()
+    whole, state = model(x)
+    parts, s = [], None
+    for lo, hi in zip([0, *cuts], [*cuts, x.shape[1]], strict=True):
+        logits, s = model(x[:, lo:hi], s)
+        parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-12)
+    for a, b in zip(state.layers[1]["cms"][:2], s.layers[1]["cms"][:2], strict=True):
+        torch.testing.assert_close(a["up"], b["up"], rtol=0, atol=1e-12)
+
+
+def test_rows_and_the_future_never_leak():
+    model, x = task_model(), tokens()
+    base, _ = model(x)
+    y = x.clone()
+    y[1] = torch.randint(0, V, (x.shape[1],))  # another second row
+    torch.testing.assert_close(model(y)[0][0], base[0], rtol=0, atol=0)
+    for p in (5, 8, 23, 40):  # a changed token changes nothing before it
+        z = x.clone()
+        z[:, p] = (z[:, p] + 1) % V
+        torch.testing.assert_close(model(z)[0][:, :p], base[:, :p], rtol=0, atol=0)
+
+
+def test_each_level_steps_exactly_at_its_period():
+    model, x = task_model(), tokens(b=1, t=48)
+    s, seen = None, []
+    for lo in range(0, 48, 8):
+        _, s = model(x[:, lo : lo + 8], s)
+        seen.append([s.layers[0]["cms"][j]["up"].clone() for j in (0, 1)])
+    before = [model.blocks[0].cms.levels[j].up[None] for j in (0, 1)]
+    for c, now in enumerate(seen):
+        end = 8 * (c + 1)
+        for j, period in ((0, 8), (1, 16)):
+            changed = not torch.equal(now[j], before[j])
+            assert changed == (end % period == 0), (c, j)
+        before = now
+
+
+def test_a_level_reading_its_own_chunk_would_be_caught(monkeypatch):
+    # the mistake of updating before the chunk is read (the chunk sees its own labels) breaks the reference match
+    import nestlearn.task_cms as task_cms
+
+    model, x = task_model(), tokens(t=24)
+    honest, _ = model(x)
+    original = task_cms._inner_step
+
+    def peeking(model, seg, layers, end, outer):
+        _, stepped = original(model, seg, layers, end, outer)
+        return original(model, seg, stepped, end + seg.shape[1], outer)
+
+    monkeypatch.setattr(task_cms, "_inner_step", peeking)
+    assert not torch.allclose(model(x)[0], honest)
+    assert not torch.allclose(model(x)[0], reference_forward(model, x))
+
+
+def test_evaluation_and_generation_keep_learning():
+    model, x = task_model(), tokens(b=1, t=40)
+    with torch.no_grad():
+        learned, _ = model(x)
+    torch.testing.assert_close(learned, model(x)[0], rtol=0, atol=1e-12)
+    frozen = task_model(task_blocks=0)  # no block learns: θ_0 read throughout
+    assert not torch.allclose(learned, frozen(x)[0])
+    greedy = model.generate(x[:, :5], 20)
+    with torch.no_grad():
+        logits, _ = model(greedy[:, :-1])
+    assert torch.equal(logits[:, 4:].argmax(-1), greedy[:, 5:])
+
+
+def test_only_the_last_task_blocks_learn():
+    model, x = task_model(task_blocks=1), tokens(b=1, t=32)
+    _, s = model(x)
+    assert torch.equal(s.layers[0]["cms"][0]["up"], model.blocks[0].cms.levels[0].up[None])
+    assert not torch.equal(s.layers[1]["cms"][0]["up"], model.blocks[1].cms.levels[0].up[None])
+
+
+def test_the_state_saves_and_restores_mid_chunk():
+    model, x = task_model(), tokens()
+    whole, _ = model(x)
+    first, s = model(x[:, :13])
+    s = decode_state(encode_state(s.detach()))
+    rest, _ = model(x[:, 13:], s)
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole, rtol=0, atol=1e-12)
+
+
+def test_bad_settings_are_refused_and_divergence_is_named():
+    with pytest.raises(ValueError, match="signal='nope'"):
+        CMSConfig(signal="nope")
+    with pytest.raises(ValueError, match="task_lr"):
+        CMSConfig(signal="task", task_lr=0)
+    with pytest.raises(ValueError, match="meta_grad"):
+        CMSConfig(signal="task", meta_grad="second")
+    with pytest.raises(ValueError, match="multiple of the fastest, 8"):
+        task_model(periods=(8, 12, None))
+    model = task_model(lr=1e30).float()
+    with pytest.raises(FloatingPointError, match=r"blocks\.\d\.cms\.levels\.\d diverged at its step after token \d+"):
+        model(tokens(t=64))
+    assert isinstance(model.blocks[0].cms.levels[0], TaskLevel)
+
+
+def test_a_task_loss_hope_trains():
+    model = task_model().float()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = tokens(b=4, t=33)
+    losses = []
+    for _ in range(4):
+        loss, _ = model.loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_train_with_task_levels_resumes_exactly(tmp_path):
+    from nestlearn.checkpoint import latest_checkpoint, load_checkpoint
+    from nestlearn.train import train
+
+    from .test_train import config, losses, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    fields = dict(preset="hope", cms_signal="task", update_periods="8,16,none", task_lr=1e-2, carry_state=True)
+    whole = config(corpus, tmp_path / "whole", steps=4, **fields)
+    train(whole)
+    split = config(corpus, tmp_path / "split", steps=4, stop_at=2, **fields)
+    train(split)
+    train(dataclasses.replace(split, stop_at=None))
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    model, _ = load_checkpoint(whole.out_dir)
+    assert model.config.cms.signal == "task" and isinstance(model.blocks[0].cms.levels[0], TaskLevel)
+    assert latest_checkpoint(split.out_dir).name == "step-00000004"
