@@ -116,3 +116,8 @@ def test_bench_block_times_and_counts_a_mixer_and_refuses_a_bad_width():
         timeout=120,
     )
     assert bad.returncode != 0 and "--head-width [0]: every value must be a positive int" in bad.stderr
+
+
+def test_bench_shared_cpu_times_the_three_settings():
+    out = run("bench_shared_cpu.py", "--presets", "transformer", "--seq-len", "16", "--batch", "2", "--steps", "1")
+    assert "| transformer |" in out and out.count(" s") >= 3
