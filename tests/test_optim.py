@@ -38,11 +38,70 @@ def run(make, steps: int, seed: int = 0, params=None):
     return params, opt
 
 
-def test_deep_momentum_with_linear_memory_and_dot_objective_equals_sgd_momentum():
-    ours, _ = run(lambda ps: DeepMomentum(ps, lr=0.05, momentum=0.9, memory="linear", objective="dot"), 6)
+@pytest.mark.parametrize("form", DeepMomentum.FORMS)
+def test_deep_momentum_with_linear_memory_and_dot_objective_equals_sgd_momentum(form):
+    ours, _ = run(lambda ps: DeepMomentum(ps, lr=0.05, momentum=0.9, memory="linear", objective="dot", form=form), 6)
     ref, _ = run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), 6)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def _dmgd_reference(w0: torch.Tensor, gs: list[torch.Tensor], memory0: dict, form: str, lr, beta, eta) -> torch.Tensor:
+    """Eq. 50 for one row, written out with plain autograd: M(x) = x + W₁σ(W₂x); per step, one gradient step on
+    ℓ = −⟨M(k), g⟩ with retention β towards M_0, then θ ← θ − lr (M(k) − k) at the new weights. `paper`: k = ĝ;
+    `preconditioner`: k = c, every entry d^(−1/2)."""
+    W0 = {n: w[0, 0].clone() for n, w in memory0.items()}  # (d, h), (h, d)
+    W = {n: w.clone() for n, w in W0.items()}
+    theta = w0.clone()
+    d = theta.numel()
+
+    def M(weights, x):
+        return x + weights["W1"] @ torch.nn.functional.gelu(weights["W2"] @ x)
+
+    for g in gs:
+        k = g / g.norm() if form == "paper" else torch.full((d,), d**-0.5, dtype=g.dtype)
+        leaves = {n: w.clone().requires_grad_(True) for n, w in W.items()}
+        loss = -(M(leaves, k) * g).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        W = {n: W0[n] + beta * (W[n] - W0[n]) - eta * gr for (n, gr) in zip(W, grads, strict=True)}
+        theta = theta - lr * (M(W, k) - k)
+    return theta
+
+
+@pytest.mark.parametrize("form", DeepMomentum.FORMS)
+def test_deep_momentum_mlp_memory_follows_eq_50_written_out(form):
+    # `paper` writes and reads the memory at the gradient's direction (eq. 50: W_{i+1} = W_i + m_{i+1}(u_i)),
+    # `preconditioner` at a fixed key; each against the recurrence written out independently with autograd.
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, generator=gen, dtype=torch.float64)
+    gs = [torch.randn(5, generator=gen, dtype=torch.float64) * s for s in (1.0, 0.1, 3.0, 1.0, 0.5, 2.0)]
+    p = torch.nn.Parameter(w0.clone())
+    opt = DeepMomentum([p], lr=0.1, momentum=0.8, inner_lr=0.7, hidden=3, form=form)
+    for g in gs:
+        p.grad = g.clone()
+        opt.step()
+    expected = _dmgd_reference(w0, gs, opt.state[p]["memory_init"], form, lr=0.1, beta=0.8, eta=0.7)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-10)
+    other = "preconditioner" if form == "paper" else "paper"
+    assert (p.detach() - _dmgd_reference(w0, gs, opt.state[p]["memory_init"], other, 0.1, 0.8, 0.7)).abs().max() > 1e-3
+
+
+def test_deep_momentum_paper_form_is_keyed_by_the_gradient_direction():
+    # the key is ĝ, not g: the first update is η‖σ(W₂ĝ)‖² g, linear in the gradient's scale (a key g would make it
+    # cubic); a zero row has ĝ = 0 and never moves
+    a, b = (torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64)) for _ in range(2))
+    opt_a, opt_b = (DeepMomentum([x], lr=0.1, form="paper") for x in (a, b))
+    g = grads(0)[0][:3, :4].clone()
+    g[1] = 0.0
+    a.grad, b.grad = g.clone(), 1e-6 * g
+    opt_a.step()
+    opt_b.step()
+    torch.testing.assert_close(b.detach(), 1e-6 * a.detach(), rtol=1e-6, atol=0)  # M(k) − k: k cancels
+    for t in range(1, 4):
+        a.grad = grads(t)[0][:3, :4].clone()
+        a.grad[1] = 0.0
+        opt_a.step()
+    assert (a.detach()[1] == 0).all() and (a.detach()[[0, 2]] != 0).all()
 
 
 @pytest.mark.parametrize("retain_to", ["init", "zero"])
@@ -107,6 +166,34 @@ def test_m3_without_slow_branch_or_second_moment_equals_muon_without_nesterov():
     muon, _ = run(lambda ps: Muon(ps, lr=0.02, momentum=0.9, nesterov=False, weight_decay=0.1), 5)
     for a, b in zip(m3, muon, strict=True):  # up to Newton–Schulz's ε in its normalisation: M¹ is (1 − β) × Muon's m
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def _m3_step_sizes(steps: int, **kw) -> list[float]:
+    """‖Δθ_t‖ of the matrix under a constant gradient, t = 1..steps."""
+    p = torch.nn.Parameter(torch.zeros(6, 4, dtype=torch.float64))
+    g = grads(0)[0]
+    opt, sizes = M3([p], lr=0.01, **kw), []
+    for _ in range(steps):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        sizes.append((p.detach() - before).norm().item())
+    return sizes
+
+
+def test_m3_literal_without_rescaling_shrinks_its_step_like_one_over_sqrt_t():
+    # Algorithm 1 (form="literal", scale="none"): V = t β₂ g², M¹ = t β₁ g, so ‖Δθ_t‖ = ‖Δθ_1‖/√t
+    sizes = _m3_step_sizes(12, form="literal", scale="none", alpha=0.0)
+    for t, size in enumerate(sizes, start=1):
+        assert size * math.sqrt(t) == pytest.approx(sizes[0], rel=1e-5), (t, sizes)
+
+
+@pytest.mark.parametrize("form", ["literal", "ema"])
+def test_m3_default_rms_scale_cancels_the_shrinking_step(form):
+    # the default scale="rms" gives every update RMS 0.2 · lr, so the literal form's 1/√t is gone
+    sizes = _m3_step_sizes(12, form=form, slow_period=3)
+    rms = 0.2 * 0.01 * math.sqrt(6 * 4)
+    assert sizes == pytest.approx([rms] * 12, rel=1e-6), sizes
 
 
 def test_m3_literal_follows_algorithm_1():
@@ -181,6 +268,7 @@ ALL = {
     "m3": lambda ps: M3(ps, lr=0.01, slow_period=2),
     "m3-literal": lambda ps: M3(ps, lr=0.01, slow_period=2, form="literal"),
     "deep_momentum": lambda ps: DeepMomentum(ps, lr=0.01),
+    "deep_momentum-paper": lambda ps: DeepMomentum(ps, lr=0.01, form="paper"),
     "delta_momentum": lambda ps: DeltaMomentum(ps, lr=0.01, delta=0.5),
     "preconditioned": lambda ps: PreconditionedMomentum(ps, lr=0.01, precondition="rms", output="newton_schulz"),
 }
@@ -233,6 +321,7 @@ def test_step_calls_the_closure_and_returns_its_loss(name):
         (lambda ps: M3(ps, form="adam"), "form='adam'"),
         (lambda ps: DeltaMomentum(ps, form="x"), "form='x'"),
         (lambda ps: DeepMomentum(ps, memory="deep"), "memory='deep'"),
+        (lambda ps: DeepMomentum(ps, form="literal"), "form='literal'"),
         (lambda ps: PreconditionedMomentum(ps, output="tanh"), "output='tanh'"),
         (lambda ps: Muon(ps, scale="big"), "scale='big'"),
     ],

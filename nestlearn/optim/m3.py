@@ -9,12 +9,19 @@ Newton–Schulz, summed and divided by the square root of a second moment:
 The slow branch written at step t (a multiple of f) is used from step t + 1 on, as in the algorithm, where the
 slow memory is refreshed at the start of each block of f steps with the previous block's gradients.
 
-`form="literal"` is the algorithm as printed: sums without decay (V then grows like t, so the step shrinks
-like 1/√t, as in AdaGrad). `form="ema"` (the default, chosen by measurement, docs/results.md) uses exponential
-averages M¹ ← β₁M¹ + (1−β₁)g, V ← β₂V + (1−β₂)g² with bias correction, and M² ← β₃M² + (1−β₃)·(mean of the block's
-gradients). The algorithm's labels for β₂/β₃ disagree with eq. 75 (docs/deviations.md, ambiguity #15); here β₂ is
-the second moment and β₃ the slow momentum. s is the update scale (`scale`): `rms` (default) rescales the update
-to RMS 0.2 so one learning rate serves the matrices and the AdamW-stepped vectors; `none` is the algorithm's.
+`form="literal"` writes the algorithm's memories as printed: sums without decay. `form="ema"` (the default, chosen
+by measurement, docs/results.md) uses exponential averages M¹ ← β₁M¹ + (1−β₁)g, V ← β₂V + (1−β₂)g² with bias
+correction, and M² ← β₃M² + (1−β₃)·(mean of the block's gradients). The algorithm's labels for β₂/β₃ disagree with
+eq. 75 (docs/deviations.md, ambiguity #15); here β₂ is the second moment and β₃ the slow momentum. s is the update
+scale (`scale`): `rms` (default) rescales the update to RMS 0.2 so one learning rate serves the matrices and the
+AdamW-stepped vectors; `none` is the algorithm's (s = identity).
+
+The step size follows from both. Algorithm 1 exactly is `form="literal", scale="none"`: V then grows like t, so
+the step shrinks like 1/√t, as in AdaGrad (for a constant gradient and α = 0, ‖Δθ_t‖ = ‖Δθ_1‖/√t). With the default
+`scale="rms"` every update has RMS 0.2 · lr whatever the form, which cancels that shrinkage: V divides the update
+coordinate by coordinate but no longer sets its size, and a learning-rate schedule alone decides how the step
+shrinks (both tested).
+
 Parameters with fewer than 2 dimensions (and groups with `muon=False`) are stepped by AdamW.
 """
 
@@ -34,7 +41,8 @@ class M3(ParamwiseOptimizer):
     """Args:
     lr: learning rate. betas: (β₁ fast momentum, β₂ second moment, β₃ slow momentum). alpha: α, the slow
     branch's weight (0 turns it off). slow_period: f, steps between writes of the slow memory. form: ema | literal.
-    second_moment: divide by √V + ε (False: by 1). ns_steps, scale, weight_decay: as in Muon.
+    second_moment: divide by √V + ε (False: by 1). ns_steps, scale, weight_decay: as in Muon (`scale="none"` with
+    `form="literal"` is Algorithm 1, whose step shrinks like 1/√t; the default `rms` fixes the update's RMS).
     adamw_betas, eps: of the AdamW part (and ε of the division by √V).
     """
 

@@ -9,7 +9,8 @@ that memory more expressive, as the paper does, and steps θ_{t+1} = θ_t (1 −
 - `DeltaMomentum`: the L2 objective instead of the dot product (eqs. 48–49), i.e. the delta rule: before
   adding g the memory forgets part of what it holds along g, m ← m(βI − c ĝĝᵀ), so it can "learn to forget".
 - `DeepMomentum` (DMGD, eq. 50): the memory is an MLP written by gradient descent on its own inner objective,
-  through `nestlearn.memory.scan`, the same code as the model's memories.
+  through `nestlearn.memory.scan`, the same code as the model's memories; read at the current gradient as eq. 50
+  prints it (`form="paper"`) or at a fixed key, a learned preconditioner (`form="preconditioner"`, the default).
 
 Sign: the paper writes W ← W + m with m ← α m − η g; we store m with the opposite sign and the learning rate
 outside, as torch.optim.SGD does, so that a learning-rate schedule acts on every step at once. For constant lr
@@ -177,17 +178,32 @@ class DeepMomentum(_Momentum):
     """DMGD (eq. 50): the momentum is an associative memory M written by gradient descent on its own objective.
 
     Each row r of a parameter (a matrix (rows, cols); vectors are one row; more dimensions flatten into the
-    columns) has its own memory M_r. Every step writes the gradient row g_r as the value at a fixed unit key c,
-    then reads the update at the same key:
+    columns) has its own memory M_r. Every step writes the gradient row g_r as the value at a key k_r, then
+    reads the update at the same key. `form` says which key:
 
-        M_r ← β M_r − η ∇_M ℓ(M_r; c, g_r)      ℓ = −⟨M(c), g⟩ (`dot`) or ½‖M(c) − g‖² (`l2`)
-        θ_r ← θ_r − lr · M_r(c)
+        M_r ← M_0 + β (M_r − M_0) − η ∇_M ℓ(M_r; k_r, g_r)   ℓ = −⟨M(k), g⟩ (`dot`) or ½‖M(k) − g‖² (`l2`)
+        θ_r ← θ_r − lr · M_r(k_r)                          (the MLP's learned part: M_r(k_r) − k_r)
 
-    With `memory="linear"` (M is a (cols, 1) matrix, c = 1) and the dot objective this is exactly
-    torch.optim.SGD(momentum=β) (η = 1): momentum is the linear case. With `memory="mlp"` the memory is the
-    residual MLP of eq. 89, M(c) = c + W₁σ(W₂c), read as M(c) − c; a write moves the read-out by J Jᵀ g (J the
-    Jacobian of the read-out in the MLP's weights), a preconditioner that the memory learns as it is written.
-    W₁ starts at zero, so the first read-out is 0 as for momentum; W₂ starts N(0, 1) from a fixed seed.
+    - `form="paper"`: eq. 50 as printed, W_{i+1} = W_i + m_{i+1}(u_i): the memory is applied to the current
+      gradient, k_r = ĝ_r = g_r/‖g_r‖, and its read of the gradient is the update. The key is the gradient's
+      direction, not the gradient itself (a departure, docs/deviations.md): with the raw gradient as key the
+      read of an MLP whose weights are written with the gradient scales like ‖g‖³, so the step size would
+      depend on the gradient's scale cubed. For the MLP memory a write at ĝ_j moves the read at ĝ_i by
+      J(ĝ_i) J(ĝ_j)ᵀ g_j: past gradients come back weighted by how alike their directions are in the memory's
+      features, a momentum that recalls the gradients of similar directions; the weight can be negative, and
+      training was unstable above small learning rates where it was measured.
+    - `form="preconditioner"` (the default, chosen by measurement, docs/optimizers.md): a fixed unit key
+      k_r = c (every coordinate d^(−1/2)), so the memory is not read at the gradient: the MLP is a write
+      preconditioner, the read-out moving by J(c) J(c)ᵀ g per write, a matrix that the memory changes as it is
+      written.
+
+    With `memory="linear"` and the dot objective both forms are exactly torch.optim.SGD(momentum=β) (η = 1):
+    momentum is the linear case. The linear memory is the paper's momentum m of eqs. 33–34, which has no input
+    (M(x) = W x at the constant key 1, a (cols, 1) matrix: M(u) = m whatever u is), so `form` does not change
+    it; a linear map read at ĝ would weight each past gradient by its cosine with the current one instead. With
+    `memory="mlp"` the memory is the residual MLP of eq. 89, M(x) = x + W₁σ(W₂x), read as M(k) − k. W₁ starts at
+    zero, so the first read-out is a positive multiple of g per row, as for momentum; W₂ starts N(0, 1) from a
+    fixed seed.
 
     Retention pulls the memory back to its initial state M_0 (`retain_to="init"`, the default), as the model's
     memories do: M_r ← M_0 + β (M_r − M_0) − η ∇ℓ. W₁'s M_0 is zero, so for W₁ (and for the linear memory, hence
@@ -197,11 +213,14 @@ class DeepMomentum(_Momentum):
 
     Args:
         momentum: β, the memory's retention. inner_lr: η. memory: mlp | linear. objective: dot | l2.
+        form: `preconditioner` (default: fixed key) or `paper` (eq. 50: keyed and read at the gradient's
+            direction); only the MLP memory differs.
         hidden: the MLP's hidden width per row. activation: its σ. seed: of W₂'s initial values.
         retain_to: `init` (default) or `zero`, what the retention β pulls the memory towards.
     """
 
     name = "DeepMomentum"
+    FORMS = ("preconditioner", "paper")
 
     def __init__(
         self,
@@ -216,6 +235,7 @@ class DeepMomentum(_Momentum):
         weight_decay: float = 0.0,
         seed: int = 0,
         retain_to: str = "init",
+        form: str = "preconditioner",
     ):
         self._check(lr, momentum, weight_decay)
         check_range(self.name, "inner_lr", inner_lr, 0.0)
@@ -228,6 +248,8 @@ class DeepMomentum(_Momentum):
             if value not in allowed:
                 raise ValueError(f"{self.name}: {name}={value!r} is not known; expected one of {list(allowed)}")
         check_choice(self.name, "retain_to", retain_to, ("init", "zero"))
+        if form not in self.FORMS:
+            raise ValueError(f"{self.name}: form={form!r} is not known; expected one of {list(self.FORMS)}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -238,6 +260,7 @@ class DeepMomentum(_Momentum):
             activation=activation,
             weight_decay=weight_decay,
             retain_to=retain_to,
+            form=form,
         )
         super().__init__(params, defaults)
         self.seed = seed
@@ -252,10 +275,17 @@ class DeepMomentum(_Momentum):
         return mem.MemoryState({"W1": torch.zeros(1, n, d, group["hidden"], **kw), "W2": w2})
 
     def _key(self, rows: Tensor, group: dict) -> Tensor:
+        """k (1, n, 1, width): the constant key 1 of the linear memory; for the MLP, the fixed unit key c
+        (`preconditioner`) or each row's gradient direction ĝ_r (`paper`; a zero row gives ĝ = 0)."""
         n, d = rows.shape
-        width = 1 if group["memory"] == "linear" else d
         dtype = torch.promote_types(rows.dtype, torch.float32)  # at least float32, as the memory
-        return rows.new_full((1, n, 1, width), width**-0.5, dtype=dtype)  # c, ‖c‖ = 1
+        if group["memory"] == "linear":
+            return rows.new_ones((1, n, 1, 1), dtype=dtype)
+        if group.get("form", "preconditioner") == "paper":  # a state saved before `form` existed: preconditioner
+            r = rows.to(dtype)  # scaled to a largest entry of 1 first, so that a tiny gradient's ‖g‖² cannot underflow
+            r = r / r.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+            return torch.nn.functional.normalize(r, dim=-1)[None, :, None, :]
+        return rows.new_full((1, n, 1, d), d**-0.5, dtype=dtype)  # c, ‖c‖ = 1
 
     def _write(self, p, g, state, group):
         rows = g.reshape(1, -1) if g.dim() < 2 else as_matrix(g)  # (n, d)
