@@ -213,16 +213,55 @@ def test_bad_tokens_are_refused():
         model(torch.zeros(3))
 
 
-def test_in_context_level_changes_exactly_at_its_period():
+def _chunk_update(level, h: torch.Tensor, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The level's weights after one chunk of inputs h (1, C, dim), from `start`, written out independently of
+    nestlearn's scan: per token t, the gradient of ℓ_t = ½‖M(k_t) − v_t‖² at the chunk's starting weights (plain
+    autograd, M(x) = x + W₁ gelu(W₂x) per head), clipped to the level's max_grad_norm over both layers of each head,
+    then retention towards M_0 token by token: M_end = M_0 + (Π α)(M_start − M_0) − Σ_t (Π_{s>t} α_s) η_t g_t."""
+    H, d = level.num_heads, level.head_dim
+    with torch.no_grad():
+        k = torch.nn.functional.normalize(h[0].view(-1, H, d), dim=-1)  # (C, H, d)
+        v = level.value(h[0]).view(-1, H, d)
+        gates = level.gates(h[0]).view(-1, 2, H)
+        eta, alpha = level.max_lr * torch.sigmoid(gates[:, 0]), torch.sigmoid(gates[:, 1])  # (C, H)
+    origin = {"W1": level.W1.detach(), "W2": level.W2.detach()}
+    end = {n: origin[n] + alpha.prod(0)[:, None, None] * (start[n] - origin[n]) for n in start}
+    for t in range(h.shape[1]):
+        w = {n: x.clone().requires_grad_(True) for n, x in start.items()}
+        hidden = torch.nn.functional.gelu(torch.einsum("hfd,hd->hf", w["W2"], k[t]))
+        pred = k[t] + torch.einsum("hdf,hf->hd", w["W1"], hidden)  # M(k_t) per head
+        g1, g2 = torch.autograd.grad(0.5 * (pred - v[t]).pow(2).sum(), [w["W1"], w["W2"]])
+        norm = (g1.pow(2).sum((1, 2)) + g2.pow(2).sum((1, 2))).sqrt()  # (H,)
+        clip = (level.max_grad_norm / norm).clamp(max=1.0) if level.max_grad_norm else torch.ones_like(norm)
+        c = (alpha[t + 1 :].prod(0) * eta[t] * clip)[:, None, None]  # (H, 1, 1)
+        end["W1"], end["W2"] = end["W1"] - c * g1, end["W2"] - c * g2
+    return end
+
+
+def test_in_context_level_changes_exactly_at_its_period_by_its_chunks_summed_update():
     model = model_of("hope_attention")  # CMS levels written every 16 and 128 tokens, then one outer level
+    level = model.blocks[0].cms.levels[0]  # the level of period 16
+    inputs = []
+    level.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone()))
     x = tokens(b=1, t=40)
-    state, seen = None, []
+    state, seen, weights = None, [], []
     for t in range(40):
         _, state = model(x[:, t : t + 1], state)
-        level = state.layers[0]["cms"][0]  # the level of period 16
-        seen.append((level.snapshot if level.offset else level.weights)["W1"].clone())  # what its reads use
+        st = state.layers[0]["cms"][0]
+        seen.append((st.snapshot if st.offset else st.weights)["W1"].clone())  # what its reads use
+        weights.append({n: w[0].detach().clone() for n, w in st.weights.items()})  # (H, ·, ·)
     changed = [t for t in range(1, 40) if not torch.equal(seen[t], seen[t - 1])]
     assert changed == [15, 31]  # after the 16th and 32nd token: the next token reads the new weights
+    # by how much: each chunk's change is its summed update from the weights it started from
+    h = torch.cat(inputs, dim=1)  # (1, 40, dim), the level's input at every token
+    start = {"W1": level.W1.detach(), "W2": level.W2.detach()}
+    for lo in (0, 16):
+        want = _chunk_update(level, h[:, lo : lo + 16], start)
+        got = weights[lo + 15]
+        for n in want:
+            assert (got[n] - start[n]).abs().max() > 1e-6  # the chunk really wrote
+            torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-12)
+        start = got
 
 
 def test_a_nested_level_returns_to_its_initial_state_when_the_slower_level_updates():
