@@ -106,6 +106,41 @@ def test_every_strategy_fills_the_matrix(two_languages, strategy, tmp_path):
     assert R[0, 0] < result["baseline"][0]
 
 
+def test_levels_strategy_steps_each_outer_level_exactly_at_its_period(two_languages, tmp_path, monkeypatch):
+    # periods 64 and 128 tokens with 32-token windows: the outer levels step every 2nd and every 4th step of the
+    # whole run (their token counters go on across tasks); `base` (period None) every step
+    from nestlearn.optim import Levels
+
+    original, snapshots, stepped = Levels.step, [], []
+
+    def recording_step(self, tokens):
+        if not snapshots:  # the parameters before the first step
+            snapshots.append({lv.name: [p.detach().clone() for p in lv.params] for lv in self.levels})
+        stepped.append(original(self, tokens))
+        snapshots.append({lv.name: [p.detach().clone() for p in lv.params] for lv in self.levels})
+        return stepped[-1]
+
+    monkeypatch.setattr(Levels, "step", recording_step)
+    config = small(
+        tasks=two_languages, strategy="levels", data_root=str(tmp_path), preset="hope", update_periods="8,64,128"
+    )
+    run(config)
+    steps = 2 * config.steps_per_task
+    assert len(snapshots) == steps + 1
+    # the steps (1-based, over the whole run) on which each level must move, and on no other
+    schedule = {"blocks.0.cms.levels.1": [2, 4, 6], "blocks.1.cms.levels.2": [4], "base": [1, 2, 3, 4, 5, 6]}
+    for name, want in schedule.items():
+        assert name in snapshots[0], sorted(snapshots[0])
+        changed = [
+            s
+            for s in range(1, steps + 1)
+            if any(not torch.equal(a, b) for a, b in zip(snapshots[s - 1][name], snapshots[s][name], strict=True))
+        ]
+        assert changed == want, (name, changed, want)
+        assert [s for s in range(1, steps + 1) if name in stepped[s - 1]] == want, (name, stepped)
+    assert {name for names in stepped for name in names} == set(snapshots[0])  # every level stepped at least once
+
+
 def test_ewc_penalty_is_zero_until_consolidated_and_pulls_towards_the_anchor(two_languages, tmp_path):
     torch.manual_seed(0)
     model = build_model(small())
