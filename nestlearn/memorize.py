@@ -60,12 +60,18 @@ class LevelReport:
 
 @dataclass
 class MemoryReport:
-    """An in-context memory: its chunk / period, the writes made in this call and how far its fast weights moved."""
+    """An in-context memory: its chunk / period, the writes made in this call (chunks completed) and how far they
+    moved its fast weights.
+
+    `change` is ‖M_after − M_before‖ / ‖M_before‖, averaged over the batch, of the weights at the memory's last
+    chunk boundary (the state's `snapshot` while a chunk is part-way through, else its weights): what the `writes`
+    made. So it is 0 when `writes` is 0: the retention and the gradients of a chunk not yet complete, already folded
+    into the running weights, are not counted until the chunk completes (a CMS level does not read them before)."""
 
     name: str
     period: int
     writes: int
-    change: float  # ‖M_after − M_before‖ / ‖M_before‖, averaged over the batch
+    change: float
 
 
 @dataclass
@@ -142,6 +148,11 @@ def _carve(levels: list[Level], periods: dict[str, int] | None) -> list[Level]:
             del base.params[n]
         levels.append(Level(pattern, period, hits))
     return [lv for lv in levels if lv.params]
+
+
+def _committed(state) -> dict[str, Tensor]:
+    """A memory's weights at its last chunk boundary: what its completed writes made."""
+    return state.snapshot if state.offset else state.weights
 
 
 def _relative_change(before: dict[str, Tensor], after: dict[str, Tensor]) -> float:
@@ -347,7 +358,8 @@ class Learner:
         for name, period in _memories(model).items():
             old, new = _memory_state(start_state, name), _memory_state(state, name)
             writes = (old.offset + read) // period
-            report.memories.append(MemoryReport(name, period, writes, _relative_change(old.weights, new.weights)))
+            change = _relative_change(_committed(old), _committed(new))
+            report.memories.append(MemoryReport(name, period, writes, change))
         return state, report
 
     def frozen_levels(self) -> list[tuple[str, int | None]]:

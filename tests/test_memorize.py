@@ -58,7 +58,12 @@ def test_in_context_memories_write_every_chunk_through_the_forward_pass():
     assert changed(model, before) == set()
     writes = {m.name: m.writes for m in report.memories}
     assert writes["blocks.0.mixer.memory"] == 48 // 16 and writes["blocks.1.cms.levels.0"] == 48 // 16
-    assert all(m.change > 0 for m in report.memories)
+    # change measures writes: 0 for the level of period 128, which wrote nothing in 48 tokens (retention and the
+    # gradients of its unfinished chunk do not count), positive for every memory that wrote
+    by_name = {m.name: m for m in report.memories}
+    assert by_name["blocks.1.cms.levels.1"].writes == 0 and by_name["blocks.1.cms.levels.1"].change == 0
+    assert all((m.change > 0) == (m.writes > 0) for m in report.memories), report.memories
+    assert sum(m.writes > 0 for m in report.memories) >= 4
     # what was memorized lives in the state: the held-out continuation read after the stream differs from a fresh read
     assert report.loss_after == pytest.approx(report.loss_before)
     assert report.held_out_tokens == 16 and report.held_out_after == pytest.approx(report.held_out_before)
@@ -67,6 +72,20 @@ def test_in_context_memories_write_every_chunk_through_the_forward_pass():
     assert "on the next 16 tokens (held out)" in report.table()
     with pytest.raises(ValueError, match="held_out must be an int64 tensor"):
         learner.memorize(x[:, :17], held_out=x[:1, 16:])
+
+
+def test_memory_report_change_is_zero_without_writes_and_positive_once_the_period_is_complete():
+    model = hope()
+    learner = Learner(model, lr=0.0, segment=16)
+    x = stream(160)
+    state, first = learner.memorize(x[:, :113])  # 112 tokens: the level of period 128 has not written yet
+    slow = {m.name: m for m in first.memories if m.period == 128}
+    assert len(slow) == 2 and all(m.writes == 0 and m.change == 0 for m in slow.values()), slow
+    state, second = learner.memorize(x[:, 112:161], state)  # 48 more: its first chunk completes at token 128
+    slow = {m.name: m for m in second.memories if m.period == 128}
+    assert all(m.writes == 1 and m.change > 0 for m in slow.values()), slow
+    fast = [m for m in second.memories if m.period == 16]
+    assert fast and all(m.writes == 3 and m.change > 0 for m in fast), fast
 
 
 def test_the_level_step_is_the_summed_gradient_of_its_period():
