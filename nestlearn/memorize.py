@@ -295,7 +295,7 @@ class Learner:
             )
         if held_out is not None and held_out.shape[1] < 2:
             raise ValueError("held_out needs at least 2 tokens per row: one to read and one to predict")
-        if not self.learning and not _memories(model):
+        if not self.learning and not _memories(model) and not model.task_levels:
             raise ValueError(
                 "nothing would learn: every learning rate is 0 and the model has no in-context memory; "
                 "give lr/base_lr > 0"
