@@ -1,6 +1,6 @@
 """The main job: train several presets at one size on the same data and token budget, then compare them.
 
-    nestlearn compare                                   # hope vs transformer, `mini` size, wiki, ~10 min on 2 cores
+    nestlearn compare                                   # hope vs transformer, `mini` size, wiki, ~4 min on 2 cores
     nestlearn compare --presets hope titans hope_attention transformer --size tiny --steps 2000
     nestlearn compare --presets transformer --optimizers adamw muon m3 --lrs m3=3e-3
 
