@@ -78,7 +78,8 @@ def set_threads(threads: int | None, device: torch.device | None = None) -> int:
 
     torch's CPU kernels split every operation over all their threads and wait for the slowest; a thread that loses
     its core to another process holds up the others, and the memories' many small operations suffer most (Hope ran
-    15x slower per step with a test run beside it; docs/training.md, "Sharing the CPU"). Returns the thread count."""
+    10.8x slower per step beside one busy process on 2 cores, 1.2x with one thread; docs/training.md, "Sharing the
+    CPU"). Returns the thread count."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be a positive number of CPU threads")
@@ -91,8 +92,8 @@ def set_threads(threads: int | None, device: torch.device | None = None) -> int:
         if n > 1 and busy >= 0.75 and spare < n:  # one thread waits on no other
             warnings.warn(
                 f"the machine's load is {busy:.1f} on {cores} cores: other processes are using the CPU, and "
-                f"torch's {n} threads will wait on each other (Hope slowed 15x this way). Pass --threads {spare}, or "
-                "run alone (docs/training.md, 'Sharing the CPU')",
+                f"torch's {n} threads will wait on each other (a Hope step took 10.8x as long this way). Pass "
+                f"--threads {spare}, or run alone (docs/training.md, 'Sharing the CPU')",
                 SharedCPUWarning,
                 stacklevel=2,
             )
