@@ -127,3 +127,28 @@ def test_a_corpus_too_small_for_the_window_says_by_how_much(tmp_path, capsys):
     assert (
         "the train split has 12 tokens and windows of 33 need at least 34 (22 short)" in err and "--seq-len" in err
     ), err
+
+
+def test_a_shared_cpu_is_named_and_one_thread_is_not_warned_about(monkeypatch):
+    import warnings
+
+    import torch
+
+    from nestlearn import runtime
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    try:
+        for load, n, warned in ((1.9, 2, True), (0.1, 2, False), (1.9, 1, False)):
+            monkeypatch.setattr(runtime.os, "getloadavg", lambda load=load: (load, load, load))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert runtime.set_threads(n) == n
+            found = [w for w in caught if issubclass(w.category, runtime.SharedCPUWarning)]
+            assert bool(found) == warned, (load, n)
+            if found:
+                assert "--threads 1" in str(found[0].message)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="threads=0 must be a positive number"):
+        runtime.set_threads(0)
