@@ -18,10 +18,12 @@ from nestlearn.task_cms import reference_forward
 V = 48
 
 
-def task_model(preset: str = "hope", periods=(8, 16, None), lr: float = 0.05, **cms) -> torch.nn.Module:
+def task_model(
+    preset: str = "hope", periods=(8, 16, None), lr: float = 0.05, outer_from: int = 64, **cms
+) -> torch.nn.Module:
     torch.manual_seed(0)
     config = presets.PRESETS[preset]("debug")
-    fields = dict(signal="task", update_periods=periods, outer_from=64, task_lr=lr, **cms)
+    fields = dict(signal="task", update_periods=periods, outer_from=outer_from, task_lr=lr, **cms)
     config = dataclasses.replace(config, vocab_size=V, cms=dataclasses.replace(config.cms, **fields))
     return build(config).double()
 
@@ -192,3 +194,30 @@ def test_train_with_task_levels_resumes_exactly(tmp_path):
     model, _ = load_checkpoint(whole.out_dir)
     assert model.config.cms.signal == "task" and isinstance(model.blocks[0].cms.levels[0], TaskLevel)
     assert latest_checkpoint(split.out_dir).name == "step-00000004"
+
+
+def test_the_synthetic_suites_take_task_levels():
+    from nestlearn.data import synthetic
+    from nestlearn.evals.longctx import train_synthetic
+
+    model, info = train_synthetic(
+        "hope",
+        lambda b, g: synthetic.mqar(b, 4, generator=g),
+        steps=2,
+        batch=2,
+        cms_signal="task",
+        task_lr=1e-2,
+        quiet=True,
+    )
+    assert isinstance(model.blocks[0].cms.levels[0], TaskLevel) and model.blocks[0].cms.levels[0].lr == 1e-2
+    assert info["final_loss"] == info["final_loss"]  # finite, not NaN
+
+
+def test_memorize_drives_task_levels_and_outer_levels_on_one_schedule():
+    from nestlearn.memorize import Learner
+
+    model, x = task_model(periods=(8, 16, 32), outer_from=32), tokens(b=1, t=65)
+    learner = Learner(model.float(), lr=1e-3, segment=32)  # the period-32 level is outer: stepped every segment
+    state, report = learner.memorize(x, held_out=None)
+    assert report.tokens == 64 and [lv.steps for lv in report.levels if lv.period == 32] == [2, 2]  # two blocks
+    assert state.task["position"] == 64

@@ -51,6 +51,8 @@ def train_synthetic(
     retain_to: str | None = None,
     retention_init: float | None = None,
     update_periods: tuple[int | None, ...] | None = None,
+    cms_signal: str | None = None,
+    task_lr: float | None = None,
     vocab_size: int | None = None,
     device: str | torch.device = "cpu",
     desc: str = "",
@@ -61,8 +63,9 @@ def train_synthetic(
 
     `max_lr`, `lr_init`, `rule`, `read` override the token mixers' memories (the cap of η_t, its initial value, GD
     or DGD, dual or snapshot reads), `retain_to` and `retention_init` every memory's (in-context CMS levels' too:
-    what retention pulls towards, α_t at initialisation) and `update_periods` the CMS levels ((None,): one SwiGLU
-    level, Hope "w/o CMS"); None keeps the preset's.
+    what retention pulls towards, α_t at initialisation), `update_periods` the CMS levels ((None,): one SwiGLU
+    level, Hope "w/o CMS") and `cms_signal`, `task_lr` what the in-context levels learn from (docs/deviations.md
+    §11b); None keeps the preset's.
     Returns the model (in eval mode) and {"first_loss", "final_loss" (mean of the last 10), "seconds", "params"}.
     """
     torch.manual_seed(seed)
@@ -78,6 +81,8 @@ def train_synthetic(
     config.cms = dataclasses.replace(config.cms, **retention)
     if update_periods is not None:
         config.cms = dataclasses.replace(config.cms, update_periods=update_periods)  # checks them
+    task = {k: v for k, v in dict(signal=cms_signal, task_lr=task_lr).items() if v is not None}
+    config.cms = dataclasses.replace(config.cms, **task)
     if vocab_size is not None:
         config.vocab_size = vocab_size
     model = build(config).to(device)
@@ -457,13 +462,13 @@ def _write(out_dir: str, result: dict) -> None:
 
 def memory_options(args: argparse.Namespace) -> dict:
     """The memory options of `memory_arguments`, as `train_synthetic` takes them."""
-    names = ("max_lr", "lr_init", "rule", "read", "retain_to", "retention_init")
+    names = ("max_lr", "lr_init", "rule", "read", "retain_to", "retention_init", "cms_signal", "task_lr")
     return {name: getattr(args, name) for name in names}
 
 
 def memory_arguments(p: argparse.ArgumentParser) -> None:
-    """--max-lr, --lr-init, --rule, --read, --retain-to, --retention-init: the memories, as `train_synthetic` takes
-    them."""
+    """--max-lr, --lr-init, --rule, --read, --retain-to, --retention-init, --cms-signal, --task-lr: the memories, as
+    `train_synthetic` takes them."""
     p.add_argument(
         "--max-lr",
         type=float,
@@ -502,3 +507,11 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
         help="every memory's retention α_t at initialisation, in (0, 1) (default 0.982: a time constant "
         "of about 55 tokens)",
     )
+    p.add_argument(
+        "--cms-signal",
+        choices=["local", "task"],
+        default=None,
+        help="what the in-context CMS levels learn from: local (their own objective, the default) or task (eq. "
+        "71: the next-token loss; docs/deviations.md §11b)",
+    )
+    p.add_argument("--task-lr", type=float, default=None, help="--cms-signal task: η of the levels (default 1e-3)")
