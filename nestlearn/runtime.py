@@ -89,7 +89,7 @@ def set_threads(threads: int | None, device: torch.device | None = None) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         spare = max(1, round(cores - busy))
-        if n > 1 and busy >= 0.75 and spare < n:  # one thread waits on no other
+        if n > 1 and busy >= 1.0 and spare < n:  # a core's worth of other work; one thread waits on no other
             warnings.warn(
                 f"the machine's load is {busy:.1f} on {cores} cores: other processes are using the CPU, and "
                 f"torch's {n} threads will wait on each other (a Hope step took 10.8x as long this way). Pass "
