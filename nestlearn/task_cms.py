@@ -6,8 +6,9 @@ Every in-context level (`cms.TaskLevel`) is a SwiGLU MLP whose weights are per-s
 input in chunks of C = the fastest level's period, on the stream's global grid. For each chunk it runs the whole
 network with the current weights, takes the next-token loss of the chunk's tokens (summed over them: eq. 71's Σ),
 and one backward gives every learning level the gradient of that loss with respect to its own weights as this chunk
-read them, through every layer above it (earlier chunks' states are given, as in truncated backpropagation). A level adds it to the sum over its period and, at the period's end, steps. So chunk i is
-read with the weights after chunk i − 1: no token sees a write that its own or a later label produced.
+read them, through every layer above it (earlier chunks' states are given, as in truncated backpropagation). A
+level adds it to the sum over its period and, at the period's end, steps. So chunk i is read with the weights after
+chunk i − 1: no token sees a write that its own or a later label produced.
 
 Choices the paper leaves open (docs/deviations.md): the chunk's last target, the first token of the next chunk, is
 not used (a step must not wait for a token that belongs to the next chunk); the learning rate is a constant per
