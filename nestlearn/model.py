@@ -140,15 +140,22 @@ class LanguageModel(nn.Module):
         logits, layers = self.forward_blocks(tokens, state.layers)
         return logits, ModelState(layers)
 
-    def forward_blocks(self, tokens: Tensor, layers: list[dict]) -> tuple[Tensor, list[dict]]:
-        """The forward pass proper: logits (b, t, V) and every block's new state, task-loss levels read, not written."""
-        x = self.embed(tokens)  # (b, t, dim)
-        new = []
-        for block, layer_state in zip(self.blocks, layers, strict=True):
-            x, layer_state = block(x, layer_state)
-            new.append(layer_state)
+    def forward_blocks(
+        self, tokens: Tensor, layers: list[dict], *, first: int = 0, hidden: Tensor | None = None
+    ) -> tuple[Tensor, list[dict]]:
+        """The forward pass proper: logits (b, t, V) and every block's new state, task-loss levels read, not written.
+        With `first` > 0, blocks before it are skipped (their states kept) and `hidden` (b, t, dim) is their output."""
+        x = self.embed(tokens) if hidden is None else hidden  # (b, t, dim)
+        x, new = self.run_blocks(x, layers, first, len(self.blocks))
         x = self.norm(x)
         return (x @ self.embed.weight.T if self.head is None else self.head(x)), new  # (b, t, V)
+
+    def run_blocks(self, x: Tensor, layers: list[dict], lo: int, hi: int) -> tuple[Tensor, list[dict]]:
+        """Blocks lo..hi−1 on x (b, t, dim); the returned layers are `layers` with those blocks' states replaced."""
+        new = list(layers)
+        for i in range(lo, hi):
+            x, new[i] = self.blocks[i](x, layers[i])
+        return x, new
 
     def loss(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Mean next-token cross-entropy of tokens[:, 1:] given tokens[:, :-1]."""

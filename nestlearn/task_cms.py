@@ -61,6 +61,11 @@ def _chunk(levels: list[Where]) -> int:
     return min(lv.period for _, _, lv in levels)
 
 
+def _first(levels: list[Where]) -> int:
+    """The first block that learns: the blocks below it do not depend on any step, and run once per call."""
+    return min(i for i, _, _ in levels)
+
+
 def _with(layers: list[dict], where: Where, value: dict) -> list[dict]:
     """`layers` with one level's state replaced (new lists and dicts along the path; the rest shared)."""
     i, j, _ = where
@@ -71,10 +76,11 @@ def _with(layers: list[dict], where: Where, value: dict) -> list[dict]:
     return out
 
 
-def _inner_step(model: nn.Module, seg: Tensor, layers: list[dict], end: int, outer: bool):
+def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: list[dict], end: int, outer: bool):
     """One full chunk: logits with the current weights, then every learning level's gradient of the chunk's summed
     next-token loss, added to its period's sum, and a step where `end` (the stream position after the chunk) closes
-    a period. Returns logits (b, C, V) and the new layers."""
+    a period. `hidden`: the output of the blocks below the first that learns, computed once for the whole call (None
+    when the first block learns). Returns logits (b, C, V) and the new layers."""
     levels = model.task_levels
     with torch.enable_grad():
         thetas = []
@@ -89,7 +95,7 @@ def _inner_step(model: nn.Module, seg: Tensor, layers: list[dict], end: int, out
                 up, down = s["up"].detach().requires_grad_(), s["down"].detach().requires_grad_()
             layers = _with(layers, where, {**s, "up": up, "down": down})
             thetas += [up, down]
-        logits, new = model.forward_blocks(seg, layers)
+        logits, new = model.forward_blocks(seg, layers, first=_first(levels), hidden=hidden)
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="sum")
         full = outer and model.config.cms.meta_grad == "full"
         grads = torch.autograd.grad(loss, thetas, retain_graph=outer, create_graph=full)
@@ -130,14 +136,28 @@ def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dic
         x, skip = tokens, 0
     base = position - skip  # the stream position of x[:, 0], a multiple of C
     outer = torch.is_grad_enabled()
+    first, below, cut = _first(model.task_levels), None, x.shape[1] // C * C  # cut: where a partial chunk starts
+    if first:  # the blocks that read θ_0 only (task_blocks): once over the whole call, chunk-parallel, in two parts
+        # so that their state where a partial last chunk starts is at hand (the next call starts again from there)
+        pieces, mid = [], layers
+        if cut:
+            h, mid = model.run_blocks(model.embed(x[:, :cut]), layers, 0, first)  # (b, cut, dim)
+            pieces.append(h)
+        layers = mid
+        if cut < x.shape[1]:
+            h, layers = model.run_blocks(model.embed(x[:, cut:]), mid, 0, first)
+            pieces.append(h)
+        below = torch.cat(pieces, dim=1)  # (b, t, dim)
     out, pending, start = [], None, None
     for lo in range(0, x.shape[1], C):
         seg = x[:, lo : lo + C]
+        h = None if below is None else below[:, lo : lo + C]
         if seg.shape[1] == C:
-            logits, layers = _inner_step(model, seg, layers, base + lo + C, outer)
+            logits, layers = _inner_step(model, seg, h, layers, base + lo + C, outer)
         else:  # the chunk goes on in a later call: read it with the current weights, step then
-            pending, start = seg, layers
-            logits, layers = model.forward_blocks(seg, layers)
+            # its start state: the blocks below as they were where it starts, the others as they are now
+            pending, start = seg, layers if not first else [*mid[:first], *layers[first:]]
+            logits, layers = model.forward_blocks(seg, layers, first=first, hidden=h)
         out.append(logits)
     logits = torch.cat(out, dim=1)[:, skip:]
     return logits, layers, {"position": position + tokens.shape[1], "chunk": pending, "start": start}

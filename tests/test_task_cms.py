@@ -110,9 +110,9 @@ def test_a_level_reading_its_own_chunk_would_be_caught(monkeypatch):
     honest, _ = model(x)
     original = task_cms._inner_step
 
-    def peeking(model, seg, layers, end, outer):
-        _, stepped = original(model, seg, layers, end, outer)
-        return original(model, seg, stepped, end + seg.shape[1], outer)
+    def peeking(model, seg, hidden, layers, end, outer):
+        _, stepped = original(model, seg, hidden, layers, end, outer)
+        return original(model, seg, hidden, stepped, end + seg.shape[1], outer)
 
     monkeypatch.setattr(task_cms, "_inner_step", peeking)
     assert not torch.allclose(model(x)[0], honest)
@@ -221,3 +221,19 @@ def test_memorize_drives_task_levels_and_outer_levels_on_one_schedule():
     state, report = learner.memorize(x, held_out=None)
     assert report.tokens == 64 and [lv.steps for lv in report.levels if lv.period == 32] == [2, 2]  # two blocks
     assert state.task["position"] == 64
+
+
+@pytest.mark.parametrize("cuts", [[], [5, 13, 29], [1, 2, 3, 4, 9]], ids=["one-call", "odd", "tokens"])
+def test_blocks_below_the_learning_ones_run_once_and_change_nothing(cuts):
+    # task_blocks=1: block 0 reads θ_0 and runs over each call at once; the reference runs it chunk by chunk
+    model, x = task_model(task_blocks=1), tokens()
+    parts, s = [], None
+    for lo, hi in zip([0, *cuts], [*cuts, x.shape[1]], strict=True):
+        logits, s = model(x[:, lo:hi], s)
+        parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), reference_forward(model, x), rtol=0, atol=1e-10)
+    fast = torch.autograd.grad(model(x)[0].square().mean(), list(model.parameters()), allow_unused=True)
+    slow = torch.autograd.grad(reference_forward(model, x).square().mean(), list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), fast, slow, strict=True):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12, msg=name)
