@@ -1,6 +1,6 @@
 """Stopping a long job without losing it: SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`) asks `train`,
 `memorize` and `continual` to finish the step they are in, save, say how to resume, and exit non-zero; a second
-signal stops at once, as if nothing were installed.
+signal stops at once, without saving (`StoppedAtOnce`, a KeyboardInterrupt, raised where the job is).
 
     with StopRequest() as stop:
         while ...:
@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-__all__ = ["StopRequest", "Interrupted", "SaveClock"]
+__all__ = ["StopRequest", "Interrupted", "StoppedAtOnce", "SaveClock"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -34,10 +34,18 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """The second signal: the job stops where it is, without saving. `exit_code`: 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
 class StopRequest:
     """A context manager that turns the first SIGINT/SIGTERM into `requested = True` and restores the previous
-    handlers on exit. The second signal restores them at once and re-sends itself: Ctrl-C then raises
-    KeyboardInterrupt and SIGTERM terminates, as without this."""
+    handlers on exit. The second signal restores them and raises `StoppedAtOnce` (a KeyboardInterrupt) where the
+    job is, for SIGTERM as for Ctrl-C."""
 
     def __init__(self, what: str = "the current step"):
         self.what = what
@@ -66,10 +74,9 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:  # the second signal: stop now
+        if self.signum is not None:  # the second signal: stop now, whatever handler was there before
             self._restore()
-            signal.raise_signal(signum)
-            return
+            raise StoppedAtOnce(signum)
         self.signum = signum
         print(
             f"\nnestlearn: {signal.Signals(signum).name} received: finishing {self.what}, then saving "

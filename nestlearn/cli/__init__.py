@@ -86,9 +86,9 @@ def _dispatch(argv: list[str]) -> int:
     except Interrupted as e:  # the job saved and says how to resume
         print(f"nestlearn {argv[0]}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before the job could save
+    except KeyboardInterrupt as e:  # a second signal, or a Ctrl-C before the job could save
         print(f"\nnestlearn {argv[0]}: stopped at once; nothing saved since the last checkpoint", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     except (FileNotFoundError, ValueError) as e:
         if os.environ.get("NESTLEARN_DEBUG") or not _raised_by_nestlearn(e):
             raise  # a bug, or torch's own error (shapes, out of memory): the traceback is what helps
