@@ -155,6 +155,11 @@ def _committed(state) -> dict[str, Tensor]:
     return state.snapshot if state.offset else state.weights
 
 
+def _rows(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """(b, m, n) weights as (b, 1, m, n), the (batch, heads, out, in) layout `_relative_change` reads."""
+    return {k: w.unsqueeze(1) for k, w in weights.items()}
+
+
 def _relative_change(before: dict[str, Tensor], after: dict[str, Tensor]) -> float:
     num = sum(((after[k] - before[k]).float() ** 2).flatten(-3).sum(-1) for k in before)  # (b,) or ()
     den = sum((before[k].float() ** 2).flatten(-3).sum(-1) for k in before)
@@ -360,6 +365,13 @@ class Learner:
             writes = (old.offset + read) // period
             change = _relative_change(_committed(old), _committed(new))
             report.memories.append(MemoryReport(name, period, writes, change))
+        position = start_state.task["position"] if start_state.task else 0
+        for i, j, level in model.task_levels:  # task-loss levels: a write is a step at the end of a period
+            old, new = start_state.layers[i]["cms"][j], state.layers[i]["cms"][j]
+            writes = (position + read) // level.period - position // level.period
+            before, after = ({k: t[k] for k in ("up", "down")} for t in (old, new))
+            change = _relative_change(_rows(before), _rows(after)) if writes else 0.0
+            report.memories.append(MemoryReport(f"blocks.{i}.cms.levels.{j}", level.period, writes, change))
         return state, report
 
     def frozen_levels(self) -> list[tuple[str, int | None]]:

@@ -221,6 +221,9 @@ def test_memorize_drives_task_levels_and_outer_levels_on_one_schedule():
     state, report = learner.memorize(x, held_out=None)
     assert report.tokens == 64 and [lv.steps for lv in report.levels if lv.period == 32] == [2, 2]  # two blocks
     assert state.task["position"] == 64
+    written = {m.name: (m.writes, m.change) for m in report.memories if m.name.endswith(("levels.0", "levels.1"))}
+    assert written["blocks.0.cms.levels.0"][0] == 8 and written["blocks.0.cms.levels.1"][0] == 4
+    assert all(change > 0 for _, change in written.values())
 
 
 @pytest.mark.parametrize("cuts", [[], [5, 13, 29], [1, 2, 3, 4, 9]], ids=["one-call", "odd", "tokens"])
