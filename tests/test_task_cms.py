@@ -240,3 +240,23 @@ def test_blocks_below_the_learning_ones_run_once_and_change_nothing(cuts):
     for (name, _), a, b in zip(model.named_parameters(), fast, slow, strict=True):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12, msg=name)
+
+
+def test_lm_eval_reads_a_task_level_checkpoint_as_its_forward_pass(tmp_path):
+    pytest.importorskip("lm_eval")
+    from nestlearn.data.tokenizer import ByteTokenizer
+    from nestlearn.evals.harness import NestlearnLM
+
+    from .test_harness import TEXTS, ll_direct, requests
+
+    torch.manual_seed(0)
+    config = presets.hope("debug")
+    cms = dataclasses.replace(config.cms, signal="task", update_periods=(8, 16, None), outer_from=64, task_lr=0.05)
+    model = build(dataclasses.replace(config, vocab_size=ByteTokenizer().vocab_size, cms=cms, tie_embeddings=False))
+    model.save_pretrained(tmp_path / "ck")
+    ByteTokenizer().save(tmp_path / "ck")
+    lm = NestlearnLM(path=str(tmp_path / "ck"), device="cpu", batch_size=3)
+    pairs = [(t, " " + u) for t in TEXTS for u in ("mat", "levels update")]
+    got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    for (context, continuation), (lp, _) in zip(pairs, got, strict=True):
+        assert lp == pytest.approx(ll_direct(lm, context, continuation)[0], abs=1e-5)
