@@ -82,7 +82,9 @@ def recall_curve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nestlearn.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nestlearn.demo", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("--pairs", type=int, default=4096, help="key/value pairs in the stream (default 4096)")
     p.add_argument("--dim", type=int, default=64, help="key and value width d (default 64)")
     p.add_argument("--recent", type=int, default=64, help="size of the 'recent' window (default 64)")

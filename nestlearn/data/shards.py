@@ -237,7 +237,9 @@ def open_shard(path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[np
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m nestlearn.data.shards CORPUS OUT_DIR --tokenizer bytes|bpe:VOCAB|DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m nestlearn.data.shards", description=prepare.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m nestlearn.data.shards", description=prepare.__doc__, allow_abbrev=False
+    )
     parser.add_argument("corpus", help="a fetched corpus's name, or a text/JSONL file or folder (docs/data.md)")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
