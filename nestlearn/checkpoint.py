@@ -15,11 +15,12 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from .data.tokenizer import Tokenizer, load_tokenizer
 from .model import LanguageModel, ModelState, load
@@ -164,14 +165,20 @@ def read_trainer(path: Path) -> dict:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint folder `path` cannot be read back whole, or None when it can: every file it holds is
-    opened and decoded (a save cut short by a full disk or a killed job leaves a truncated file, not a missing one)."""
+    """Why the checkpoint folder `path` cannot be read back whole, or None when it can (a save cut short by a full
+    disk or a killed job leaves a truncated file, not a missing one). Checked without loading the tensors, which
+    resume then reads once: the JSON files are parsed, the weights' header must cover the whole file, and every
+    member of trainer.pt (a zip archive) must match its CRC."""
     try:
         for name in ("config.json", "tokenizer.json", TRAIN_CONFIG_FILE):
             json.loads((path / name).read_text())
-        load_file(path / "model.safetensors")
-        torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # json, safetensors, pickle and the OS raise many kinds
+        with safe_open(path / "model.safetensors", "pt"):
+            pass
+        with zipfile.ZipFile(path / TRAINER_FILE) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"{TRAINER_FILE}: {bad} does not match its checksum"
+    except Exception as e:  # json, safetensors, zip and the OS raise many kinds
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"{type(e).__name__}: {first}"[:200]
     return None

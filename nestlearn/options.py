@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 
-import torch
+from .runtime import check_device
 
 __all__ = [
     "parser",
@@ -60,13 +60,11 @@ def non_negative_float(text: str) -> float:
 
 
 def device_name(text: str) -> str:
-    """auto, or anything torch.device accepts (cpu, cuda, cuda:1, mps); refused here rather than deep in torch."""
-    if text == "auto":
-        return text
+    """auto, or anything torch.device accepts (`runtime.check_device`)."""
     try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

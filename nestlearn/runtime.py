@@ -15,6 +15,7 @@ __all__ = [
     "setup_distributed",
     "flush_subnormals",
     "resolve_device",
+    "check_device",
     "autocast",
     "set_threads",
     "SharedCPUWarning",
@@ -51,13 +52,25 @@ def flush_subnormals(device: torch.device) -> None:
         torch.set_flush_denormal(True)
 
 
+def check_device(name: str) -> None:
+    """`name` is auto or anything torch.device accepts (cpu, cuda, cuda:1, mps); else a ValueError naming the
+    choices, so that a bad device is refused where it is given, not deep in torch."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        check_device(name)
+    except ValueError as e:
+        raise ValueError(f"device={e}") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but no GPU is visible to torch; use --device cpu or auto")
     return device

@@ -116,12 +116,8 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
         new = _with(new, where, {"up": up, "down": down, "sum_up": sum_up, "sum_down": sum_down})
     if not outer:
         logits = logits.detach()
-        new = _detach(new)
+        new = tree_map(Tensor.detach, new)
     return logits, new
-
-
-def _detach(layers: list[dict]) -> list[dict]:
-    return tree_map(Tensor.detach, layers)
 
 
 def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dict):

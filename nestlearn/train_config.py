@@ -26,6 +26,7 @@ from . import presets
 from .checkpoint import CHECKPOINTS, TRAIN_CONFIG_FILE
 from .config import RETAIN_TO, ModelConfig
 from .optim import OPTIMIZERS
+from .runtime import check_device
 
 __all__ = [
     "TrainConfig",
@@ -193,11 +194,10 @@ class TrainConfig:
             raise ValueError(f"seq_len={self.seq_len} must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1 (or unset: torch's choice)")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ValueError(f"device={self.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        try:
+            check_device(self.device)
+        except ValueError as e:
+            raise ValueError(f"device={e}") from None
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if self.retain_to not in (None, *RETAIN_TO):

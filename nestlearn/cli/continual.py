@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -92,29 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    config = ContinualConfig(
-        stream=args.stream,
-        tasks=args.tasks,
-        preset=args.preset,
-        size=args.size,
-        strategy=args.strategy,
-        update_periods=args.update_periods,
-        steps_per_task=args.steps_per_task,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        ewc_lambda=args.ewc_lambda,
-        ewc_batches=args.ewc_batches,
-        replay_fraction=args.replay_fraction,
-        replay_batches=args.replay_batches,
-        classes_per_task=args.classes_per_task,
-        init_from=args.init_from,
-        eval_tokens=args.eval_tokens,
-        seed=args.seed,
-        data_root=args.data_root,
-        progress=not args.no_progress,
-    )
+    # every field is a flag of the same name, but progress (--no-progress)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ContinualConfig) if f.name != "progress"}
+    config = ContinualConfig(**given, progress=not args.no_progress)
     set_threads(args.threads)
     random.seed(config.seed)
     out = Path(args.out_dir)
