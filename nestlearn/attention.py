@@ -1,9 +1,10 @@
-"""Causal softmax attention with rotary position embeddings, full or sliding-window, with a KV cache.
+"""Causal softmax attention with rotary position embeddings, full or sliding-window, with a KV cache; grouped-query
+attention (Llama 2/3) when keys and values have fewer heads than queries.
 
 The Transformer++ token mixer (Llama-style) and Hope-Attention's mixer (paper §8.3: "replace the self-modifying
 Titans with softmax global attention"). Attention is the non-parametric level of period 1 (paper §7).
 
-    b batch, h heads, t new tokens, s cached + new tokens, d head width
+    b batch, h query heads, g key-value heads, t new tokens, s cached + new tokens, d head width
 """
 
 from __future__ import annotations
@@ -30,23 +31,29 @@ def rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
 class Attention(nn.Module):
     """Multi-head causal attention through `scaled_dot_product_attention`.
 
-    State: {"k": (b, h, s, d), "v": (b, h, s, d), "pos": int}, the keys and values seen so far (the last `window`
+    State: {"k": (b, g, s, d), "v": (b, g, s, d), "pos": int}, the keys and values seen so far (the last `window`
     of them for sliding-window attention, so that decoding memory stays constant) and the next position.
+    `qkv` is one projection whose output is [q (h·d) | k (g·d) | v (g·d)]; query head i reads key-value head
+    i // (h / g), as Llama's `repeat_kv`.
     """
 
     def __init__(self, dim: int, num_heads: int, config: AttentionConfig):
         super().__init__()
         self.num_heads, self.head_dim, self.config = num_heads, dim // num_heads, config
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.kv_heads = config.kv_heads or num_heads
+        self.qkv = nn.Linear(dim, (num_heads + 2 * self.kv_heads) * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
-        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.zeros(batch_size, self.kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return {"k": empty, "v": empty.clone(), "pos": 0}
 
     def forward(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (b, h, t, d) each
+        h, g, d = self.num_heads, self.kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([h * d, g * d, g * d], dim=-1)
+        q = q.view(b, t, h, d).transpose(1, 2)  # (b, h, t, d)
+        k, v = k.view(b, t, g, d).transpose(1, 2), v.view(b, t, g, d).transpose(1, 2)  # (b, g, t, d)
         pos0 = state["pos"]
         positions = torch.arange(pos0, pos0 + t, device=x.device)
         q, k = rope(q, positions, self.config.rope_base), rope(k, positions, self.config.rope_base)
@@ -54,8 +61,9 @@ class Attention(nn.Module):
         v_all = torch.cat([state["v"], v], dim=2)
         s = k_all.shape[2]
         window = self.config.window
+        gqa = {"enable_gqa": True} if g != h else {}
         if s == t and window is None:
-            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, **gqa)
         else:
             # query i sits at position pos0 + i, key j at pos0 + t − s + j; allow key ≤ query (and within window)
             qpos = positions[:, None]
@@ -63,7 +71,7 @@ class Attention(nn.Module):
             mask = kpos <= qpos
             if window is not None:
                 mask &= kpos > qpos - window
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, **gqa)
         if window is not None:  # the next token sees at most window − 1 earlier ones: keep only those
             keep = max(0, s - (window - 1))
             k_all, v_all = k_all[:, :, keep:], v_all[:, :, keep:]

@@ -167,7 +167,7 @@ class CMS(nn.Module):
         """`seq_len` decides which levels are outer only for a config without `outer_from` (ModelConfig fills it)."""
         super().__init__()
         self.config = config
-        hidden = 32 * math.ceil(config.hidden_mult * dim / 32)
+        hidden = config.hidden_size or 32 * math.ceil(config.hidden_mult * dim / 32)
         levels = []
         for period in config.update_periods:
             if period is not None and period < (config.outer_from or seq_len):

@@ -20,6 +20,7 @@ __all__ = [
     "TitansConfig",
     "SelfModConfig",
     "CMSConfig",
+    "LoRAConfig",
     "ModelConfig",
     "MIXERS",
     "lr_gate_bias",
@@ -115,10 +116,16 @@ class AttentionConfig:
 
     window: int | None = None  # None: full causal attention; an int: each token sees the last `window` tokens
     rope_base: float = 10000.0
+    # grouped-query attention (Llama 2/3, SmolLM2): heads of keys and values, each shared by num_heads / kv_heads
+    # query heads; None: one per query head (multi-head attention)
+    kv_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.window is not None and (isinstance(self.window, bool) or self.window < 1):
             _fail("AttentionConfig", "window", self.window, "must be None (full attention) or a positive int")
+        kv = self.kv_heads
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
+            _fail("AttentionConfig", "kv_heads", kv, "must be a positive int, or None (one per query head)")
         if self.rope_base <= 0:
             _fail("AttentionConfig", "rope_base", self.rope_base, "must be positive")
 
@@ -218,6 +225,7 @@ class CMSConfig:
     # periods ≥ this are outer levels, shorter ones in-context; None: ModelConfig.seq_len when the config is made
     outer_from: int | None = None
     hidden_mult: float = 8 / 3  # SwiGLU hidden width = hidden_mult × dim, rounded up to a multiple of 32
+    hidden_size: int | None = None  # the SwiGLU hidden width exactly (a pretrained model's); None: from hidden_mult
     # in-context levels (period < seq_len): an MLP memory per head, written every C^(ℓ) tokens (docs/deviations.md)
     # "sequential" chain (eq. 73, Hope's eq. 97), "independent" weighted sum (eq. 74), or "nested" (eq. 72): the
     # sequential chain in which a level's fast weights go back to their meta-learned initial state every time the
@@ -257,6 +265,9 @@ class CMSConfig:
             _fail("CMSConfig", "update_periods", self.update_periods, "list the levels fastest first (ascending)")
         if self.hidden_mult <= 0:
             _fail("CMSConfig", "hidden_mult", self.hidden_mult, "must be positive")
+        hs = self.hidden_size
+        if hs is not None and (isinstance(hs, bool) or not isinstance(hs, int) or hs < 1):
+            _fail("CMSConfig", "hidden_size", hs, "must be a positive int, or None (hidden_mult × dim)")
         o = self.outer_from
         if o is not None and (isinstance(o, bool) or not isinstance(o, int) or o < 1):
             _fail(
@@ -298,6 +309,32 @@ class CMSConfig:
                     )
 
 
+LORA_TARGETS = ("qkv", "proj", "up", "down")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) on the attention and MLP projections: W x + (alpha / rank) B A x, B = 0 at
+    first, so that the model starts equal to its base. Targets name the projections: `qkv` and `proj` of attention,
+    `up` (gate and up, fused) and `down` of every SwiGLU MLP (outer CMS levels)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        _check_positive_ints(self, ("rank",))
+        if not self.alpha > 0:
+            _fail("LoRAConfig", "alpha", self.alpha, "must be positive")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            _fail("LoRAConfig", "targets", self.targets, f"expected a non-empty subset of {list(LORA_TARGETS)}")
+
+
+ADAPTERS = ("titans", "sm_titans")
+
+
 @dataclass
 class ModelConfig:
     """One language model: embedding → blocks (norm → mixer → residual; norm → CMS → residual) → norm → head."""
@@ -315,6 +352,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     name: str = "custom"
+    # a memory pathway beside the mixer (a memory adapter on a pretrained model): "titans" or "sm_titans", configured
+    # by `titans` / `sm_titans`, its output projection zero at first so the block starts as its base; None: none
+    adapter: str | None = None
+    adapter_blocks: int | None = None  # how many of the last blocks carry the adapter (None: all)
+    lora: LoRAConfig | None = None  # low-rank adapters on the projections; None: none
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("vocab_size", "dim", "num_layers", "num_heads", "seq_len"))
@@ -330,12 +372,24 @@ class ModelConfig:
             ("sm_titans", SelfModConfig),
             ("cms", CMSConfig),
         )
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**self.lora)
+        elif self.lora is not None and not isinstance(self.lora, LoRAConfig):
+            _fail("ModelConfig", "lora", self.lora, "must be a LoRAConfig or None")
+        if self.adapter is not None and self.adapter not in ADAPTERS:
+            _fail("ModelConfig", "adapter", self.adapter, f"expected one of {list(ADAPTERS)}, or None")
+        ab = self.adapter_blocks
+        if ab is not None and (isinstance(ab, bool) or not isinstance(ab, int) or not 0 < ab <= self.num_layers):
+            _fail("ModelConfig", "adapter_blocks", ab, f"must be an int in [1, num_layers={self.num_layers}], or None")
         for name, cls in subs:
             v = getattr(self, name)
             if isinstance(v, dict):
                 setattr(self, name, cls(**v))
             elif not isinstance(v, cls):
                 _fail("ModelConfig", name, v, f"must be a {cls.__name__}")
+        kv = self.attention.kv_heads
+        if kv is not None and self.num_heads % kv:
+            _fail("ModelConfig", "num_heads", self.num_heads, f"must be a multiple of attention.kv_heads={kv}")
         if self.cms.outer_from is None:  # fixed now: a later change of seq_len leaves the architecture alone
             self.cms = dataclasses.replace(self.cms, outer_from=self.seq_len)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import hf
 from .attention import Attention
 from .cms import CMS, InContextLevel, SwiGLU
 from .config import ModelConfig
@@ -231,14 +232,35 @@ class LanguageModel(nn.Module):
 
     # --- checkpoints ---
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors into the folder `path`, each atomically."""
-        from safetensors.torch import save_model
+    def save_pretrained(self, path: str | os.PathLike, format: str = "nestlearn", tokenizer=None) -> None:
+        """Write config.json and model.safetensors into the folder `path`, each atomically.
 
+        format: "nestlearn" (every architecture; `load` reads it) or "hf", the Hugging Face `LlamaForCausalLM`
+        layout that `transformers` reads, for a model that has one (a Transformer; Hope-Attention with outer CMS
+        levels only, folded into one MLP where that is exact; `nestlearn.hf`); other models are refused, saying why.
+        tokenizer: saved beside the weights when given (its tokenizer.json)."""
+        from safetensors.torch import save_file, save_model
+
+        if format not in ("nestlearn", "hf"):
+            raise ValueError(f"format={format!r}: expected 'nestlearn' or 'hf' (Hugging Face LlamaForCausalLM)")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(self.config.to_json()))
-        _atomic_write(path / WEIGHTS_FILE, lambda f: save_model(self, f, metadata={"format": "pt"}))
+        if format == "hf":
+            why = hf.exportable(self.config)
+            if why is not None:
+                raise ValueError(f"this {self.config.name} model cannot be saved in the Hugging Face layout: {why}")
+            sd = self.state_dict()
+            eos = getattr(tokenizer, "eos_id", None)
+            config_text = json.dumps(hf.hf_config_of(self.config, sd, eos), indent=2)
+            tensors = hf.state_dict_to_hf(self.config, sd)  # before any file is written: a refusal writes nothing
+            path.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(config_text))
+            _atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(self.config.to_json()))
+            _atomic_write(path / WEIGHTS_FILE, lambda f: save_model(self, f, metadata={"format": "pt"}))
+        if tokenizer is not None:
+            tokenizer.save(path)
 
 
 def sample_next(
@@ -275,10 +297,19 @@ def build(config: ModelConfig) -> LanguageModel:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LanguageModel:
-    """A model saved by `save_pretrained`."""
+    """A model saved by `save_pretrained`, or a Hugging Face Llama-family folder (`LlamaForCausalLM`: config.json and
+    safetensors weights), which becomes a `transformer` model with the same logits (`nestlearn.hf`)."""
     from safetensors.torch import load_model
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a model folder (config.json and model.safetensors)")
+    if hf.is_hf_folder(path):
+        config = hf.config_from_hf(hf.read_hf_config(path), source=str(path))
+        weights = hf.state_dict_from_hf(hf.read_hf_weights(path), config, source=str(path))
+        model = LanguageModel(config)
+        model.load_state_dict(weights)
+        return model.to(device)
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} does not exist: is {path} a folder written by save_pretrained?")
