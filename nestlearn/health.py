@@ -70,12 +70,13 @@ def memories(model: LanguageModel) -> dict[str, int]:
     """Every in-context memory of the model by its place in the state, with its chunk size / period."""
     out = {}
     for i, block in enumerate(model.blocks):
-        mixer = block.mixer
-        if isinstance(mixer, TitansMixer):
-            out[f"blocks.{i}.mixer.memory"] = mixer.config.chunk_size
-        elif isinstance(mixer, SelfModifyingTitans):
-            out[f"blocks.{i}.mixer.gen"] = mixer.config.chunk_size
-            out[f"blocks.{i}.mixer.memory"] = mixer.config.memory_chunk_size
+        for place in ("mixer", "adapter"):
+            mixer = getattr(block, place)
+            if isinstance(mixer, TitansMixer):
+                out[f"blocks.{i}.{place}.memory"] = mixer.config.chunk_size
+            elif isinstance(mixer, SelfModifyingTitans):
+                out[f"blocks.{i}.{place}.gen"] = mixer.config.chunk_size
+                out[f"blocks.{i}.{place}.memory"] = mixer.config.memory_chunk_size
         for j, level in enumerate(block.cms.levels):
             if isinstance(level, InContextLevel):
                 out[f"blocks.{i}.cms.levels.{j}"] = level.period
@@ -86,8 +87,8 @@ def memory_state(state: ModelState, name: str) -> MemoryState:
     """The MemoryState at `name` (a key of `memories`) in a model's state."""
     parts = name.split(".")
     layer = state.layers[int(parts[1])]
-    if parts[2] == "mixer":
-        return layer["mixer"][parts[3]]
+    if parts[2] in ("mixer", "adapter"):
+        return layer[parts[2]][parts[3]]
     cms = layer["cms"]
     return (cms["levels"] if isinstance(cms, dict) else cms)[int(parts[4])]
 

@@ -68,26 +68,46 @@ class Level:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """x + mixer(RMSNorm(x)) [+ adapter(RMSNorm(x))]; then x + CMS(RMSNorm(x)).
+
+    The adapter, when the config has one for this block, is a memory pathway (Titans or self-modifying Titans) that
+    reads what the mixer reads and adds to its output, as Titans' memory-as-a-gate variant sums its branches; its
+    output projection starts at zero, so a pretrained block starts unchanged (`LanguageModel.__init__`)."""
+
+    def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
         self.norm1 = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        if config.mixer == "attention":
-            self.mixer = Attention(config.dim, config.num_heads, config.attention)
-        elif config.mixer == "titans":
-            self.mixer = TitansMixer(config.dim, config.num_heads, config.titans)
-        else:
-            self.mixer = SelfModifyingTitans(config.dim, config.num_heads, config.sm_titans)
+        self.mixer = _mixer(config.mixer, config)
+        self.adapter = None
+        if config.adapter is not None and index >= config.num_layers - (config.adapter_blocks or config.num_layers):
+            self.adapter = _mixer(config.adapter, config)
         self.norm2 = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.cms = CMS(config.dim, config.num_heads, config.seq_len, config.cms)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
-        return {"mixer": self.mixer.init_state(batch_size, device, dtype), "cms": self.cms.init_state(batch_size)}
+        state = {"mixer": self.mixer.init_state(batch_size, device, dtype), "cms": self.cms.init_state(batch_size)}
+        if self.adapter is not None:
+            state["adapter"] = self.adapter.init_state(batch_size, device, dtype)
+        return state
 
     def forward(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
-        h, mixer_state = self.mixer(self.norm1(x), state["mixer"])
+        n = self.norm1(x)
+        h, mixer_state = self.mixer(n, state["mixer"])
+        new = {"mixer": mixer_state}
+        if self.adapter is not None:
+            a, new["adapter"] = self.adapter(n, state["adapter"])
+            h = h + a
         x = x + h
-        h, cms_state = self.cms(self.norm2(x), state["cms"])
-        return x + h, {"mixer": mixer_state, "cms": cms_state}
+        h, new["cms"] = self.cms(self.norm2(x), state["cms"])
+        return x + h, new
+
+
+def _mixer(kind: str, config: ModelConfig) -> nn.Module:
+    if kind == "attention":
+        return Attention(config.dim, config.num_heads, config.attention)
+    if kind == "titans":
+        return TitansMixer(config.dim, config.num_heads, config.titans)
+    return SelfModifyingTitans(config.dim, config.num_heads, config.sm_titans)
 
 
 class LanguageModel(nn.Module):
@@ -97,13 +117,16 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         for name, p in self.named_parameters():
             # Linear and embedding weights: N(0, 0.02); memories, convs, gates and read-outs keep their own init
             if p.dim() == 2 and not any(s in name for s in (".conv.", ".gates.", "readout")):
                 nn.init.normal_(p, std=0.02)
+        for blk in self.blocks:
+            if blk.adapter is not None:  # the adapter adds nothing at first: the block is its base's
+                nn.init.zeros_(blk.adapter.out.proj.weight)
         self.task_levels = task_levels(self.blocks, config)
 
     # --- state ---
