@@ -27,6 +27,7 @@ from . import hf
 from .attention import Attention
 from .cms import CMS, InContextLevel, SwiGLU
 from .config import ModelConfig
+from .lora import add_lora
 from .sm_titans import SelfModifyingTitans
 from .state import tree_map
 from .task_cms import task_forward, task_levels
@@ -128,6 +129,8 @@ class LanguageModel(nn.Module):
             if blk.adapter is not None:  # the adapter adds nothing at first: the block is its base's
                 nn.init.zeros_(blk.adapter.out.proj.weight)
         self.task_levels = task_levels(self.blocks, config)
+        if config.lora is not None:
+            add_lora(self, config.lora)
 
     # --- state ---
 
