@@ -95,7 +95,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LanguageModel, Tokenizer]:
-    """The model and tokenizer of a checkpoint folder or of a run folder's newest checkpoint."""
+    """The model and tokenizer of a checkpoint folder, of a run folder's newest checkpoint, or of a Hugging Face
+    Llama folder (its own tokenizer.json)."""
     path = resolve_checkpoint(path)
     try:
         model = load(path, device=device)
@@ -105,8 +106,17 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             "use an earlier one (checkpoints/step-*)"
         ) from e
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path / 'tokenizer.json'} is missing: every nestlearn checkpoint saves its tokenizer")
-    return model, load_tokenizer(path)
+        raise FileNotFoundError(
+            f"{path / 'tokenizer.json'} is missing: every nestlearn checkpoint saves its tokenizer, and a pretrained "
+            "model folder must bring its own (tokenizer.json, as transformers' save_pretrained writes it)"
+        )
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"{path / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{model.config.vocab_size}: they do not belong together; put the model's own tokenizer beside it"
+        )
+    return model, tokenizer
 
 
 def save_checkpoint(

@@ -281,8 +281,8 @@ class CMSConfig:
         _check_retention_init(self)
         if self.signal not in ("local", "task"):
             _fail("CMSConfig", "signal", self.signal, "expected 'local' (the level's own objective) or 'task' (eq. 71)")
-        if not (isinstance(self.task_lr, (int, float)) and math.isfinite(self.task_lr) and self.task_lr > 0):
-            _fail("CMSConfig", "task_lr", self.task_lr, "must be a finite number > 0")
+        if not (isinstance(self.task_lr, (int, float)) and math.isfinite(self.task_lr) and self.task_lr >= 0):
+            _fail("CMSConfig", "task_lr", self.task_lr, "must be a finite number >= 0 (0: the levels read θ_0 only)")
         if self.meta_grad not in ("first_order", "full"):
             _fail("CMSConfig", "meta_grad", self.meta_grad, "expected 'first_order' or 'full'")
         tb = self.task_blocks

@@ -40,7 +40,7 @@ __all__ = [
     "read_hf_weights",
     "hf_config_of",
     "state_dict_to_hf",
-    "eos_id_of",
+    "exportable",
 ]
 
 SUPPORTED = ("LlamaForCausalLM",)  # architectures whose folders load; others are refused by name
@@ -120,19 +120,6 @@ def config_from_hf(hf: dict, source: str = "hf") -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         name=f"pretrained:{hf.get('model_type', 'llama')}",
     )
-
-
-def eos_id_of(path: str | Path) -> int | None:
-    """The end-of-sequence id a Hugging Face folder names (generation_config.json, else config.json), or None."""
-    for name in ("generation_config.json", "config.json"):
-        file = Path(path) / name
-        if file.is_file():
-            eos = json.loads(file.read_text()).get("eos_token_id")
-            if isinstance(eos, list):
-                eos = eos[0] if eos else None
-            if eos is not None:
-                return int(eos)
-    return None
 
 
 def read_hf_weights(path: str | Path) -> dict[str, Tensor]:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import pretrained
 from .checkpoint import (
     CHECKPOINTS,
     TRAIN_CONFIG_FILE,
@@ -52,7 +53,7 @@ from .data.shards import open_shard, prepare, shard_dir
 from .data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 from .evaluate import evaluate
 from .interrupt import Interrupted, SaveClock, StopRequest
-from .model import LanguageModel, build
+from .model import LanguageModel, Level, build, load
 from .runtime import Dist, autocast, flush_subnormals, resolve_device, set_threads, setup_distributed
 from .train_config import RUN_FIELDS, SCHEDULE_FIELDS, TrainConfig, lr_at, model_config_of, optimizer_factory
 
@@ -65,6 +66,13 @@ __all__ = ["TrainConfig", "train", "prepare_data", "model_config_of", "make_opti
 def tokenizer_of(config: TrainConfig, *, progress: bool = True) -> Tokenizer:
     """--tokenizer: bytes, a tokenizer.json folder, or bpe:VOCAB trained once on the train split and cached under
     the corpus cache by the split's digest (so that a changed text trains a new one)."""
+    if config.init:
+        if config.tokenizer != "bytes":
+            raise ValueError(
+                f"--tokenizer {config.tokenizer}: a model started with --init reads with its own tokenizer "
+                f"({config.init}/tokenizer.json); leave --tokenizer out"
+            )
+        return load_tokenizer(config.init)
     if config.tokenizer == "bytes":
         return ByteTokenizer()
     if not config.tokenizer.startswith("bpe:"):
@@ -132,8 +140,11 @@ def param_groups(model: nn.Module, weight_decay: float, orthogonalise: bool = Fa
     embedding and head, the memories' initial states, the causal convolutions' weights, self-modifying Titans'
     read-outs and gate biases, norms and biases (AdamW inside muon and m3, which Jordan et al. advise for
     embeddings; decay would pull α's bias of 4 towards 0 and the initial states towards the dead zero state)."""
+    # LoRA's factors are nn.Linears too, but small and meant to start at B = 0: neither decayed nor orthogonalised
     linear = {
-        id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1] != "head"
+        id(m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.split(".")[-1] != "head" and ".lora_" not in name
     }
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -154,7 +165,11 @@ def make_levels(model: LanguageModel, optimizer: torch.optim.Optimizer, config: 
     """Levels over `optimizer` when the model has outer CMS levels with a period (eq. 71), else None."""
     from .optim import Levels
 
-    levels = model.levels()
+    # a frozen parameter is in no optimizer, so in no level either
+    levels = [
+        Level(lv.name, lv.period, {n: p for n, p in lv.params.items() if p.requires_grad}) for lv in model.levels()
+    ]
+    levels = [lv for lv in levels if lv.params]
     if all(lv.period is None for lv in levels):
         return None
     if config.parallel == "fsdp" and dist.is_initialized():
@@ -327,7 +342,14 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model_config = model_config_of(config, tokenizer.vocab_size)
-    model = build(model_config).to(device)
+    model = build(model_config)
+    if config.init and resume_from is None:  # a resumed run reads every weight from its checkpoint
+        pretrained.initialise(model, load(config.init))
+    if config.freeze != "none" or config.init or config.adapter or config.lora_rank:
+        if config.freeze != "none":
+            pretrained.freeze(model, config.freeze)
+        _say(f"{model_config.name}: {pretrained.count(model)}")
+    model = model.to(device)
     T = model_config.seq_len
     step, carried = 0, None
     optimizer_sd = None

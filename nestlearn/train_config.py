@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import presets
+from . import presets, pretrained
 from .checkpoint import CHECKPOINTS, TRAIN_CONFIG_FILE
-from .config import RETAIN_TO, ModelConfig
+from .config import LORA_TARGETS, RETAIN_TO, LoRAConfig, ModelConfig
 from .optim import OPTIMIZERS
 from .runtime import check_device
 
@@ -79,6 +79,36 @@ class TrainConfig:
     )
     task_blocks: int | None = _help(
         "--cms-signal task: how many of the last blocks learn in context (default: all)", default=None
+    )
+    # a pretrained start (docs/pretrained.md)
+    init: str | None = _help(
+        "a pretrained model folder to start from (a Hugging Face Llama, e.g. from `nestlearn fetch-model "
+        "smollm2-135m`, or a nestlearn Transformer): the preset (transformer or hope_attention) is built at its "
+        "shape with its tokenizer, and every CMS level starts from the block's MLP (paper §7.3)",
+        default=None,
+    )
+    stack: str | None = _help(
+        "--init: how the CMS levels start from one MLP and still equal it: copies (every level a copy, averaged) "
+        "or residual (a chain; the faster levels' down projections start at zero) (default: copies)",
+        default=None,
+    )
+    adapter: str | None = _help(
+        "a memory pathway beside attention, its output zero at first: titans or sm_titans (default: none)", default=None
+    )
+    adapter_blocks: int | None = _help("--adapter: how many of the last blocks carry it (default: all)", default=None)
+    window: int | None = _help(
+        "sliding-window attention: each token sees the last WINDOW tokens (default: the model's; full)", default=None
+    )
+    freeze: str = _help(
+        "base: train only the memory pathways (adapters, LoRA, CMS levels with a period), the rest frozen; none",
+        default="none",
+    )
+    lora_rank: int | None = _help(
+        "LoRA of this rank on attention's and the MLPs' projections (default: no LoRA)", default=None
+    )
+    lora_alpha: float | None = _help("--lora-rank: the scale alpha (default: 2 × rank)", default=None)
+    lora_targets: str | None = _help(
+        "--lora-rank: comma-separated projections among qkv,proj,up,down (default: all four)", default=None
     )
     # data
     data: str = _help(
@@ -167,6 +197,9 @@ class TrainConfig:
             "tensorboard": ["auto", "on", "off"],
             "cms_signal": ["local", "task"],
             "meta_grad": ["first_order", "full"],
+            "stack": ["copies", "residual"],
+            "adapter": ["titans", "sm_titans"],
+            "freeze": ["none", "base"],
         }
 
     def __post_init__(self) -> None:
@@ -207,6 +240,22 @@ class TrainConfig:
                 f"retention_init={self.retention_init} must lie strictly between 0 and 1 (α_t at "
                 "initialisation; 0.982 by default)"
             )
+        for name in ("adapter_blocks", "window", "lora_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        needs = (
+            ("stack", "init"),
+            ("adapter_blocks", "adapter"),
+            ("lora_alpha", "lora_rank"),
+            ("lora_targets", "lora_rank"),
+        )
+        for flag, base in needs:
+            if getattr(self, flag) is not None and getattr(self, base) is None:
+                raise ValueError(
+                    f"--{flag.replace('_', '-')} does nothing without --{base.replace('_', '-')}: give both, or neither"
+                )
+        if self.init is not None and self.model_config is not None:
+            raise ValueError("--init and --model-config both say what to build: give one (--init builds at its shape)")
         self.periods()  # parse errors now, not after the data is prepared
         optimizer_factory(self)([{"params": [nn.Parameter(torch.zeros(2, 2))], "weight_decay": 0.0}])
 
@@ -302,11 +351,17 @@ def _is_optional(typ: Any) -> bool:
 
 
 def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
-    if config.model_config:
-        model_config = ModelConfig.from_dict(json.loads(Path(config.model_config).read_text()))
+    if config.init:  # the source's shape and vocabulary (which may be padded beyond its tokenizer's)
+        source = pretrained.source_config(config.init)
+        model_config = pretrained.stacked_config(
+            source, config.preset, update_periods=config.periods(), stack=config.stack or "copies"
+        )
     else:
-        model_config = presets.PRESETS[config.preset](config.size)
-    model_config.vocab_size = vocab_size  # the tokenizer decides
+        if config.model_config:
+            model_config = ModelConfig.from_dict(json.loads(Path(config.model_config).read_text()))
+        else:
+            model_config = presets.PRESETS[config.preset](config.size)
+        model_config.vocab_size = vocab_size  # the tokenizer decides
     if config.seq_len is not None:
         model_config.seq_len = config.seq_len
     if config.periods() is not None:
@@ -337,7 +392,16 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
     }
     if task:
         model_config = dataclasses.replace(model_config, cms=dataclasses.replace(model_config.cms, **task))
-    return model_config
+    extra = {}
+    if config.adapter:
+        extra.update(adapter=config.adapter, adapter_blocks=config.adapter_blocks)
+    if config.window:
+        extra["attention"] = dataclasses.replace(model_config.attention, window=config.window)
+    if config.lora_rank:
+        targets = tuple(t.strip() for t in config.lora_targets.split(",")) if config.lora_targets else LORA_TARGETS
+        alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * config.lora_rank
+        extra["lora"] = LoRAConfig(rank=config.lora_rank, alpha=alpha, targets=targets)
+    return dataclasses.replace(model_config, **extra) if extra else model_config
 
 
 def optimizer_factory(config: TrainConfig):
@@ -391,5 +455,14 @@ RUN_FIELDS = (
     "optimizer",
     "optimizer_args",
     "update_periods",
+    "init",
+    "stack",
+    "adapter",
+    "adapter_blocks",
+    "window",
+    "freeze",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
 )
 SCHEDULE_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")

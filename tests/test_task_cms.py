@@ -152,7 +152,7 @@ def test_bad_settings_are_refused_and_divergence_is_named():
     with pytest.raises(ValueError, match="signal='nope'"):
         CMSConfig(signal="nope")
     with pytest.raises(ValueError, match="task_lr"):
-        CMSConfig(signal="task", task_lr=0)
+        CMSConfig(signal="task", task_lr=-1e-3)
     with pytest.raises(ValueError, match="meta_grad"):
         CMSConfig(signal="task", meta_grad="second")
     with pytest.raises(ValueError, match="multiple of the fastest, 8"):

@@ -5,6 +5,9 @@
     tok.save(checkpoint_dir)                                # writes checkpoint_dir/tokenizer.json
     tok = load_tokenizer(checkpoint_dir)
 
+A pretrained model's own tokenizer.json (a Hugging Face model folder: SmolLM2, Llama) loads as a `BPETokenizer` too;
+its end-of-document id is "<|endoftext|>" when it has one, else another end-of-text token it names.
+
 Both kinds share one interface (`Tokenizer`): encode, encode_batch, decode, vocab_size, eos_id, save. Text never
 encodes to the end-of-document id, even text that spells "<|endoftext|>": the id is only inserted between
 documents (nestlearn.data.shards), so a model cannot be told "end of document" by its input text.
@@ -23,6 +26,8 @@ from typing import Any
 __all__ = ["EOS_TOKEN", "TOKENIZER_FILE", "Tokenizer", "ByteTokenizer", "BPETokenizer", "train_bpe", "load_tokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"
+# what pretrained vocabularies call their end of text, in order of preference after EOS_TOKEN (Llama 3, Llama 2)
+OTHER_EOS_TOKENS = ("<|end_of_text|>", "</s>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -112,11 +117,14 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, tokenizer: Any) -> None:
-        eos = tokenizer.token_to_id(EOS_TOKEN)
+        eos = next(
+            (i for i in map(tokenizer.token_to_id, (EOS_TOKEN, *OTHER_EOS_TOKENS)) if i is not None),
+            None,
+        )
         if eos is None:
             raise ValueError(
-                f"this tokenizer has no {EOS_TOKEN!r} token, which nestlearn uses as end of document; "
-                f"train one with nestlearn.data.tokenizer.train_bpe"
+                f"this tokenizer has none of the tokens {[EOS_TOKEN, *OTHER_EOS_TOKENS]}, one of which nestlearn "
+                f"uses as end of document; train one with nestlearn.data.tokenizer.train_bpe"
             )
         # Not saved in tokenizer.json, so set on every construction: text that spells "<|endoftext|>" is encoded
         # as ordinary text; the eos id only ever comes from shards placing it between documents.
