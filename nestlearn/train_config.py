@@ -256,6 +256,8 @@ class TrainConfig:
                 )
         if self.init is not None and self.model_config is not None:
             raise ValueError("--init and --model-config both say what to build: give one (--init builds at its shape)")
+        if self.init is not None:  # a bad folder or architecture is named before anything is written
+            pretrained.stacked_config(pretrained.source_config(self.init), self.preset, stack=self.stack or "copies")
         self.periods()  # parse errors now, not after the data is prepared
         optimizer_factory(self)([{"params": [nn.Parameter(torch.zeros(2, 2))], "weight_decay": 0.0}])
 

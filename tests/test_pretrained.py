@@ -237,6 +237,14 @@ def test_bad_model_folders_are_named_and_nothing_is_written(llama, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "gpt2", "mismatch"]
 
 
+def test_train_refuses_a_bad_init_before_writing_anything(llama, tmp_path, capsys):
+    out = tmp_path / "run"
+    for folder, preset, said in ((tmp_path, "transformer", "not a model folder"), (llama, "hope", "adapter")):
+        with pytest.raises(SystemExit):
+            cli(["train", "--init", str(folder), "--preset", preset, "--out-dir", str(out)])
+        assert said in capsys.readouterr().err and not out.exists()
+
+
 def test_a_nestlearn_transformer_is_a_source_too(tmp_path):
     source = nestlearn.build(nestlearn.presets.transformer("debug"))
     source.save_pretrained(tmp_path / "t")
