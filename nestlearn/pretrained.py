@@ -32,6 +32,7 @@ from torch import nn
 from . import hf
 from .cms import SwiGLU, TaskLevel
 from .config import ADAPTERS, ModelConfig
+from .lora import parameter_counts
 from .model import LanguageModel
 from .presets import HOPE_PERIODS
 
@@ -161,8 +162,7 @@ def freeze(model: LanguageModel, what: str = "base") -> tuple[int, int]:
         raise ValueError(f"freeze={what!r}: expected one of {list(FREEZE)}")
     for name, p in model.named_parameters():
         p.requires_grad_(what == "none" or _is_pathway(name, model))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable, frozen = parameter_counts(model)
     if trainable == 0:
         raise ValueError(
             "--freeze base leaves nothing to train: this model has no memory pathway (add --adapter, --lora-rank, "
@@ -173,6 +173,5 @@ def freeze(model: LanguageModel, what: str = "base") -> tuple[int, int]:
 
 def count(model: nn.Module) -> str:
     """'N trainable, M frozen parameters'."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable, frozen = parameter_counts(model)
     return f"{trainable:,} trainable, {frozen:,} frozen parameters"
