@@ -17,6 +17,10 @@ The paper's continual learner (§3.2, §7) has two kinds of level, and `memorize
   their optimizer (eq. 71, `nestlearn.optim.Levels`). A level with learning rate 0 is frozen: it is not given
   to the optimizer and gets no gradient.
 
+A model with LoRA adapters (`nestlearn.lora.add_lora`, `nestlearn memorize --lora-rank R`) learns through them: its
+factors form one more level, `lora`, stepped every segment at `lr` while `base` stays frozen (base_lr 0), so that a
+pretrained model learns after deployment through its low-rank factors only.
+
 The stream is read in segments of `segment` tokens (default: the model's seq_len), the state detached between
 segments (truncated backprop, as in training with --carry-state). A period must be a multiple of the segment.
 """
@@ -45,6 +49,7 @@ from .optim import OPTIMIZERS, Levels, optimizer_class
 __all__ = ["Learner", "MemorizeReport", "memorize", "stream_loss"]
 
 LEARNER_FILE = "learner.pt"
+LORA_LEVEL = "lora"  # the LoRA factors of a model that has them: one level, stepped every segment at `lr`
 
 
 @dataclass
@@ -133,9 +138,20 @@ class MemorizeReport:
         return "\n".join(lines)
 
 
-def _carve(levels: list[Level], periods: dict[str, int] | None) -> list[Level]:
-    """Move the `base` parameters whose names match each pattern into a new outer level with that period."""
-    levels = [Level(lv.name, lv.period, dict(lv.params)) for lv in levels]
+def _carve(model: LanguageModel, periods: dict[str, int] | None) -> list[Level]:
+    """`model.levels()`, with the LoRA factors (wherever they are) moved into the level `lora`, stepped every segment,
+    and the `base` parameters whose names match each pattern of `periods` moved into a new outer level with that
+    period."""
+    from .lora import lora_parameters
+
+    levels = [Level(lv.name, lv.period, dict(lv.params)) for lv in model.levels()]
+    factors = set(lora_parameters(model))
+    if factors:
+        lora = Level(LORA_LEVEL, None, {})
+        for lv in levels:
+            for n in [n for n in lv.params if n in factors]:
+                lora.params[n] = lv.params.pop(n)
+        levels.append(lora)
     base = next((lv for lv in levels if lv.name == "base"), None)
     for pattern, period in (periods or {}).items():
         hits = {n: p for n, p in (base.params.items() if base else ()) if re.search(pattern, n)}
@@ -183,12 +199,14 @@ class Learner:
 
     Args:
         model: a LanguageModel.
-        lr: learning rate of every outer level with a period (default None: 1e-3 where there are such levels). A
-            model with none (a default Hope: its only outer level is `base`) refuses an explicit lr > 0, which
-            would train nothing, and names the flags that make levels to train.
+        lr: learning rate of every outer level with a period, and of the LoRA factors (the level `lora`, stepped
+            every segment) of a model that has them (default None: 1e-3 where there are such levels). A model with
+            none (a default Hope: its only outer level is `base`) refuses an explicit lr > 0, which would train
+            nothing, and names the flags that make levels to train.
         base_lr: learning rate of `base`, the parameters stepped every step in training (embeddings,
-            projections, meta-learned initial states, CMS levels of period None). Default 0: frozen, the usual
-            deployment; a positive value fine-tunes them on the stream every `segment` tokens.
+            projections, meta-learned initial states, CMS levels of period None; with LoRA, the adapted weights
+            under the factors). Default 0: frozen, the usual deployment; a positive value fine-tunes them on the
+            stream every `segment` tokens.
         lrs: {level name: lr}, overriding the two above for single levels (names: `model.levels()`, plus the
             patterns of `periods`).
         periods: {regex: period in tokens}: make the base parameters whose names match an outer level of that
@@ -220,14 +238,15 @@ class Learner:
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
             raise ValueError(f"segment={segment!r} must be a positive number of tokens")
         self.model = model
-        levels = _carve(model.levels(), periods)
+        levels = _carve(model, periods)
         if lr is not None and lr > 0 and not _outer(levels, lrs):
             names = ", ".join(f"{lv.name} (period {lv.period})" for lv in levels)
             raise ValueError(
                 f"lr={lr} would train nothing: it applies to the outer levels with a period, and this model has none "
                 f"beyond the ones named in lrs (its levels: {names}); `base` learns at base_lr={base_lr}. Make levels "
-                "of base parameters with periods={regex: tokens} (--period 'cms\\.levels\\.2\\.=512'), fine-tune base "
-                "with base_lr > 0 (--base-lr), or leave lr unset to let only the in-context memories learn"
+                "of base parameters with periods={regex: tokens} (--period 'cms\\.levels\\.2\\.=512'), add LoRA "
+                "adapters to learn through (--lora-rank R), fine-tune base with base_lr > 0 (--base-lr), or leave lr "
+                "unset to let only the in-context memories learn"
             )
         self.options = dict(
             lr=lr,
@@ -423,7 +442,7 @@ class Learner:
                 "the original checkpoint"
             ) from e
         options = dict(saved["options"])
-        if not _outer(_carve(model.levels(), options.get("periods")), options.get("lrs")):
+        if not _outer(_carve(model, options.get("periods")), options.get("lrs")):
             options["lr"] = None  # saved before an unused lr was refused: it trained nothing then either
         learner = cls(model, **options)
         learner.load_state_dict(saved)

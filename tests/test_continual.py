@@ -207,8 +207,12 @@ def test_bad_settings_are_refused():
         ContinualConfig(strategy="sgd")
     with pytest.raises(ValueError, match="steps_per_task=0"):
         ContinualConfig(steps_per_task=0)
-    with pytest.raises(ValueError, match="levels strategy"):
+    with pytest.raises(ValueError, match=r"levels and cms-levels strategy's setting.*strategy is finetune"):
         ContinualConfig(update_periods="16,128")
+    with pytest.raises(ValueError, match=r"--lora-rank \(lora_rank\) is the lora strategy's.*--strategy lora"):
+        ContinualConfig(lora_rank=4)
+    with pytest.raises(ValueError, match="--strategy adapter trains a memory pathway on a frozen pretrained base"):
+        ContinualConfig(strategy="adapter")  # no --init: nothing pretrained to freeze
     with pytest.raises(ValueError, match="stream="):
         make_stream("music", None, None, 32)
 
@@ -216,23 +220,34 @@ def test_bad_settings_are_refused():
 def test_level_stacking_starts_cms_levels_from_a_trained_models_mlps(two_languages, tmp_path):
     # paper §7.3: a Hope-Attention whose SwiGLU level is the Transformer's MLP, attention and embeddings copied
     from nestlearn import build
-    from nestlearn.data.tokenizer import ByteTokenizer
+    from nestlearn.data.tokenizer import ByteTokenizer, train_bpe
 
     torch.manual_seed(1)
     source = build(dataclasses.replace(presets.transformer("debug"), vocab_size=257))
     source.save_pretrained(tmp_path / "src")
     ByteTokenizer().save(tmp_path / "src")
-    model = build_model(small(preset="hope_attention", init_from=str(tmp_path / "src")))
+    # into hope_attention, --init-from is --init (nestlearn.pretrained): every level a copy, equal at start
+    stacked = small(
+        preset="hope_attention", init_from=str(tmp_path / "src"), strategy="levels", update_periods="64,none"
+    )
+    model = build_model(stacked)
     mlp, levels = source.blocks[1].cms.levels[0], model.blocks[1].cms.levels
-    assert torch.equal(levels[-1].up.weight, mlp.up.weight) and torch.equal(levels[-1].down.weight, mlp.down.weight)
+    for level in levels:
+        assert torch.equal(level.up.weight, mlp.up.weight) and torch.equal(level.down.weight, mlp.down.weight)
     assert torch.equal(model.blocks[0].mixer.qkv.weight, source.blocks[0].mixer.qkv.weight)
     assert torch.equal(model.embed.weight, source.embed.weight)
+    x = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(x)[0], source(x)[0], atol=1e-5, rtol=0)
     result = run(
         small(preset="hope_attention", init_from=str(tmp_path / "src"), tasks=two_languages, data_root=str(tmp_path))
     )
     assert np.isfinite(result["R"]).all()
+    # into hope (a self-modifying Titans mixer the source does not have): level_stack, its SwiGLU level the MLP
+    hope = build_model(small(preset="hope", init_from=str(tmp_path / "src")))
+    assert torch.equal(hope.blocks[1].cms.levels[-1].up.weight, mlp.up.weight)
+    assert torch.equal(hope.embed.weight, source.embed.weight)
     with pytest.raises(ValueError, match="byte-level"):
-        source2 = build(presets.transformer("debug"))  # vocabulary 256: not the streams' byte tokenizer
+        source2 = build(dataclasses.replace(presets.transformer("debug"), vocab_size=300))  # not byte-level
         source2.save_pretrained(tmp_path / "src2")
-        ByteTokenizer().save(tmp_path / "src2")
+        train_bpe(["the river runs to the sea " * 50], 300).save(tmp_path / "src2")
         build_model(small(preset="hope", init_from=str(tmp_path / "src2")))

@@ -231,3 +231,46 @@ def test_memorize_command_writes_a_model_that_continues(tmp_path):
         )
         == 1
     )  # a continued learner keeps its options
+
+
+# --- LoRA: learning after deployment through low-rank factors only ---
+
+
+def lora_transformer():
+    pytest.importorskip("peft", reason="LoRA needs peft: pip install 'nestlearn[hf]'")
+    from nestlearn.config import LoRAConfig
+    from nestlearn.lora import add_lora
+
+    torch.manual_seed(0)
+    return add_lora(build(presets.transformer("debug")), LoRAConfig(rank=4, alpha=8.0))
+
+
+def test_lora_learns_through_its_factors_only_as_a_level_of_its_own():
+    model = lora_transformer()
+    before = snapshot(model)
+    factors = {n for n in before if ".lora_" in n}
+    learner = Learner(model, segment=32)  # lr unset: 1e-3 for the factors; base_lr 0: the base frozen
+    assert {name: learner.lrs[name] for name in learner.lrs} == {"base": 0.0, "lora": 1e-3}
+    x = torch.arange(97).remainder(7)[None]
+    _, report = learner.memorize(x)
+    assert changed(model, before) == factors  # A and B of every adapted projection, and nothing else
+    assert {lv.name: lv.steps for lv in report.levels} == {"lora": 3, "base": 0}
+    assert report.loss_after < report.loss_before
+    assert Learner(model, lr=1e-2).lrs["lora"] == 1e-2  # `lr` is the factors' rate: not "would train nothing"
+    with pytest.raises(ValueError, match="nothing would learn"):
+        Learner(model, lr=0.0, segment=32).memorize(x)
+
+
+def test_a_saved_lora_learner_loads_back_with_its_adapters_and_continues_exactly(tmp_path):
+    model = lora_transformer()
+    x = torch.arange(129).remainder(5)[None]
+    learner = Learner(model, lr=1e-2, segment=32)
+    state, _ = learner.memorize(x[:, :65], measure=False)
+    learner.save(tmp_path / "mem", state)
+    assert json.loads((tmp_path / "mem" / "config.json").read_text())["lora"]["rank"] == 4
+    model2, learner2, state2 = Learner.load(tmp_path / "mem")
+    assert model2.config.lora == model.config.lora
+    torch.testing.assert_close(model2(x[:, :16])[0], model(x[:, :16])[0], rtol=0, atol=0)  # equal logits
+    learner.memorize(x[:, 64:], state, measure=False)
+    learner2.memorize(x[:, 64:], state2, measure=False)
+    torch.testing.assert_close(model2(x[:, :16])[0], model(x[:, :16])[0], rtol=0, atol=0)

@@ -8,7 +8,17 @@ import random
 from pathlib import Path
 
 from .. import presets
-from ..evals.continual import PROGRESS_FILE, STRATEGIES, STREAMS, ContinualConfig, plot, run, table
+from ..config import ADAPTERS, LORA_TARGETS
+from ..evals.continual import (
+    DEFAULT_LORA_RANK,
+    PROGRESS_FILE,
+    STRATEGIES,
+    STREAMS,
+    ContinualConfig,
+    plot,
+    run,
+    table,
+)
 from ..evals.continual import __doc__ as CONTINUAL_DOC
 from ..options import add_threads, non_negative_float, parser, positive_float, positive_int
 from ..runtime import set_threads
@@ -28,13 +38,25 @@ def main(argv: list[str] | None = None) -> int:
         help="; ".join(f"{k}: {v}" for k, v in STREAMS.items()) + f" (default: {d.stream})",
     )
     p.add_argument("--tasks", nargs="+", default=None, help="the stream's tasks, in order (languages, corpora)")
-    p.add_argument("--preset", default=d.preset, choices=list(presets.PRESETS), help=f"(default: {d.preset})")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=list(presets.PRESETS),
+        help="(default: transformer; hope_attention with --strategy cms-levels)",
+    )
     p.add_argument("--size", default=d.size, choices=list(presets.SIZES), help=f"(default: {d.size})")
-    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES, help=f"(default: {d.strategy})")
+    p.add_argument(
+        "--strategy",
+        default=d.strategy,
+        choices=STRATEGIES,
+        help="finetune, ewc, replay, levels; on a frozen pretrained base (--init): lora, adapter, cms-levels "
+        f"(default: {d.strategy}; docs/continual.md)",
+    )
     p.add_argument(
         "--update-periods",
         default=None,
-        help="levels: the CMS update periods in tokens, fastest first, 'none' for every step (default: the preset's)",
+        help="levels, cms-levels: the CMS update periods in tokens, fastest first, 'none' for every step (default: "
+        "the preset's); periods at least --seq-len are outer levels, stepped at their period",
     )
     p.add_argument(
         "--steps-per-task", type=positive_int, default=d.steps_per_task, help=f"(default: {d.steps_per_task})"
@@ -71,11 +93,52 @@ def main(argv: list[str] | None = None) -> int:
         help=f"bbc: classes per task (default: {d.classes_per_task})",
     )
     p.add_argument(
+        "--init",
+        default=None,
+        metavar="DIR",
+        help="start from a pretrained model: a Hugging Face Llama folder (e.g. `nestlearn fetch-model smollm2-135m`) "
+        "or a nestlearn Transformer checkpoint; its shape and weights (--preset transformer or hope_attention, "
+        "starting with its logits), and its tokenizer for the stream",
+    )
+    p.add_argument(
+        "--stack",
+        default=None,
+        choices=["copies", "residual"],
+        help="--init into hope_attention: how the CMS levels start from the MLP and still equal it (default: copies; "
+        "docs/pretrained.md)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=positive_int,
+        default=None,
+        help=f"lora: the adapters' rank (default: {DEFAULT_LORA_RANK})",
+    )
+    p.add_argument(
+        "--lora-alpha", type=positive_float, default=None, help="lora: the adapters' scale alpha (default: 2 × rank)"
+    )
+    p.add_argument(
+        "--lora-targets",
+        default=None,
+        help=f"lora: comma-separated projections among {','.join(LORA_TARGETS)} (default: all four)",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        choices=list(ADAPTERS),
+        help=f"adapter: the memory beside attention (default: {ADAPTERS[0]})",
+    )
+    p.add_argument(
+        "--adapter-blocks",
+        type=positive_int,
+        default=None,
+        help="adapter: how many of the last blocks carry it (default: all)",
+    )
+    p.add_argument(
         "--init-from",
         default=None,
-        help="a trained byte-level checkpoint (e.g. a transformer) to "
-        "start from: same-named weights copied, every SwiGLU CMS level initialised from its MLP (paper "
-        "§7.3)",
+        help="older §7.3 stacking: a trained byte-level checkpoint whose same-named weights are copied and whose "
+        "MLPs start every SwiGLU CMS level of a titans or hope preset (not equal to it at start); into a "
+        "transformer or hope_attention it is --init",
     )
     p.add_argument(
         "--eval-tokens",
@@ -104,5 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "continual.png")
     print(table(result))
+    print(
+        f"\nparameters: {result['trainable_params']:,} trainable, {result['frozen_params']:,} frozen"
+        + (f" (started from {config.init or config.init_from})" if config.pretrained_start else "")
+    )
     print(f"\nwrote {out / 'results.json'} and {out / 'continual.png'}")
     return 0

@@ -10,13 +10,22 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import TRAIN_CONFIG_FILE, load_checkpoint, resolve_checkpoint
+from ..config import LORA_TARGETS, LoRAConfig
 from ..data.batches import gather
 from ..data.shards import open_shard
 from ..data.tokenizer import load_tokenizer
 from ..interrupt import Interrupted, StopRequest
-from ..memorize import LEARNER_FILE, STREAM_FILE, Learner, write_report
+from ..memorize import LEARNER_FILE, LORA_LEVEL, STREAM_FILE, Learner, write_report
 from ..optim import OPTIMIZERS
-from ..options import add_device, add_threads, non_negative_float, non_negative_int, parser, positive_int
+from ..options import (
+    add_device,
+    add_threads,
+    non_negative_float,
+    non_negative_int,
+    parser,
+    positive_float,
+    positive_int,
+)
 from ..runtime import flush_subnormals, resolve_device, set_threads
 from ..train import shards_for
 
@@ -32,6 +41,20 @@ def _pairs(items: list[str] | None, flag: str, convert) -> dict:
         except ValueError:
             raise ValueError(f"{flag} {item!r} must be NAME=VALUE, e.g. {flag} 'blocks.0.cms.levels.2=1e-3'") from None
     return out
+
+
+def add_lora_to(model, args, source: Path) -> None:
+    """--lora-rank: LoRA adapters on the loaded model (nestlearn.lora.add_lora), which its saved config then holds."""
+    from ..lora import add_lora
+
+    if model.config.lora is not None:
+        raise ValueError(
+            f"{source} has LoRA adapters already (rank {model.config.lora.rank}): drop --lora-rank; its factors "
+            f"learn as the level '{LORA_LEVEL}' at --lr"
+        )
+    targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else LORA_TARGETS
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    add_lora(model, LoRAConfig(rank=args.lora_rank, alpha=alpha, targets=targets))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         help="make the base parameters matching REGEX an "
         r"outer level stepped every C tokens (repeatable), e.g. 'cms\.levels\.2\.=512'",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=positive_int,
+        default=None,
+        help="add LoRA adapters of this rank to the model and learn through their factors (the level "
+        f"'{LORA_LEVEL}', stepped every segment at --lr), the base frozen; saved with the model (docs/pretrained.md)",
+    )
+    p.add_argument(
+        "--lora-alpha", type=positive_float, default=None, help="--lora-rank: the scale alpha (default: 2 × rank)"
+    )
+    p.add_argument(
+        "--lora-targets",
+        default=None,
+        help=f"--lora-rank: comma-separated projections among {','.join(LORA_TARGETS)} (default: all four)",
+    )
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="of the outer levels (default: adamw)")
     p.add_argument(
         "--optimizer-args",
@@ -127,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         optimizer_args = json.loads(args.optimizer_args) if args.optimizer_args else None
     except json.JSONDecodeError as e:
         p.error(f"--optimizer-args {args.optimizer_args!r} is not JSON ({e}); write e.g. '{{\"betas\": [0.9, 0.99]}}'")
+    for flag in ("lora_alpha", "lora_targets"):
+        if getattr(args, flag) is not None and args.lora_rank is None:
+            p.error(f"--{flag.replace('_', '-')} does nothing without --lora-rank: give both, or neither")
 
     device = resolve_device(args.device)
     set_threads(args.threads, device)
@@ -143,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         segment=args.segment,
     )
     given = sorted(k for k, v in options.items() if v not in (None, {}))
+    given += [f for f in ("lora_rank", "lora_alpha", "lora_targets") if getattr(args, f) is not None]
     if resumed:
         if given:
             raise ValueError(
@@ -153,7 +195,17 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, stream = load_tokenizer(source), json.loads((source / STREAM_FILE).read_text())
     else:
         model, tokenizer = load_checkpoint(resolve_checkpoint(source), device)
+        if args.lora_rank is not None:
+            add_lora_to(model, args, source)
+            model.to(device)
         learner = Learner(model, **{k: v for k, v in options.items() if v is not None})
+        if args.lora_rank is not None:
+            learning = sum(p.numel() for p in learner.params)
+            print(
+                f"nestlearn memorize: LoRA of rank {args.lora_rank} on {model.config.name}: {learning:,} parameters "
+                f"learn, {model.num_parameters() - learning:,} frozen",
+                file=sys.stderr,
+            )
         state, stream = None, {"data": None, "split": args.split, "offset": 0, "history": []}
         train_config = resolve_checkpoint(source) / TRAIN_CONFIG_FILE
         stream["data"] = json.loads(train_config.read_text())["data"] if train_config.is_file() else None

@@ -1,10 +1,11 @@
 """The continual-learning streams: tasks in order, each a corpus to model (scored in bits per byte) or classes to
 tell apart (scored by accuracy among the classes seen so far). `languages`: the Debian handbook in one language after
-another; `domains`: wiki, shakespeare, pydoc; `bbc`: class-incremental BBC News."""
+another; `domains`: wiki, shakespeare, pydoc; `bbc`: class-incremental BBC News. Text is read as bytes, or with a
+pretrained model's own tokenizer (`make_stream(..., tokenizer=)`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.shards import ShardMeta
-from ..data.tokenizer import ByteTokenizer
+from ..data.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["LANGUAGES", "STREAMS", "LMTask", "ClassTask", "make_stream"]
 
@@ -59,9 +60,9 @@ class ClassTask:
     train_labels: list[str]
     valid: list[str]
     valid_labels: list[str]
+    tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
     higher_is_better = True
     metric = "accuracy"
-    tokenizer = ByteTokenizer()
 
     def _rows(self, prompts: list[str], answers: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
         rows, masks = [], []
@@ -95,18 +96,24 @@ class ClassTask:
         return correct / len(self.valid)
 
 
-def _lm_task(corpus: str, data_root: str | None, name: str | None = None) -> LMTask:
+def _lm_task(corpus: str, data_root: str | None, name: str | None = None, tokenizer: Tokenizer | None = None) -> LMTask:
     from ..data.shards import open_shard
     from ..train import shards_for
 
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer or ByteTokenizer()
     out = shards_for(corpus, tokenizer, data_root, ("train", "validation"), progress=False)
     train, _ = open_shard(out / "train", tokenizer)
     valid, meta = open_shard(out / "validation", tokenizer)
     return LMTask(name or corpus, train, valid, meta)
 
 
-def _bbc_tasks(data_root: str | None, prompt_chars: int, classes_per_task: int, corpus: str = "bbc") -> list[ClassTask]:
+def _bbc_tasks(
+    data_root: str | None,
+    prompt_chars: int,
+    classes_per_task: int,
+    corpus: str = "bbc",
+    tokenizer: Tokenizer | None = None,
+) -> list[ClassTask]:
     from ..data.corpora import BBC_CLASSES, load_split
 
     def examples(split: str) -> list[tuple[str, str]]:
@@ -131,6 +138,7 @@ def _bbc_tasks(data_root: str | None, prompt_chars: int, classes_per_task: int, 
                 [y for _, y in tr],
                 [p for p, _ in va],
                 [y for _, y in va],
+                tokenizer or ByteTokenizer(),
             )
         )
     return tasks
@@ -144,17 +152,23 @@ STREAMS = {
 
 
 def make_stream(
-    name: str, tasks: list[str] | None, data_root: str | None, seq_len: int, classes_per_task: int = 1
+    name: str,
+    tasks: list[str] | None,
+    data_root: str | None,
+    seq_len: int,
+    classes_per_task: int = 1,
+    tokenizer: Tokenizer | None = None,
 ) -> list:
     """The tasks of a stream. A task may also be a local corpus folder (train.txt, validation.txt, test.txt); for
-    `bbc`, `tasks` may name one corpus (a folder in the bbc format: the class on each document's first line)."""
+    `bbc`, `tasks` may name one corpus (a folder in the bbc format: the class on each document's first line).
+    `tokenizer`: what the text is read with (default: bytes; a pretrained model's own)."""
     if name == "languages":
         return [
-            _lm_task(lang if Path(lang).is_dir() else f"handbook-{lang}", data_root, Path(lang).name)
+            _lm_task(lang if Path(lang).is_dir() else f"handbook-{lang}", data_root, Path(lang).name, tokenizer)
             for lang in (tasks or LANGUAGES)
         ]
     if name == "domains":
-        return [_lm_task(c, data_root, Path(c).name) for c in (tasks or ("wiki", "shakespeare", "pydoc"))]
+        return [_lm_task(c, data_root, Path(c).name, tokenizer) for c in (tasks or ("wiki", "shakespeare", "pydoc"))]
     if name == "bbc":
         if tasks and len(tasks) != 1:
             raise ValueError(
@@ -166,5 +180,6 @@ def make_stream(
             prompt_chars=max(16, seq_len - 24),
             classes_per_task=classes_per_task,
             corpus=tasks[0] if tasks else "bbc",
+            tokenizer=tokenizer,
         )
     raise ValueError(f"stream={name!r} is not known; expected one of {list(STREAMS)}")
