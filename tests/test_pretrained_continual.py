@@ -177,6 +177,15 @@ def test_bad_pretrained_settings_are_refused_naming_the_fix(llama, fields, messa
         small(**{"init": str(llama), "preset": None, **fields})
 
 
+def test_a_source_with_unmerged_lora_is_refused(tmp_path):
+    from nestlearn.config import LoRAConfig
+
+    source = nestlearn.build(dataclasses.replace(nestlearn.presets.transformer("debug"), lora=LoRAConfig(rank=2)))
+    source.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match="has LoRA adapters.*merge_lora"):
+        make_model(small(init=str(tmp_path / "lora"), strategy="finetune"))
+
+
 def test_the_continual_command_takes_the_pretrained_flags(llama, langs, cache, tmp_path, capsys):
     args = ["continual", "--tasks", *langs, "--init", str(llama), "--steps-per-task", "2", "--batch-size", "2"]
     args += ["--seq-len", "32", "--eval-tokens", "64", "--data-root", cache, "--no-progress"]

@@ -345,6 +345,11 @@ def pretrained_config(config: ContinualConfig, folder: str | Path):
     from ..train_config import parse_periods
 
     source = pretrained.source_config(folder)
+    if source.lora is not None:  # pretrained.initialise would not find the adapted weights under their new names
+        raise ValueError(
+            f"{folder} has LoRA adapters (rank {source.lora.rank}): fold them into its weights first "
+            "(nestlearn.lora.merge_lora(model), then model.save_pretrained(DIR)) and start from that"
+        )
     periods = parse_periods(config.update_periods) if config.update_periods is not None else None
     model_config = pretrained.stacked_config(
         source, config.preset, update_periods=periods, stack=config.stack or "copies"
