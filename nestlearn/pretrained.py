@@ -93,6 +93,11 @@ def stacked_config(
 
 
 def _check_source(source: ModelConfig) -> None:
+    if source.lora is not None:
+        raise ValueError(
+            f"the source model ({source.name}) has LoRA adapters: merge them first (nestlearn.lora.merge_lora, or "
+            "`nestlearn export` it to a Hugging Face folder and start from that)"
+        )
     if source.mixer != "attention" or len(source.cms.update_periods) != 1 or source.adapter is not None:
         raise ValueError(
             f"the source model ({source.name}) must be a Transformer: attention and one MLP per block, as a "

@@ -185,8 +185,9 @@ def test_training_with_a_frozen_base_leaves_every_base_weight_bit_identical(llam
     assert tokenizer.to_json() == load_checkpoint(llama)[1].to_json()  # its own tokenizer, saved with the run
 
 
-def test_lora_from_a_pretrained_start_trains_only_its_factors(llama, tmp_path):
+def test_lora_from_a_pretrained_start_trains_only_its_factors_and_exports_merged(llama, tmp_path, capsys):
     _train(llama, tmp_path / "lora", "--preset", "transformer", "--lora-rank", "4", "--freeze", "base")
+    _train(llama, tmp_path / "hope", "--preset", "hope_attention", "--update-periods", "16,none", "--steps", "1")
     source = dict(nestlearn.load(llama).named_parameters())
     model, _ = load_checkpoint(tmp_path / "lora")
     assert model.config.lora.rank == 4 and model.config.lora.alpha == 8.0
@@ -195,6 +196,13 @@ def test_lora_from_a_pretrained_start_trains_only_its_factors(llama, tmp_path):
     for name, p in model.named_parameters():
         if name not in factors:
             assert torch.equal(p, source[name.replace(".base_layer", "")]), name
+    with pytest.raises(ValueError, match="merge them first"):  # as a source, its adapted weights would be lost
+        pretrained.stacked_config(model.config, "hope_attention")
+    assert cli(["export", str(tmp_path / "lora"), str(tmp_path / "hf")]) == 0  # LoRA merged on the way out
+    x = tokens_of(model.config.vocab_size)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", x), model(x)[0], atol=1e-4, rtol=1e-4)
+    assert cli(["export", str(tmp_path / "hope"), str(tmp_path / "hf2")]) != 0  # no Llama layout: refused
+    assert "in-context CMS levels" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
 
 
 def test_eval_reads_a_hf_folder_with_its_own_tokenizer(llama, tmp_path, capsys):

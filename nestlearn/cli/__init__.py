@@ -6,6 +6,7 @@
     nestlearn eval runs/hope --data wiki --split test
     nestlearn generate runs/hope --prompt "The river"
     nestlearn memorize runs/hope --tokens 65536 --out-dir runs/hope-mem   # learning after deployment
+    nestlearn export runs/smol-lora out/smol-hf     # a Hugging Face Llama folder (LoRA merged)
     nestlearn compare --presets hope transformer    # the main job (`make demo`)
 
 `nestlearn SUBCOMMAND --help` documents every option.
@@ -50,6 +51,7 @@ COMMANDS = {
     "train": (_command(".train"), "train a model on a corpus (one process, or many under torchrun)"),
     "eval": (_command(".eval"), "loss, perplexity, bits per byte of a checkpoint"),
     "generate": (_command(".generate"), "continue a prompt with a checkpoint"),
+    "export": (_command(".export"), "write a checkpoint as a Hugging Face Llama folder (transformers loads it)"),
     "memorize": (_command(".memorize"), "keep learning from a stream after deployment, every level at its own rate"),
     "lm-eval": (
         _command("..evals.harness"),
