@@ -9,17 +9,9 @@ from pathlib import Path
 
 from .. import presets
 from ..config import ADAPTERS, LORA_TARGETS
-from ..evals.continual import (
-    DEFAULT_LORA_RANK,
-    PROGRESS_FILE,
-    STRATEGIES,
-    STREAMS,
-    ContinualConfig,
-    plot,
-    run,
-    table,
-)
+from ..evals.continual import PROGRESS_FILE, STREAMS, plot, run, table
 from ..evals.continual import __doc__ as CONTINUAL_DOC
+from ..evals.continual_setup import DEFAULT_LORA_RANK, STRATEGIES, ContinualConfig
 from ..options import add_threads, non_negative_float, parser, positive_float, positive_int
 from ..runtime import set_threads
 
