@@ -12,7 +12,7 @@ from ..config import ADAPTERS, LORA_TARGETS
 from ..evals.continual import PROGRESS_FILE, STREAMS, plot, run, table
 from ..evals.continual import __doc__ as CONTINUAL_DOC
 from ..evals.continual_setup import DEFAULT_LORA_RANK, STRATEGIES, ContinualConfig
-from ..options import add_threads, non_negative_float, parser, positive_float, positive_int
+from ..options import add_threads, non_negative_float, non_negative_int, parser, positive_float, positive_int
 from ..runtime import set_threads
 
 
@@ -83,6 +83,33 @@ def main(argv: list[str] | None = None) -> int:
         type=positive_int,
         default=d.classes_per_task,
         help=f"bbc: classes per task (default: {d.classes_per_task})",
+    )
+    p.add_argument(
+        "--people-per-set",
+        type=positive_int,
+        default=d.people_per_set,
+        help=f"facts: invented people per fact set, 4 facts each (default: {d.people_per_set})",
+    )
+    p.add_argument(
+        "--few-shot",
+        type=non_negative_int,
+        default=d.few_shot,
+        help="facts: the set's statements put in every test prompt, e.g. 4 with --strategy none: the base reading "
+        f"the facts instead of learning them (default: {d.few_shot})",
+    )
+    p.add_argument(
+        "--general-tokens",
+        type=non_negative_int,
+        default=d.general_tokens,
+        help="general ability kept: bits per byte on this many tokens of wiki's test split, before the stream and "
+        f"after it (needs `nestlearn fetch-data wiki`; default: {d.general_tokens}, off)",
+    )
+    p.add_argument(
+        "--general-qa",
+        type=non_negative_int,
+        default=d.general_qa,
+        help=f"general ability kept: SQuAD v2 dev questions answered in context, before and after (default: "
+        f"{d.general_qa}, off)",
     )
     p.add_argument(
         "--init",

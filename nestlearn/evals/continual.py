@@ -54,6 +54,7 @@ from .continual_setup import (
     build_model,
     make_model,
 )
+from .general import general_ability
 from .streams import STREAMS, ClassTask, LMTask, make_stream
 
 __all__ = [
@@ -191,7 +192,14 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
     saved = _read_progress(progress_file, config)
     model, tokenizer = make_model(config, start=saved is None)  # a resumed run loads its own weights below
     tasks = make_stream(
-        config.stream, config.tasks, config.data_root, config.seq_len, config.classes_per_task, tokenizer
+        config.stream,
+        config.tasks,
+        config.data_root,
+        config.seq_len,
+        config.classes_per_task,
+        tokenizer,
+        config.people_per_set,
+        config.few_shot,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen base is in no optimizer
     n_trainable = sum(p.numel() for p in trainable)
@@ -241,6 +249,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             "seconds": seconds + time.perf_counter() - t0,
             "R": R,
             "baseline": baseline,
+            "general_before": general_before,
             "losses": losses,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -256,9 +265,26 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         torch.save(sd, tmp)
         os.replace(tmp, path)  # whole or not at all
 
+    def general() -> dict | None:
+        """General ability kept (nestlearn.evals.general), without its per-item predictions; None when off."""
+        if not (config.general_tokens or config.general_qa):
+            return None
+        model.eval()
+        r = general_ability(
+            model,
+            tokenizer,
+            bpb_tokens=config.general_tokens,
+            qa_items=config.general_qa,
+            seed=config.seed,
+            data_root=config.data_root,
+        )
+        model.train()
+        return {k: v for k, v in r.items() if k not in ("squad_predictions", "config")}
+
     R, losses, step, seconds, first_task, first_step = [], [], 0, 0.0, 0, 0
     if saved is None:
         baseline = score_all(-1)
+        general_before = general()
     else:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -272,6 +298,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         if replay is not None:
             replay.rows = [tuple(row) for row in saved["replay"]]
         R, baseline, losses, step, seconds = (saved[k] for k in ("R", "baseline", "losses", "step", "seconds"))
+        general_before = saved.get("general_before")
         first_task, first_step = saved["task"], saved["task_step"]
         print(
             f"nestlearn continual: {progress_file} is finished; its results again"
@@ -292,6 +319,11 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 disable=not config.progress,
                 leave=False,
             )
+            if config.strategy == "none":  # the base alone: nothing changes, so every row is the untrained one
+                bar.close()
+                R.append(list(baseline))
+                save(i + 1, 0)
+                continue
             for j in bar:
                 lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
                 for g in opt.param_groups:
@@ -324,6 +356,8 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             R.append(score_all(i))
             save(i + 1, 0)  # a task done is never redone
     higher = tasks[0].higher_is_better
+    # the base alone is the model it started as: its general ability is the one measured before
+    general_after = general_before if config.strategy == "none" else general() if general_before is not None else None
     return {
         "config": asdict(config),
         "tasks": [t.name for t in tasks],
@@ -335,6 +369,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         "trainable_params": n_trainable,
         "frozen_params": n_frozen,
         "metrics": continual_metrics(R, baseline, higher),
+        "general": None if general_before is None else {"before": general_before, "after": general_after},
         "losses": losses,
         "seconds": seconds + time.perf_counter() - t0,
     }

@@ -59,4 +59,16 @@ def table(result: dict) -> str:
         f"\n{result['metric']}: average {m['average']:.3f}, BWT {f(m['bwt'])}, forgetting "
         f"{f(m['forgetting'])}, FWT {f(m['fwt'])} ({result['seconds']:.0f} s)"
     )
+    general = result.get("general")
+    if general:
+        for key, label in (
+            ("wiki_bits_per_byte", "wiki bits per byte"),
+            ("squad_exact_match", "SQuAD exact match"),
+            ("squad_f1", "SQuAD F1"),
+        ):
+            before, after = general["before"][key], general["after"][key]
+            if before is not None:
+                lines.append(
+                    f"general ability, {label}: {before:.3f} before, {after:.3f} after ({after - before:+.3f})"
+                )
     return "\n".join(lines)

@@ -26,7 +26,7 @@ __all__ = [
     "level_stack",
 ]
 
-STRATEGIES = ("finetune", "ewc", "replay", "levels", "lora", "adapter", "cms-levels")
+STRATEGIES = ("finetune", "ewc", "replay", "levels", "lora", "adapter", "cms-levels", "none")
 FROZEN_BASE = ("lora", "adapter", "cms-levels")  # a memory pathway trained on a frozen pretrained base (--init)
 DEFAULT_LORA_RANK = 8  # --strategy lora without --lora-rank (alpha: 2 × rank, as `nestlearn train`)
 # the settings of one strategy (or two): given with another strategy, they are an error that names both
@@ -58,6 +58,12 @@ class ContinualConfig:
     replay_fraction: float = 0.25
     replay_batches: int = 8
     classes_per_task: int = 1
+    people_per_set: int = 8  # facts: invented people per fact set (4 facts each, 2 test questions per fact)
+    few_shot: int = 0  # facts: the set's statements put in every test prompt (the base reading instead of learning)
+    # general ability kept, measured before the stream and after it: bits per byte on this many tokens of wiki's test
+    # split, and exact match / F1 on this many SQuAD v2 dev questions in context (nestlearn.evals.general); 0: off
+    general_tokens: int = 0
+    general_qa: int = 0
     init_from: str | None = None  # §7.3: a trained byte-level checkpoint whose weights and MLPs start the model
     eval_tokens: int = 16384
     seed: int = 0
@@ -98,6 +104,16 @@ class ContinualConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        for name in ("people_per_set",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive int")
+        for name in ("few_shot", "general_tokens", "general_qa"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an int >= 0")
+        if self.few_shot and self.stream != "facts":
+            raise ValueError(
+                f"--few-shot puts a fact set's statements in its prompts: it needs --stream facts, not {self.stream}"
+            )
         if not 0 < self.replay_fraction < 1:
             raise ValueError(f"replay_fraction={self.replay_fraction} must lie in (0, 1)")
         if self.lr <= 0 or self.ewc_lambda < 0:

@@ -1,7 +1,8 @@
 """The continual-learning streams: tasks in order, each a corpus to model (scored in bits per byte) or classes to
 tell apart (scored by accuracy among the classes seen so far). `languages`: the Debian handbook in one language after
-another; `domains`: wiki, shakespeare, pydoc; `bbc`: class-incremental BBC News. Text is read as bytes, or with a
-pretrained model's own tokenizer (`make_stream(..., tokenizer=)`)."""
+another; `domains`: wiki, shakespeare, pydoc; `bbc`: class-incremental BBC News; `facts`: new knowledge, one set of
+facts about invented people per task (nestlearn.evals.facts), scored by exact match on questions worded unlike
+training. Text is read as bytes, or with a pretrained model's own tokenizer (`make_stream(..., tokenizer=)`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from torch import Tensor
 
 from ..data.shards import ShardMeta
 from ..data.tokenizer import ByteTokenizer, Tokenizer
+from .facts import FactSet, make_fact_sets, score_qa
 
-__all__ = ["LANGUAGES", "STREAMS", "LMTask", "ClassTask", "make_stream"]
+__all__ = ["LANGUAGES", "STREAMS", "LMTask", "ClassTask", "FactsTask", "make_stream"]
 
 LANGUAGES = ("en-US", "de-DE", "fr-FR", "es-ES")
 
@@ -96,6 +98,43 @@ class ClassTask:
         return correct / len(self.valid)
 
 
+@dataclass
+class FactsTask:
+    """New knowledge: one fact set. Training is next-token loss on windows of its biographies, joined by the end of
+    document into one stream read cyclically from random starts; the score is exact match of greedy answers to its
+    test questions, worded unlike any training sentence (`facts.score_qa`). `few_shot` > 0 puts that many of the
+    set's statements in every prompt: the base model reading the task's material instead of learning it."""
+
+    name: str
+    facts: FactSet
+    tokens: np.ndarray  # the biographies, eos-separated
+    tokenizer: Tokenizer
+    few_shot: int = 0
+    higher_is_better = True
+    metric = "exact match"
+
+    def batch(self, rng: np.random.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        starts = rng.integers(0, len(self.tokens), size=batch_size)
+        x = torch.from_numpy(self.tokens[(starts[:, None] + np.arange(seq_len + 1)) % len(self.tokens)])
+        return x.long(), torch.ones_like(x[:, 1:], dtype=torch.bool)
+
+    def score(self, model, seq_len: int, **_) -> float:
+        return score_qa(model, self.tokenizer, self.facts, few_shot=self.few_shot)["exact_match"]
+
+
+def _facts_tasks(tasks: list[str] | None, tokenizer: Tokenizer, people: int, few_shot: int) -> list[FactsTask]:
+    n = 3
+    if tasks:
+        if len(tasks) != 1 or not tasks[0].isdigit() or int(tasks[0]) < 1:
+            raise ValueError(f"the facts stream's --tasks is the number of fact sets, one positive int; got {tasks}")
+        n = int(tasks[0])
+    out = []
+    for facts in make_fact_sets(n, people, seed=0):  # one knowledge for every run: seeds vary training only
+        ids = [t for doc in facts.documents for t in (*tokenizer.encode(doc), tokenizer.eos_id)]
+        out.append(FactsTask(f"facts-{facts.index + 1}", facts, np.array(ids, dtype=np.int64), tokenizer, few_shot))
+    return out
+
+
 def _lm_task(corpus: str, data_root: str | None, name: str | None = None, tokenizer: Tokenizer | None = None) -> LMTask:
     from ..data.shards import open_shard
     from ..train import shards_for
@@ -148,6 +187,8 @@ STREAMS = {
     "languages": "the Debian handbook, one language after another (--tasks: en-US de-DE fr-FR es-ES ...)",
     "domains": "wiki → shakespeare → pydoc (--tasks: any fetched corpora, in order)",
     "bbc": "class-incremental BBC News: one class per task, scored among the classes seen so far",
+    "facts": "new knowledge: facts about invented people, one set per task, scored by exact match on questions "
+    "worded unlike training (--tasks: the number of sets, 3)",
 }
 
 
@@ -158,10 +199,15 @@ def make_stream(
     seq_len: int,
     classes_per_task: int = 1,
     tokenizer: Tokenizer | None = None,
+    people_per_set: int = 8,
+    few_shot: int = 0,
 ) -> list:
     """The tasks of a stream. A task may also be a local corpus folder (train.txt, validation.txt, test.txt); for
     `bbc`, `tasks` may name one corpus (a folder in the bbc format: the class on each document's first line).
-    `tokenizer`: what the text is read with (default: bytes; a pretrained model's own)."""
+    `tokenizer`: what the text is read with (default: bytes; a pretrained model's own). `people_per_set` and
+    `few_shot`: the facts stream's (FactsTask)."""
+    if name == "facts":
+        return _facts_tasks(tasks, tokenizer or ByteTokenizer(), people_per_set, few_shot)
     if name == "languages":
         return [
             _lm_task(lang if Path(lang).is_dir() else f"handbook-{lang}", data_root, Path(lang).name, tokenizer)
