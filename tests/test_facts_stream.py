@@ -37,6 +37,7 @@ def test_the_facts_stream_scores_exact_match_after_every_task():
     assert result["tasks"] == ["facts-1", "facts-2"] and result["metric"] == "exact match"
     assert result["higher_is_better"] and len(result["R"]) == 2 and len(result["losses"]) == 6
     assert all(0.0 <= v <= 1.0 for row in [result["baseline"], *result["R"]] for v in row)
+    assert result["train_tokens_per_s"] > 0
 
 
 def test_the_base_alone_learns_nothing_and_every_row_is_its_own():

@@ -325,6 +325,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 save(i + 1, 0)
                 continue
             for j in bar:
+                started = time.perf_counter()
                 lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -337,7 +338,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 levels.step(config.seq_len) if levels is not None else opt.step()
-                losses.append({"step": step, "task": i, "loss": loss.item()})
+                losses.append({"step": step, "task": i, "loss": loss.item(), "seconds": time.perf_counter() - started})
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 step += 1
                 if stop.requested and j + 1 < config.steps_per_task:
@@ -371,8 +372,15 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         "metrics": continual_metrics(R, baseline, higher),
         "general": None if general_before is None else {"before": general_before, "after": general_after},
         "losses": losses,
+        # training alone (batches, forward, backward, step): the tokens of every training row, over those seconds
+        "train_tokens_per_s": _train_speed(losses, config),
         "seconds": seconds + time.perf_counter() - t0,
     }
+
+
+def _train_speed(losses: list[dict], config: ContinualConfig) -> float | None:
+    timed = [row["seconds"] for row in losses if "seconds" in row]  # a run resumed from an older progress has none
+    return len(timed) * config.batch_size * config.seq_len / sum(timed) if timed else None
 
 
 def _read_progress(path: str | Path | None, config: ContinualConfig) -> dict | None:
