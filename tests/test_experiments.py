@@ -178,3 +178,33 @@ def test_continual_table_reads_run_folders_and_refuses_empty_ones(tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert continual_table.main([str(tmp_path / "empty")]) == 1
     assert "no results.json in" in capsys.readouterr().err
+
+
+def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, capsys):
+    import pretrained_study
+
+    assert pretrained_study.main(["plan", "--init", "MODEL", "--root", str(tmp_path)]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert len(plan) == len(pretrained_study.RUNS) and all("--init MODEL --stream facts" in line for line in plan)
+    for name, average, bpb in (("facts-lora-s0", 0.5, 1.10), ("facts-base-s0", 0.0, 1.05)):
+        (tmp_path / name).mkdir()
+        general = {
+            "before": {"wiki_bits_per_byte": 1.05, "squad_f1": 0.3},
+            "after": {"wiki_bits_per_byte": bpb, "squad_f1": 0.2},
+        }
+        result = {
+            "config": {"strategy": name.split("-")[1], "few_shot": 0},
+            "metrics": {"average": average, "forgetting": 0.1, "bwt": -0.1},
+            "baseline": [0.0, 0.0],
+            "general": general,
+            "trainable_params": 1000,
+            "train_tokens_per_s": 50.0,
+            "seconds": 600.0,
+        }
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+    assert pretrained_study.main(["report", "--root", str(tmp_path), "--picture", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| facts-lora-s0 | lora | 0.500 | +0.500 | +0.100 | -0.100 | +0.050 | -0.100 | 1,000 | 50 | 10 |" in out
+    assert (tmp_path / "p.png").is_file()
+    with pytest.raises(SystemExit, match="no \\*/results.json"):
+        pretrained_study.report(tmp_path / "empty", None)
