@@ -42,7 +42,7 @@ def test_the_facts_stream_scores_exact_match_after_every_task():
 
 def test_the_base_alone_learns_nothing_and_every_row_is_its_own():
     result = run(facts_run(strategy="none", few_shot=2))
-    assert result["losses"] == [] and result["R"] == [result["baseline"]] * 2
+    assert result["losses"] == [] and result["R"] == [result["baseline"]] * 2 and result["trainable_params"] == 0
     assert result["config"]["few_shot"] == 2
 
 

@@ -202,7 +202,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         config.few_shot,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen base is in no optimizer
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = 0 if config.strategy == "none" else sum(p.numel() for p in trainable)  # the base alone trains none
     n_frozen = model.num_parameters() - n_trainable
     if config.pretrained_start or n_frozen:
         print(
