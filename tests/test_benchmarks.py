@@ -3,10 +3,12 @@ that a session lent a GPU can run them as they are: `--device cuda` is the same 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -121,3 +123,41 @@ def test_bench_block_times_and_counts_a_mixer_and_refuses_a_bad_width():
 def test_bench_shared_cpu_times_the_three_settings():
     out = run("bench_shared_cpu.py", "--presets", "transformer", "--seq-len", "16", "--batch", "2", "--steps", "1")
     assert "| transformer |" in out and out.count(" s") >= 3
+
+
+def test_bench_pretrained_compares_a_llama_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the hf extra: pip install 'nestlearn[hf]'")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as SmolLM2
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    results = tmp_path / "out" / "results.json"
+    args = ["--model", str(tmp_path / "llama"), "--lengths", "32", "--repeats", "1", "--adapter-blocks", "1"]
+    out = run("bench_pretrained.py", *args, "--json", str(results))
+    assert "FAILED" not in out and "failed" not in out, out
+    labels = ("forward, no grad | 32 |", "all trainable | 32 |", "last 1 blocks | 32 |", "| frozen base + titans")
+    assert all(label in out for label in labels), out
+    saved = json.loads(results.read_text())
+    assert {(r["workload"], r["impl"]) for r in saved["rows"]} == {
+        *((w, impl) for w in ("forward", "train", "frozen") for impl in ("transformers", "nestlearn")),
+        ("titans", "nestlearn"),
+        ("sm_titans", "nestlearn"),
+    }
+    assert all(r["peak_mb"] >= 0 and len(r["times_s"]) == 1 for r in saved["rows"])
+    adapter = next(r for r in saved["rows"] if r["workload"] == "titans")
+    assert 0 < adapter["trainable"] < adapter["params"]  # the base frozen, the adapter trained
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "bench_pretrained.py"), *args[:2], "--adapter-blocks", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "--adapter-blocks 3: must lie in [1, 2]" in bad.stderr, bad.stderr
