@@ -251,6 +251,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             "baseline": baseline,
             "general_before": general_before,
             "losses": losses,
+            "train_seconds": train_seconds,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "levels": levels.levels_state_dict() if levels is not None else {},
@@ -282,6 +283,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         return {k: v for k, v in r.items() if k not in ("squad_predictions", "config")}
 
     R, losses, step, seconds, first_task, first_step = [], [], 0, 0.0, 0, 0
+    train_seconds = 0.0  # training alone (batches, forward, backward, step), for tokens/s
     if saved is None:
         baseline = score_all(-1)
         general_before = general()
@@ -299,6 +301,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             replay.rows = [tuple(row) for row in saved["replay"]]
         R, baseline, losses, step, seconds = (saved[k] for k in ("R", "baseline", "losses", "step", "seconds"))
         general_before = saved.get("general_before")
+        train_seconds = saved.get("train_seconds", 0.0)
         first_task, first_step = saved["task"], saved["task_step"]
         print(
             f"nestlearn continual: {progress_file} is finished; its results again"
@@ -338,7 +341,8 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 levels.step(config.seq_len) if levels is not None else opt.step()
-                losses.append({"step": step, "task": i, "loss": loss.item(), "seconds": time.perf_counter() - started})
+                losses.append({"step": step, "task": i, "loss": loss.item()})
+                train_seconds += time.perf_counter() - started
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 step += 1
                 if stop.requested and j + 1 < config.steps_per_task:
@@ -373,14 +377,11 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         "general": None if general_before is None else {"before": general_before, "after": general_after},
         "losses": losses,
         # training alone (batches, forward, backward, step): the tokens of every training row, over those seconds
-        "train_tokens_per_s": _train_speed(losses, config),
+        "train_tokens_per_s": len(losses) * config.batch_size * config.seq_len / train_seconds
+        if train_seconds
+        else None,
         "seconds": seconds + time.perf_counter() - t0,
     }
-
-
-def _train_speed(losses: list[dict], config: ContinualConfig) -> float | None:
-    timed = [row["seconds"] for row in losses if "seconds" in row]  # a run resumed from an older progress has none
-    return len(timed) * config.batch_size * config.seq_len / sum(timed) if timed else None
 
 
 def _read_progress(path: str | Path | None, config: ContinualConfig) -> dict | None:
