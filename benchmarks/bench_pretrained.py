@@ -346,6 +346,15 @@ def main() -> None:
     )
     print(header, flush=True)
     rows = []
+
+    def save(rows: list[dict]) -> None:  # after every workload, so that an interrupted run keeps what it measured
+        if args.json:
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            saved = {"machine": header[2:], "model": str(args.model), "lengths": args.lengths, "repeats": repeats}
+            saved |= {"adapter_blocks": args.adapter_blocks, "skipped": sorted(f"{w}:{T}" for w, T in skip)}
+            path.write_text(json.dumps({**saved, "rows": rows}, indent=1))
+
     for T in args.lengths:
         workloads = [w for w in args.workloads if (w, T) not in skip]
         adapters = [("nestlearn", a) for a in workloads if a in ADAPTERS]
@@ -354,28 +363,13 @@ def main() -> None:
                 pairs = [(impl, workload) for impl in IMPLS]
                 # the adapters take turns with their reference, the frozen base
                 rows += measure(pairs + (adapters if workload == "frozen" else []), T, repeats[T], args)
+                save(rows)
         if adapters and "frozen" not in workloads:
             rows += measure(adapters, T, repeats[T], args)
-    out = tables(rows, args.adapter_blocks)
-    print("\n" + out)
+            save(rows)
+    print("\n" + tables(rows, args.adapter_blocks))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps(
-                {
-                    "machine": header[2:],
-                    "model": str(args.model),
-                    "lengths": args.lengths,
-                    "repeats": repeats,
-                    "adapter_blocks": args.adapter_blocks,
-                    "skipped": sorted(f"{w}:{T}" for w, T in skip),
-                    "rows": rows,
-                },
-                indent=1,
-            )
-        )
-        print(f"\nresults: {path}")
+        print(f"\nresults: {args.json}")
 
 
 if __name__ == "__main__":
