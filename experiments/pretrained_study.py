@@ -1,20 +1,46 @@
 """The continual-learning study on a pretrained SmolLM2-135M: does Nested Learning stop forgetting, or move it?
 
 Every run is one `nestlearn continual --init SMOLLM2` with the study's shared settings and one strategy's own; this
-script names them, runs them, and turns their folders into the tables and the picture of docs/results.md.
+script names them, chooses each strategy's learning rate on the first task, runs them, and turns their folders into
+the tables and the picture of docs/results.md.
 
+    python experiments/pretrained_study.py sweep                      # choose the learning rates (below)
     python experiments/pretrained_study.py plan                       # every run's command
     python experiments/pretrained_study.py run facts-lora --seed 0    # one run, into runs/study/facts-lora-s0
     python experiments/pretrained_study.py report                     # tables and picture from runs/study/*
 
-Runs fit one CPU core in about 30 minutes (run several at once, one core each: `--threads 1`). The learning rates are
-a first choice per strategy, not tuned (the study's protocol asks for a choice on the first task; not yet done).
+**Learning rates, chosen once per strategy on the first task, then fixed** (the study's protocol). `sweep
+[STRATEGY ...] [--lrs LR,LR,...] [--seed 0]` trains each strategy on the facts stream's first task alone (the shared
+settings with `--tasks 1`: the same fact set and the same batches as the first task of the full run) at 3 rates
+centred on its RUNS value, a factor of about 3 apart on the 1-3-10 series (1e-4 → 3e-5, 1e-4, 3e-4; `--lrs`: these
+rates for every strategy named), one folder each in runs/study/sweep/NAME/lrLR-sSEED. A folder with results.json is
+done and skipped; an interrupted one resumes (the same command). The rule, applied by `select` to those folders'
+results.json:
+
+    among the rates whose general-ability damage after the task, Δ wiki bits per byte, is at most 0.10, the one with
+    the highest exact match on task 1; if no rate stays within 0.10, the one with the least damage; ties go to the
+    smaller rate.
+
+Why: the study asks whether a strategy learns new facts *without* damaging the base, so exact match alone would pick
+rates that rewrite the model (the pilot's LoRA at 1e-3: +1.10 bpb while learning less than fine-tuning) and damage
+alone would pick the rate that learns nothing; 0.10 bpb per task keeps three tasks' worth under the pilot's
+fine-tuning loss (+0.51). Δ SQuAD F1 is shown but not used: 30 questions are too few to rank rates by. `sweep` prints
+the table and merges its choices into runs/study/sweep/chosen.json {run: lr}; `plan` and `run` then use those rates
+(the RUNS value where none was chosen) and say which on every command. EWC and replay train exactly as fine-tuning
+on the first task (no Fisher yet, an empty buffer; tested), so they take fine-tuning's rate: sweeping them sweeps
+facts-finetune. `sweep --plan` prints the sweep's commands without running them. Two sweeps of different strategies
+can run at once, one core each (`sweep finetune lora` and `sweep cms-levels adapter`): each merges its own choices.
+
+Runs fit one CPU core in about 30 minutes, a sweep's first-task run in about 10 (an estimate from the pilot's times;
+the Titans adapter trains at half the speed of the others). Run several at once, one core each (`--threads 1`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +53,7 @@ SHARED = {
         "--seq-len", "128", "--warmup-steps", "5", "--general-tokens", "8192", "--general-qa", "30",
     ],
 }  # fmt: skip
-# name: (stream, the strategy's own flags)
+# name: (stream, the strategy's own flags); --lr is the default, replaced by the rate `sweep` chose when it chose one
 RUNS = {
     "facts-base-reading": ("facts", ["--strategy", "none", "--few-shot", "4"]),
     "facts-base": ("facts", ["--strategy", "none"]),
@@ -36,13 +62,278 @@ RUNS = {
     "facts-cms-levels": ("facts", ["--strategy", "cms-levels", "--update-periods", "512,none", "--lr", "1e-4"]),
     "facts-adapter": ("facts", ["--strategy", "adapter", "--adapter", "titans", "--lr", "1e-3"]),
     "facts-replay": ("facts", ["--strategy", "replay", "--lr", "1e-4"]),
+    "facts-ewc": ("facts", ["--strategy", "ewc", "--ewc-lambda", "100", "--ewc-batches", "8", "--lr", "1e-4"]),
 }
+# On the first task EWC has no Fisher yet (its penalty is 0) and replay's buffer is empty, so both train exactly as
+# fine-tuning (tested): a sweep of theirs would repeat fine-tuning's runs number for number, and the protocol's
+# first-task choice for them is fine-tuning's.
+FIRST_TASK_AS = {"facts-ewc": "facts-finetune", "facts-replay": "facts-finetune"}
+MAX_BPB_DAMAGE = 0.10  # the rule's bound on Δ wiki bits per byte after the first task (module docstring)
+SWEEP = "sweep"  # the sweep's folder under --root
+CHOSEN = "chosen.json"  # the rates it chose, in the sweep's folder: {run name: lr}
 
 
-def command(name: str, seed: int, root: Path, init: str) -> list[str]:
+def _value(flags: list[str], flag: str) -> str | None:
+    """The value after `flag` in a command's flags, None when the flag is not there."""
+    return flags[flags.index(flag) + 1] if flag in flags else None
+
+
+def _with(flags: list[str], flag: str, value: str) -> list[str]:
+    """A copy of `flags` with `flag`'s value replaced (the flag must be there: adding one would change the run)."""
+    if flag not in flags:
+        raise ValueError(f"{flag} is not among {' '.join(flags)}; only a flag the run already sets is replaced")
+    out = list(flags)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+def lr_text(lr: float) -> str:
+    """A learning rate as a short flag value and folder name: 3e-05 -> '3e-5', 0.000316 -> '3.16e-4'."""
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def grid(centre: float) -> list[float]:
+    """Three rates: `centre` and its neighbours on the 1-3-10 series, a factor of about 3 on either side."""
+    series = [float(f"{m}e{e}") for e in range(-12, 3) for m in (1, 3)]
+    below = [x for x in series if x < centre * (1 - 1e-9)]
+    above = [x for x in series if x > centre * (1 + 1e-9)]
+    return [below[-1], centre, above[0]]
+
+
+def _lr_list(text: str) -> list[float]:
+    """--lrs: comma-separated, positive, distinct learning rates."""
+    rates = []
+    for part in text.split(","):
+        try:
+            lr = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} in {text!r} is not a number: give comma-separated learning rates, e.g. 3e-5,1e-4,3e-4"
+            ) from None
+        if not (lr > 0 and math.isfinite(lr)):
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r}: a learning rate must be a positive number")
+        if any(math.isclose(lr, x, rel_tol=1e-9) for x in rates):
+            raise argparse.ArgumentTypeError(f"{part!r} is twice in {text!r}: give each rate once")
+        rates.append(lr)
+    return rates
+
+
+def chosen_path(root: Path) -> Path:
+    return root / SWEEP / CHOSEN
+
+
+def chosen_rates(root: Path) -> dict[str, float]:
+    """The rates `sweep` chose, {run name: lr}, from root/sweep/chosen.json; {} when nothing was chosen yet."""
+    path = chosen_path(root)
+    if not path.is_file():
+        return {}
+    try:
+        rates = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e}): delete it and run `sweep` again to rewrite it") from e
+    if not isinstance(rates, dict):
+        raise ValueError(f"{path} holds {type(rates).__name__}, not {{run: lr}}: delete it and run `sweep` again")
+    for name, lr in rates.items():
+        if name not in RUNS or _value(RUNS[name][1], "--lr") is None:
+            raise ValueError(
+                f"{path} gives a rate to {name!r}, which is not a run of RUNS that trains ({', '.join(_trained())}): "
+                "remove that entry, or delete the file and run `sweep` again"
+            )
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"{path} gives {name!r} the rate {lr!r}; a rate is a positive number: fix or remove it")
+    return {name: float(lr) for name, lr in rates.items()}
+
+
+def _write_chosen(root: Path, updates: dict[str, float]) -> Path:
+    """Merge `updates` into chosen.json: two sweeps of different strategies (one core each) keep each other's."""
+    path = chosen_path(root)
+    rates = {**chosen_rates(root), **updates}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{CHOSEN}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({n: rates[n] for n in RUNS if n in rates}, indent=2) + "\n")
+    os.replace(tmp, path)  # whole or not at all: plan and run may read it meanwhile
+    return path
+
+
+def _trained() -> list[str]:
+    return [name for name, (_, own) in RUNS.items() if _value(own, "--lr") is not None]
+
+
+def _lr(name: str, rates: dict[str, float], root: Path) -> tuple[str | None, str]:
+    """The --lr a run uses and where it comes from: the sweep's choice, else RUNS's default; None if it trains none."""
+    default = _value(RUNS[name][1], "--lr")
+    if default is None:
+        return None, ""
+    if name in rates:
+        return lr_text(rates[name]), f"chosen on the first task ({chosen_path(root)})"
+    why = f"{chosen_path(root)} has none for it" if chosen_path(root).is_file() else f"no {chosen_path(root)} yet"
+    return default, f"RUNS default, not chosen: {why}"
+
+
+def command(name: str, seed: int, root: Path, init: str, rates: dict[str, float] | None = None) -> list[str]:
     stream, own = RUNS[name]
+    lr, _ = _lr(name, rates or {}, root)
+    if lr is not None:
+        own = _with(own, "--lr", lr)
     out = root / f"{name}-s{seed}"
     return ["continual", "--init", init, *SHARED[stream], *own, "--seed", str(seed), "--out-dir", str(out)]
+
+
+def _described(name: str, argv: list[str], rates: dict[str, float], root: Path) -> str:
+    """The command as a shell line, with where its learning rate comes from as a comment."""
+    lr, why = _lr(name, rates, root)
+    return "nestlearn " + " ".join(argv) + (f"   # --lr {lr}: {why}" if lr is not None else "")
+
+
+# --- choosing the learning rates on the first task ---
+
+
+def sweep_name(strategy: str) -> str:
+    """The run whose first task a sweep of `strategy` trains ('lora' or 'facts-lora' -> 'facts-lora'), refused for
+    runs that train nothing; EWC and replay are fine-tuning's (FIRST_TASK_AS)."""
+    streams = [f"{stream}-{strategy}" for stream in SHARED if f"{stream}-{strategy}" in RUNS]
+    name = strategy if strategy in RUNS else streams[0] if streams else None
+    swept = ", ".join(n.split("-", 1)[1] for n in _trained())
+    if name is None:
+        raise ValueError(f"{strategy!r} is not a run of RUNS; a sweep takes the strategies that train: {swept}")
+    if name not in _trained():
+        raise ValueError(
+            f"{name} trains nothing ({' '.join(RUNS[name][1])}), so it has no rate to choose; a sweep takes the "
+            f"strategies that train: {swept}"
+        )
+    if name in FIRST_TASK_AS:
+        print(
+            f"pretrained_study: {name} trains as {FIRST_TASK_AS[name]} on the first task: sweeping that",
+            file=sys.stderr,
+        )
+    return FIRST_TASK_AS.get(name, name)
+
+
+def sweep_dir(root: Path, name: str, lr: float, seed: int) -> Path:
+    return root / SWEEP / name / f"lr{lr_text(lr)}-s{seed}"
+
+
+def sweep_command(name: str, lr: float, seed: int, root: Path, init: str) -> list[str]:
+    """`name`'s run on its stream's first task alone, at `lr`: the shared settings but `--tasks 1` (facts: the
+    first fact set, with the same batches as in the full run)."""
+    stream, own = RUNS[name]
+    shared = _with(SHARED[stream], "--tasks", "1")
+    out = sweep_dir(root, name, lr, seed)
+    lr_flags = _with(own, "--lr", lr_text(lr))
+    return ["continual", "--init", init, *shared, *lr_flags, "--seed", str(seed), "--out-dir", str(out)]
+
+
+def sweep_results(root: Path, name: str, seed: int) -> list[dict]:
+    """One row per finished rate of `name`'s sweep with `seed`, by rate: task-1 exact match and the changes in
+    general ability (wiki bits per byte, SQuAD F1) from before the task to after it."""
+    rows = []
+    for path in sorted((root / SWEEP / name).glob(f"lr*-s{seed}/results.json")):
+        r = json.loads(path.read_text())
+        if len(r["R"]) != 1:
+            raise ValueError(
+                f"{path} trained {len(r['R'])} tasks; a sweep folder holds the first task alone (--tasks 1): move "
+                f"it out of {root / SWEEP}"
+            )
+        g = r.get("general") or {}
+        before, after = g.get("before") or {}, g.get("after") or {}
+        if before.get("wiki_bits_per_byte") is None or after.get("wiki_bits_per_byte") is None:
+            raise ValueError(
+                f"{path} has no wiki bits per byte before and after the task, which the rule needs: rerun it with "
+                "the shared settings (--general-tokens 8192)"
+            )
+        f1 = None if before.get("squad_f1") is None else after["squad_f1"] - before["squad_f1"]
+        rows.append(
+            {
+                "lr": float(r["config"]["lr"]),
+                "exact_match": r["R"][0][0],
+                "bpb_change": after["wiki_bits_per_byte"] - before["wiki_bits_per_byte"],
+                "squad_f1_change": f1,
+                "minutes": r["seconds"] / 60,
+            }
+        )
+    return sorted(rows, key=lambda x: x["lr"])
+
+
+def select(rows: list[dict], bound: float = MAX_BPB_DAMAGE) -> tuple[float, bool]:
+    """The rule (module docstring): the rate of highest task-1 exact match among those with Δ wiki bpb ≤ `bound`,
+    else the rate of least Δ wiki bpb; ties to the smaller rate. Returns the rate and whether it kept the bound."""
+    if not rows:
+        raise ValueError("no finished sweep runs to choose from: run `sweep STRATEGY` first")
+
+    def damage(x: dict) -> float:  # a diverged run's NaN bits per byte is the most damage, not an incomparable one
+        return x["bpb_change"] if math.isfinite(x["bpb_change"]) else math.inf
+
+    kept = [x for x in rows if damage(x) <= bound]
+    if kept:
+        return min(kept, key=lambda x: (-x["exact_match"], x["lr"]))["lr"], True
+    return min(rows, key=lambda x: (damage(x), x["lr"]))["lr"], False
+
+
+def choose(names: list[str], seed: int, root: Path) -> tuple[dict[str, float], str]:
+    """Apply the rule to each run's finished sweep folders, merge the rates into chosen.json (with EWC's and replay's,
+    which are fine-tuning's) and return them with the table: one row per rate, the chosen one marked."""
+    lines = [
+        "| run | lr | task-1 exact match | Δ wiki bpb | Δ SQuAD F1 | min | chosen |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    notes, chosen = [], {}
+    for name in names:
+        rows = sweep_results(root, name, seed)
+        if not rows:
+            raise ValueError(f"no finished runs in {root / SWEEP / name} with seed {seed}: run `sweep` first")
+        lr, kept = select(rows)
+        bound = f"Δ wiki bpb ≤ {MAX_BPB_DAMAGE:.2f}"
+        why = f"best exact match with {bound}" if kept else f"least damage: no rate kept {bound}"
+        chosen[name] = lr
+        for x in rows:
+            f1 = "n/a" if x["squad_f1_change"] is None else f"{x['squad_f1_change']:+.3f}"
+            mark = f"✓ {why}" if x["lr"] == lr else ""
+            lines.append(
+                f"| {name} | {lr_text(x['lr'])} | {x['exact_match']:.3f} | {x['bpb_change']:+.3f} | {f1} | "
+                f"{x['minutes']:.0f} | {mark} |"
+            )
+        rates = [x["lr"] for x in rows]
+        # a choice at the grid's edge says the best rate may lie beyond it
+        if lr == max(rates) and len(rates) > 1 and kept:
+            notes.append(f"{name}: the largest rate swept was chosen; a larger one may learn more (--lrs)")
+        if lr == min(rates) and len(rates) > 1 and not kept:
+            notes.append(f"{name}: even the smallest rate swept damaged the base; try smaller ones (--lrs)")
+        for alias, target in FIRST_TASK_AS.items():
+            if target == name:
+                chosen[alias] = lr
+                notes.append(f"{alias}: {lr_text(lr)}, {name}'s rate (it trains as {name} on the first task)")
+    path = _write_chosen(root, chosen)
+    return chosen, "\n".join([*lines, "", *notes, f"wrote {path}"])
+
+
+def sweep(strategies: list[str], lrs: list[float] | None, seed: int, root: Path, init: str, dry_run: bool) -> int:
+    """Run each strategy's first task at each rate (skipping finished folders), then choose (`choose`)."""
+    # by default every run that trains, EWC and replay through fine-tuning's sweep (FIRST_TASK_AS)
+    given = strategies or [n for n in _trained() if n not in FIRST_TASK_AS]
+    names = list(dict.fromkeys(sweep_name(s) for s in given))
+    jobs = [(name, lr) for name in names for lr in lrs or grid(float(_value(RUNS[name][1], "--lr")))]
+    for name, lr in jobs:
+        argv = sweep_command(name, lr, seed, root, init)
+        done = (sweep_dir(root, name, lr, seed) / "results.json").is_file()
+        if dry_run:
+            print("nestlearn " + " ".join(argv) + ("   # done" if done else ""))
+            continue
+        if done:
+            print(f"pretrained_study: {sweep_dir(root, name, lr, seed)} is done: skipped", file=sys.stderr)
+            continue
+        print("pretrained_study: nestlearn " + " ".join(argv), file=sys.stderr)
+        code = nestlearn([*argv, "--threads", "1", "--no-progress"])
+        if code:
+            print(
+                f"pretrained_study: {sweep_dir(root, name, lr, seed)} stopped (exit {code}); nothing chosen. The same "
+                "command resumes the sweep",
+                file=sys.stderr,
+            )
+            return code
+    if not dry_run:
+        print(choose(names, seed, root)[1])
+    return 0
 
 
 def _model_dir() -> str:
@@ -125,24 +416,46 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["plan", "run", "report"])
-    p.add_argument("name", nargs="?", choices=list(RUNS), help="run: which run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", type=Path, default=Path("runs/study"), help="where run folders go (default: runs/study)")
-    p.add_argument("--init", default=None, help="the pretrained model folder (default: fetch-model's smollm2-135m)")
-    p.add_argument("--picture", type=Path, default=None, help="report: also draw gain against general-ability loss")
+    actions = p.add_subparsers(dest="action", required=True, metavar="{plan,run,sweep,report}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--root", type=Path, default=Path("runs/study"), help="where run folders go (runs/study)")
+    common.add_argument(
+        "--init", default=None, help="the pretrained model folder (default: fetch-model's smollm2-135m)"
+    )
+    actions.add_parser("plan", parents=[common], help="print every run's command")
+    run = actions.add_parser("run", parents=[common], help="one run")
+    run.add_argument("name", choices=list(RUNS), help="which run")
+    sw = actions.add_parser("sweep", parents=[common], help="choose learning rates on the first task (docstring)")
+    sw.add_argument(
+        "strategies", nargs="*", metavar="STRATEGY", help=f"default: every one that trains ({', '.join(_trained())})"
+    )
+    sw.add_argument(
+        "--lrs", type=_lr_list, default=None, help="these rates for every strategy named (default: 3 around RUNS's)"
+    )
+    sw.add_argument("--plan", action="store_true", help="print the sweep's commands, run nothing")
+    rep = actions.add_parser("report", help="tables and picture from the run folders")
+    rep.add_argument("--root", type=Path, default=Path("runs/study"), help="where run folders are (runs/study)")
+    rep.add_argument("--picture", type=Path, default=None, help="also draw gain against general-ability loss")
     args = p.parse_args(argv)
-    if args.action == "report":
-        print(report(args.root, args.picture))
-        return 0
-    init = args.init or _model_dir()
-    if args.action == "plan":
-        for name in RUNS:
-            print("nestlearn " + " ".join(command(name, args.seed, args.root, init)))
-        return 0
-    if args.name is None:
-        p.error("run needs the run's name: " + ", ".join(RUNS))
-    return nestlearn([*command(args.name, args.seed, args.root, init), "--threads", "1", "--no-progress"])
+    try:
+        if args.action == "report":
+            print(report(args.root, args.picture))
+            return 0
+        init = args.init or _model_dir()
+        if args.action == "sweep":
+            return sweep(args.strategies, args.lrs, args.seed, args.root, init, args.plan)
+        rates = chosen_rates(args.root)
+        if args.action == "plan":
+            for name in RUNS:
+                print(_described(name, command(name, args.seed, args.root, init, rates), rates, args.root))
+            return 0
+        argv = command(args.name, args.seed, args.root, init, rates)
+        print("pretrained_study: " + _described(args.name, argv, rates, args.root), file=sys.stderr)
+        return nestlearn([*argv, "--threads", "1", "--no-progress"])
+    except ValueError as e:
+        print(f"pretrained_study {args.action}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

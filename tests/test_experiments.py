@@ -208,3 +208,178 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
     assert (tmp_path / "p.png").is_file()
     with pytest.raises(SystemExit, match="no \\*/results.json"):
         pretrained_study.report(tmp_path / "empty", None)
+
+
+def _sweep_result(root, name, lr, exact_match, bpb_change, seed=0, tasks=1, general=True):
+    """A fabricated results.json of a first-task sweep run (the keys pretrained_study reads)."""
+    import pretrained_study
+
+    out = pretrained_study.sweep_dir(root, name, lr, seed)
+    out.mkdir(parents=True)
+    before = {"wiki_bits_per_byte": 1.0, "squad_f1": 0.3}
+    after = {"wiki_bits_per_byte": 1.0 + bpb_change, "squad_f1": 0.25}
+    result = {
+        "config": {"lr": lr, "seed": seed},
+        "R": [[exact_match] * tasks] * tasks,
+        "general": {"before": before, "after": after} if general else None,
+        "seconds": 540.0,
+    }
+    (out / "results.json").write_text(json.dumps(result))
+
+
+def test_pretrained_study_sweep_trains_the_first_task_alone_at_each_rate(tmp_path, capsys):
+    import pretrained_study as ps
+
+    assert ps.grid(1e-4) == [3e-5, 1e-4, 3e-4] and ps.grid(1e-3) == [3e-4, 1e-3, 3e-3]
+    assert ps.grid(3e-4) == [1e-4, 3e-4, 1e-3] and ps.lr_text(3e-5) == "3e-5" and ps.lr_text(3.16e-4) == "3.16e-4"
+    _sweep_result(tmp_path, "facts-lora", 1e-3, 0.1, 0.0)  # a finished run: marked done, not run again
+    assert ps.main(["sweep", "--plan", "--init", "MODEL", "--root", str(tmp_path)]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    # every run that trains, but EWC and replay, which train as fine-tuning on the first task
+    swept = ["facts-finetune", "facts-lora", "facts-cms-levels", "facts-adapter"]
+    assert len(plan) == 3 * len(swept)
+    first_task = " ".join(ps._with(ps.SHARED["facts"], "--tasks", "1"))
+    assert all(f"--init MODEL {first_task} --strategy" in line and "--tasks 3" not in line for line in plan)
+    outs = [line.split("--out-dir ")[1].split()[0] for line in plan]
+    assert len(set(outs)) == len(outs)
+    for name, centre in zip(swept, ("1e-4", "1e-3", "1e-4", "1e-3"), strict=True):
+        lines = [line for line in plan if f"/sweep/{name}/" in line]
+        rates = [line.split("--lr ")[1].split()[0] for line in lines]
+        assert len(lines) == 3 and rates[1] == centre and float(rates[0]) < float(centre) < float(rates[2])
+        assert all(f"/sweep/{name}/lr{lr}-s0" in line for lr, line in zip(rates, lines, strict=True))
+        assert all(" ".join(ps.RUNS[name][1]).split(" --lr")[0] in line for line in lines)
+    assert [line.endswith("# done") for line in plan].count(True) == 1 and "/facts-lora/lr1e-3-s0   # done" in plan[4]
+    # ewc sweeps fine-tuning; --lrs replaces the grid; the seed names the folders
+    assert ps.main(["sweep", "ewc", "--plan", "--lrs", "1e-5,2e-5", "--seed", "3", "--init", "M", "--root", "r"]) == 0
+    out, err = capsys.readouterr()
+    assert "facts-ewc trains as facts-finetune on the first task" in err
+    assert [line.split("--out-dir ")[1] for line in out.splitlines()] == [
+        "r/sweep/facts-finetune/lr1e-5-s3",
+        "r/sweep/facts-finetune/lr2e-5-s3",
+    ]
+    assert ps.main(["sweep", "base", "--plan", "--init", "M"]) == 1
+    assert "facts-base trains nothing (--strategy none), so it has no rate to choose" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ps.main(["sweep", "--lrs", "1e-4,-1", "--init", "M"])
+    assert "'-1' in '1e-4,-1': a learning rate must be a positive number" in capsys.readouterr().err
+
+
+def test_pretrained_study_rule_chooses_on_exact_match_within_the_damage_bound(tmp_path):
+    import pretrained_study as ps
+
+    def chosen(name):
+        return ps.select(ps.sweep_results(tmp_path, name, seed=0))
+
+    # within the bound the best exact match wins, though a rate over it learned more
+    for lr, em, bpb in ((3e-5, 0.1, 0.02), (1e-4, 0.3, 0.08), (3e-4, 0.5, 0.3)):
+        _sweep_result(tmp_path, "facts-finetune", lr, em, bpb)
+    _sweep_result(tmp_path, "facts-finetune", 1e-4, 0.9, 0.0, seed=1)  # another seed's: not read
+    assert chosen("facts-finetune") == (1e-4, True)
+    # a tie in exact match goes to the smaller rate
+    for lr, em, bpb in ((3e-4, 0.3, 0.05), (1e-3, 0.3, 0.01), (3e-3, 0.2, 0.0)):
+        _sweep_result(tmp_path, "facts-lora", lr, em, bpb)
+    assert chosen("facts-lora") == (3e-4, True)
+    # every rate over the bound: the least damage, a diverged (NaN) run counting as the most
+    for lr, em, bpb in ((3e-5, 0.1, float("nan")), (1e-4, 0.4, 0.2), (3e-4, 0.6, 0.5)):
+        _sweep_result(tmp_path, "facts-cms-levels", lr, em, bpb)
+    assert chosen("facts-cms-levels") == (1e-4, False)
+    # ... and a tie in damage goes to the smaller rate
+    for lr, em in ((3e-4, 0.5), (1e-3, 0.6)):
+        _sweep_result(tmp_path, "facts-adapter", lr, em, 0.25)
+    assert chosen("facts-adapter") == (3e-4, False)
+    rows = ps.sweep_results(tmp_path, "facts-finetune", seed=0)
+    assert [(x["lr"], x["exact_match"]) for x in rows] == [(3e-5, 0.1), (1e-4, 0.3), (3e-4, 0.5)]
+    assert rows[0]["bpb_change"] == pytest.approx(0.02) and rows[0]["squad_f1_change"] == pytest.approx(-0.05)
+    # folders the rule cannot read are refused, naming the fix
+    _sweep_result(tmp_path / "a", "facts-lora", 1e-3, 0.1, 0.0, tasks=3)
+    with pytest.raises(ValueError, match="trained 3 tasks; a sweep folder holds the first task alone"):
+        ps.sweep_results(tmp_path / "a", "facts-lora", 0)
+    _sweep_result(tmp_path / "b", "facts-lora", 1e-3, 0.1, 0.0, general=False)
+    with pytest.raises(ValueError, match="no wiki bits per byte before and after the task"):
+        ps.sweep_results(tmp_path / "b", "facts-lora", 0)
+    with pytest.raises(ValueError, match="no finished sweep runs"):
+        ps.select([])
+
+
+def test_pretrained_study_sweep_runs_what_is_missing_and_plan_and_run_use_its_choice(tmp_path, capsys, monkeypatch):
+    import pretrained_study as ps
+
+    root, calls = tmp_path / "study", []
+
+    def fake(argv):  # nestlearn continual: exact match and damage rise with the rate
+        calls.append(argv)
+        out = Path(argv[argv.index("--out-dir") + 1])
+        lr = float(argv[argv.index("--lr") + 1])
+        (out.parent).mkdir(parents=True, exist_ok=True)
+        _sweep_result(root, out.parent.name, lr, min(lr * 1000, 1.0), lr * 300)
+        return 0
+
+    monkeypatch.setattr(ps, "nestlearn", fake)
+    _sweep_result(root, "facts-finetune", 3e-5, 0.03, 0.009)  # done before: skipped
+    assert ps.main(["sweep", "finetune", "--init", "M", "--root", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert len(calls) == 2 and all(c[-3:] == ["--threads", "1", "--no-progress"] for c in calls)
+    assert "lr3e-5-s0 is done: skipped" in err
+    # 1e-4 damages by 0.03 and learns 0.1, 3e-4 damages by 0.09 and learns 0.3: the largest rate within the bound
+    assert "| facts-finetune | 3e-4 | 0.300 | +0.090 | -0.050 | 9 | ✓ best exact match with Δ wiki bpb ≤ 0.10 |" in out
+    assert "| facts-finetune | 1e-4 | 0.100 | +0.030 | -0.050 | 9 |  |" in out
+    assert "facts-finetune: the largest rate swept was chosen" in out and "facts-ewc: 3e-4, facts-finetune's" in out
+    expected = {"facts-finetune": 3e-4, "facts-replay": 3e-4, "facts-ewc": 3e-4}
+    assert json.loads(ps.chosen_path(root).read_text()) == expected
+    # a second sweep merges its choice; a stopped run chooses nothing
+    monkeypatch.setattr(ps, "nestlearn", lambda argv: 130)
+    assert ps.main(["sweep", "lora", "--init", "M", "--root", str(root)]) == 130
+    assert "stopped (exit 130); nothing chosen" in capsys.readouterr().err
+    monkeypatch.setattr(ps, "nestlearn", fake)
+    assert ps.main(["sweep", "lora", "--lrs", "1e-4,3e-4", "--init", "M", "--root", str(root)]) == 0
+    capsys.readouterr()
+    assert json.loads(ps.chosen_path(root).read_text()) == {**expected, "facts-lora": 3e-4}
+    # plan: the chosen rates, and says where each rate comes from
+    assert ps.main(["plan", "--init", "M", "--root", str(root)]) == 0
+    plan = {line.split("--out-dir ")[1].split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert len(plan) == len(ps.RUNS)
+    for name in ("facts-finetune", "facts-ewc", "facts-replay", "facts-lora"):
+        assert (
+            f"--lr 3e-4 --seed 0 --out-dir {root}/{name}-s0   # --lr 3e-4: chosen on the first task"
+            in plan[f"{root}/{name}-s0"]
+        )
+    assert "--lr 1e-3 --seed 0" in plan[f"{root}/facts-adapter-s0"]
+    assert f"# --lr 1e-3: RUNS default, not chosen: {ps.chosen_path(root)} has none" in plan[f"{root}/facts-adapter-s0"]
+    assert "#" not in plan[f"{root}/facts-base-s0"]
+    # run: one command, the chosen rate, said on stderr
+    calls.clear()
+    assert ps.main(["run", "facts-ewc", "--seed", "2", "--init", "M", "--root", str(root)]) == 0
+    assert calls[0][calls[0].index("--lr") + 1] == "3e-4" and "--tasks 3" in " ".join(calls[0])
+    assert "--out-dir " + str(root / "facts-ewc-s2") in " ".join(calls[0])
+    assert "chosen on the first task" in capsys.readouterr().err
+    # a chosen.json that names no run that trains is refused, saying how to fix it
+    ps.chosen_path(root).write_text(json.dumps({"facts-base": 1e-4}))
+    assert ps.main(["plan", "--init", "M", "--root", str(root)]) == 1
+    assert "gives a rate to 'facts-base', which is not a run of RUNS that trains" in capsys.readouterr().err
+
+
+def test_ewc_and_replay_train_as_finetune_on_the_first_task_of_the_full_stream():
+    """Why pretrained_study gives EWC and replay fine-tuning's rate, and why the sweep's one-task run stands for the
+    full run's first task: the same losses, step for step (a debug model, byte-level)."""
+    from nestlearn.evals.continual import run
+    from nestlearn.evals.continual_setup import ContinualConfig
+
+    def losses(strategy, tasks):
+        config = ContinualConfig(
+            stream="facts",
+            tasks=[str(tasks)],
+            strategy=strategy,
+            steps_per_task=3,
+            batch_size=2,
+            seq_len=64,
+            warmup_steps=2,
+            people_per_set=1,
+            ewc_batches=1,
+            replay_batches=1,
+            progress=False,
+        )
+        return [x["loss"] for x in run(config)["losses"]]
+
+    first = losses("finetune", 1)
+    assert len(first) == 3 and losses("ewc", 1) == first and losses("replay", 1) == first
+    assert losses("finetune", 2)[:3] == first
