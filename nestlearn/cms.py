@@ -135,6 +135,7 @@ class TaskLevel(nn.Module):
         nn.init.normal_(self.up, std=0.02)
         nn.init.normal_(self.down, std=0.02)
         self.learns = True  # False: the block reads θ_0 unchanged (CMSConfig.task_blocks)
+        self.reset: int | None = None  # variant "nested": back to θ_0 every `reset` tokens (set by CMS)
 
     def init_state(self, batch_size: int) -> dict:
         b = batch_size
@@ -182,21 +183,30 @@ class CMS(nn.Module):
         self.levels = nn.ModuleList(levels)
         # nested (eq. 72): an in-context level returns to its initial state whenever the next slower level updates,
         # every `reset` tokens of the stream (None: the next level is stepped by the optimizer, not in context)
+        # A task-loss level's resets are taken by the model, which steps it (task_cms); only local levels reset here.
         periods = list(config.update_periods)
         self.resets = [
-            next((q for q in periods[i + 1 :] if q is not None), None) if isinstance(lv, InContextLevel) else None
+            next((q for q in periods[i + 1 :] if q is not None), None) if isinstance(lv, IN_CONTEXT) else None
             for i, lv in enumerate(levels)
         ]
+        for level, reset in zip(levels, self.resets, strict=True):
+            if isinstance(level, TaskLevel):
+                level.reset = reset if config.variant == "nested" else None
         if config.variant == "independent":
             self.agg_logits = nn.Parameter(torch.zeros(len(levels)))  # Agg of eq. 74: a learned weighted sum
 
     def init_state(self, batch_size: int) -> list | dict:
         levels = [lv.init_state(batch_size) if isinstance(lv, IN_CONTEXT) else None for lv in self.levels]
-        # nested: the stream position too, because resets follow the global grid of the slower periods
-        return {"levels": levels, "position": 0} if self.config.variant == "nested" else levels
+        # nested local levels: the stream position too, because resets follow the global grid of the slower periods
+        # (task-loss levels are reset by the model, which keeps the position in its own state)
+        return {"levels": levels, "position": 0} if self._keeps_position else levels
+
+    @property
+    def _keeps_position(self) -> bool:
+        return self.config.variant == "nested" and self.config.signal == "local"
 
     def forward(self, x: Tensor, state: list | dict) -> tuple[Tensor, list | dict]:
-        nested = self.config.variant == "nested"
+        nested = self._keeps_position
         chained = self.config.variant in ("sequential", "nested")
         states, position = (state["levels"], state["position"]) if nested else (state, 0)
         h, outs, new_state = x, [], []

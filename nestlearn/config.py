@@ -246,7 +246,11 @@ class CMSConfig:
     # SwiGLU MLP (the outer levels' form) whose weights θ are per-sequence fast state and take one step every C^(ℓ)
     # tokens on the model's next-token loss over those tokens, θ ← θ − task_lr Σ_t ∇_θ ℓ_NTP(θ; x_t), no retention
     signal: str = "local"
-    task_lr: float = 1e-3  # "task": η^(ℓ), constant, on the gradient summed over the level's period
+    task_lr: float = 1e-3  # "task": η^(ℓ), on the gradient summed over the level's period
+    # "task": η_t^(ℓ) = task_lr (constant) or task_lr · 2σ(w·e_t + b), a learned rate per token from its embedding,
+    # one factor shared by every level so that one backward per chunk still serves all ("data"; needs meta_grad
+    # "full": the rate's parameters are learned only through the inner gradients, which first order drops)
+    task_rate: str = "constant"
     # "task": the outer gradient through the inner steps (eq. 73): "first_order" treats each inner gradient as a
     # constant (θ_0 gets the gradient of the identity path), "full" differentiates through it (second order)
     meta_grad: str = "first_order"
@@ -285,11 +289,19 @@ class CMSConfig:
             _fail("CMSConfig", "task_lr", self.task_lr, "must be a finite number >= 0 (0: the levels read θ_0 only)")
         if self.meta_grad not in ("first_order", "full"):
             _fail("CMSConfig", "meta_grad", self.meta_grad, "expected 'first_order' or 'full'")
+        if self.task_rate not in ("constant", "data"):
+            _fail("CMSConfig", "task_rate", self.task_rate, "expected 'constant' or 'data' (learned per token)")
+        if self.signal == "task" and self.task_rate == "data" and self.meta_grad != "full":
+            _fail(
+                "CMSConfig",
+                "task_rate",
+                self.task_rate,
+                "a per-token rate is learned only through the inner gradients, which meta_grad='first_order' treats "
+                "as constants (it would never move): use meta_grad='full', or task_rate='constant'",
+            )
         tb = self.task_blocks
         if tb is not None and (isinstance(tb, bool) or not isinstance(tb, int) or tb < 0):
             _fail("CMSConfig", "task_blocks", tb, "must be an int >= 0 (the last blocks that learn), or None (all)")
-        if self.signal == "task" and self.variant == "nested":
-            _fail("CMSConfig", "variant", self.variant, "nested resets are not defined for task-loss levels yet")
         if self.variant not in ("sequential", "independent", "nested"):
             _fail(
                 "CMSConfig",

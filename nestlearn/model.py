@@ -129,6 +129,12 @@ class LanguageModel(nn.Module):
             if blk.adapter is not None:  # the adapter adds nothing at first: the block is its base's
                 nn.init.zeros_(blk.adapter.out.proj.weight)
         self.task_levels = task_levels(self.blocks, config)
+        # η_t's per-token factor of task-loss levels (CMSConfig.task_rate="data"): 2σ(0) = 1 at first, task_lr itself
+        self.task_rate = None
+        if self.task_levels and config.cms.task_rate == "data":
+            self.task_rate = nn.Linear(config.dim, 1)
+            nn.init.zeros_(self.task_rate.weight)
+            nn.init.zeros_(self.task_rate.bias)
         if config.lora is not None:
             add_lora(self, config.lora)
 

@@ -12,8 +12,9 @@ chunk i − 1: no token sees a write that its own or a later label produced.
 
 Choices the paper leaves open (docs/deviations.md): the chunk's last target, the first token of the next chunk, is
 not used (a step must not wait for a token that belongs to the next chunk); the learning rate is a constant per
-level (`CMSConfig.task_lr`); no retention; θ_0 is learned through the steps to first order by default
-(`CMSConfig.meta_grad`).
+level (`CMSConfig.task_lr`), or that constant times a learned per-token factor (`task_rate="data"`); no retention;
+θ_0 is learned through the steps to first order by default (`CMSConfig.meta_grad`). With `variant="nested"` (eq.
+72) a level goes back to θ_0 whenever the next slower in-context level steps (its own step at that token is dropped).
 
 A call may end inside a chunk (streaming, token-by-token generation): its tokens and every layer's state at the
 chunk's start are kept in the state, and the next call computes the chunk again, whole, before it steps. Under
@@ -32,7 +33,7 @@ from .cms import TaskLevel
 from .config import ModelConfig
 from .state import tree_map
 
-__all__ = ["task_levels", "task_forward", "reference_forward"]
+__all__ = ["task_levels", "task_forward", "chunk_loss", "reference_forward"]
 
 Where = tuple[int, int, TaskLevel]  # (block, CMS level index, level)
 
@@ -76,6 +77,17 @@ def _with(layers: list[dict], where: Where, value: dict) -> list[dict]:
     return out
 
 
+def chunk_loss(model: nn.Module, logits: Tensor, seg: Tensor) -> Tensor:
+    """Eq. 71's Σ_t η_t ℓ_NTP(x_t) over a chunk, divided by the levels' constant η: the summed next-token loss of the
+    chunk's tokens (logits (b, C, V), seg (b, C); the last target is the next chunk's, unused), each token weighted
+    by its learned factor 2σ(w·e_t + b) when the model has one (CMSConfig.task_rate="data")."""
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="none")  # (b·(C−1),)
+    if model.task_rate is None:
+        return nll.sum()
+    rate = 2 * torch.sigmoid(model.task_rate(model.embed(seg[:, :-1]))).float()  # (b, C − 1, 1)
+    return (rate.flatten() * nll).sum()
+
+
 def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: list[dict], end: int, outer: bool):
     """One full chunk: logits with the current weights, then every learning level's gradient of the chunk's summed
     next-token loss, added to its period's sum, and a step where `end` (the stream position after the chunk) closes
@@ -96,7 +108,7 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
             layers = _with(layers, where, {**s, "up": up, "down": down})
             thetas += [up, down]
         logits, new = model.forward_blocks(seg, layers, first=_first(levels), hidden=hidden)
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="sum")
+        loss = chunk_loss(model, logits, seg)
         full = outer and model.config.cms.meta_grad == "full"
         grads = torch.autograd.grad(loss, thetas, retain_graph=outer, create_graph=full)
     for n, where in enumerate(levels):
@@ -113,6 +125,9 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
                     f"the task-loss CMS level blocks.{i}.cms.levels.{j} diverged at its step after token {end}: "
                     f"lower CMSConfig.task_lr (now {level.lr})"
                 )
+        if level.reset is not None and end % level.reset == 0:  # nested (eq. 72): the slower level has just stepped
+            fresh = level.init_state(seg.shape[0])
+            up, down, sum_up, sum_down = fresh["up"], fresh["down"], fresh["sum_up"], fresh["sum_down"]
         new = _with(new, where, {"up": up, "down": down, "sum_up": sum_up, "sum_down": sum_down})
     if not outer:
         logits = logits.detach()
@@ -181,7 +196,10 @@ def reference_forward(model: nn.Module, tokens: Tensor) -> Tensor:
                 leaves = [{k: v + 0 for k, v in th.items()} for th in theta]  # non-leaf copies to differentiate at
             logits = _replay(model, x, [*history, leaves], c + 1)[:, c * C :]
             seg = x[:, c * C : (c + 1) * C]
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="sum")
+            nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="none")
+            if model.task_rate is not None:  # η_t = task_lr · 2σ(w·e_t + b), token t predicting token t + 1
+                nll = nll * 2 * torch.sigmoid(model.task_rate(model.embed(seg[0, :-1])))[:, 0]
+            loss = nll.sum()
             flat = [v for th in leaves for v in th.values()]
             grads = iter(torch.autograd.grad(loss, flat, create_graph=full))
             history.append(theta)
@@ -191,6 +209,9 @@ def reference_forward(model: nn.Module, tokens: Tensor) -> Tensor:
                     s[k] = s[k] + next(grads)
                 if (c + 1) * C % lv.period == 0:
                     th = {k: th[k] - lv.lr * s[k] for k in ("up", "down")}
+                    s["up"], s["down"] = 0.0, 0.0
+                if lv.reset is not None and (c + 1) * C % lv.reset == 0:  # nested: θ_0 again
+                    th = {"up": lv.up[None], "down": lv.down[None]}
                     s["up"], s["down"] = 0.0, 0.0
                 new_theta.append(th)
             theta = new_theta

@@ -370,8 +370,13 @@ def train(config: TrainConfig) -> dict:
     net = wrap(model, config, env, device)
     if config.compile and model.has_memories():
         model.compile_chunks()  # a whole-model graph would unroll every chunk of the sequence
-    elif config.compile:
+    elif config.compile and not model.task_levels:
         net = torch.compile(net)
+    if config.compile and model.task_levels:
+        _say(
+            "--compile: the task-loss CMS levels run eager (their inner steps take gradients inside the forward "
+            "pass, which one compiled graph cannot hold); only the memories' chunks, if any, are compiled"
+        )
     if config.parallel == "fsdp" and env.world > 1 and config.optimizer not in ("adamw",):
         raise ValueError(
             f"--optimizer {config.optimizer} needs whole parameters and FSDP shards them: use --parallel "

@@ -77,6 +77,11 @@ class TrainConfig:
         "--cms-signal task: first_order (each inner gradient a constant) or full (second order) (default: first_order)",
         default=None,
     )
+    task_rate: str | None = _help(
+        "--cms-signal task: η_t constant (task_lr) or data (task_lr times a learned factor per token; needs "
+        "--meta-grad full) (default: constant)",
+        default=None,
+    )
     task_blocks: int | None = _help(
         "--cms-signal task: how many of the last blocks learn in context (default: all)", default=None
     )
@@ -197,6 +202,7 @@ class TrainConfig:
             "tensorboard": ["auto", "on", "off"],
             "cms_signal": ["local", "task"],
             "meta_grad": ["first_order", "full"],
+            "task_rate": ["constant", "data"],
             "stack": ["copies", "residual"],
             "adapter": ["titans", "sm_titans"],
             "freeze": ["none", "base"],
@@ -388,6 +394,7 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
             ("signal", config.cms_signal),
             ("task_lr", config.task_lr),
             ("meta_grad", config.meta_grad),
+            ("task_rate", config.task_rate),
             ("task_blocks", config.task_blocks),
         )
         if v is not None
@@ -448,6 +455,7 @@ RUN_FIELDS = (
     "cms_signal",
     "task_lr",
     "meta_grad",
+    "task_rate",
     "task_blocks",
     "data",
     "tokenizer",

@@ -53,6 +53,25 @@ def test_outer_gradients_equal_the_references(meta_grad):
     assert theta0["blocks.1.cms.levels.1.up"].abs().sum() > 0  # θ_0 is learned through the steps (eq. 73)
 
 
+def test_a_learned_rate_per_token_equals_the_reference_and_learns():
+    constant, learned = task_model(meta_grad="full"), task_model(meta_grad="full", task_rate="data")
+    x = tokens(t=32)
+    torch.testing.assert_close(learned(x)[0], constant(x)[0], rtol=0, atol=0)  # 2σ(0) = 1: task_lr itself at first
+    with torch.no_grad():
+        learned.task_rate.weight.normal_(std=0.5)
+    logits = learned(x)[0]
+    assert not torch.allclose(logits, constant(x)[0])
+    torch.testing.assert_close(logits, reference_forward(learned, x), rtol=0, atol=1e-10)
+    params = [learned.task_rate.weight, learned.blocks[1].cms.levels[1].up]
+    fast = torch.autograd.grad(logits.square().mean(), params)
+    slow = torch.autograd.grad(reference_forward(learned, x).square().mean(), params)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert fast[0].abs().sum() > 0  # the rates are learned through the inner steps
+    with pytest.raises(ValueError, match="task_rate='data'.*meta_grad='full'"):
+        CMSConfig(signal="task", task_rate="data")
+
+
 def test_full_and_first_order_meta_gradients_differ():
     x = tokens(t=32)
     grads = []
@@ -100,6 +119,31 @@ def test_each_level_steps_exactly_at_its_period():
             changed = not torch.equal(now[j], before[j])
             assert changed == (end % period == 0), (c, j)
         before = now
+
+
+@pytest.mark.parametrize("preset", ["hope", "transformer"])
+def test_nested_levels_equal_the_reference(preset):
+    model, x = task_model(preset, variant="nested"), tokens()  # the period-8 level resets every 16 tokens
+    logits, _ = model(x)
+    torch.testing.assert_close(logits, reference_forward(model, x), rtol=0, atol=1e-10)
+    grads = [
+        torch.autograd.grad(out.square().mean(), [model.blocks[0].cms.levels[0].up])[0]
+        for out in (model(x)[0], reference_forward(model, x))
+    ]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-12)
+    assert not torch.allclose(logits, task_model(preset)(x)[0])  # the resets change what is read
+
+
+def test_a_nested_level_returns_to_its_initial_state_when_the_slower_level_steps():
+    model, x = task_model(variant="nested"), tokens(b=1, t=48)
+    theta0 = model.blocks[0].cms.levels[0].up[None]
+    s = None
+    for lo in range(0, 48, 8):
+        _, s = model(x[:, lo : lo + 8], s)
+        at_theta0 = torch.equal(s.layers[0]["cms"][0]["up"], theta0)
+        assert at_theta0 == ((lo + 8) % 16 == 0), lo  # stepped after 8, 24, 40; back at θ_0 after 16, 32, 48
+    with pytest.raises(ValueError, match="each period must divide the next"):
+        task_model(periods=(8, 24, 36, None), variant="nested", outer_from=64)
 
 
 def test_a_level_reading_its_own_chunk_would_be_caught(monkeypatch):

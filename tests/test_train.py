@@ -349,6 +349,16 @@ def test_compile_of_a_memory_model_compiles_its_chunk_steps_not_the_whole_model(
     assert calls == ["chunks", "model"]
 
 
+def test_compile_leaves_task_loss_levels_eager_and_says_so(corpus, tmp_path, monkeypatch, capsys):
+    # one compiled graph cannot hold the inner steps' autograd.grad: a Transformer with task levels is not compiled
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: calls.append("model") or module)
+    task = dict(cms_signal="task", update_periods="8,none")
+    train(config(corpus, tmp_path / "task", steps=1, compile=True, **task))
+    assert calls == []
+    assert "task-loss CMS levels run eager" in capsys.readouterr().err
+
+
 def test_an_outer_level_whose_period_is_not_a_multiple_of_the_window_is_refused_before_training(corpus, tmp_path):
     with pytest.raises(ValueError, match="period 100 tokens, but each step advances the stream by 32"):
         train(config(corpus, tmp_path / "x", preset="hope", update_periods="8,100"))
