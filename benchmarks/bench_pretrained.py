@@ -20,13 +20,16 @@ random tokens, batch 1, T tokens per step. Workloads (--workloads):
 
 Each (workload, implementation, T) runs in its own process, which loads its model, says so and then runs one step
 per request from this script: one untimed warm-up step each, then --repeats timed steps, the implementations of a
-workload taking turns (ABBA order), so that a change in the machine's load hits all of them; the median is reported.
+workload taking turns (ABBA order), so that a change in the machine's load hits all of them; the median is reported
+(the mean of two for the default T = 2048).
 Memory: the process's peak resident memory (VmHWM) reset (/proc/self/clear_refs) after the model is loaded, its
 weights read once (transformers maps them from the safetensors file, so that they become resident only when first
 used) and the tokens made, then read after its last step, minus its resident memory at the reset: the activations,
 gradients and optimizer state of the steps, without the weights and without the loading's own peak. Each process
 runs under an address-space limit (--mem-limit-gb). Subnormal floats are flushed to zero in both, as `nestlearn
-train` does. The load average before and after each workload is printed and saved with the results (--json).
+train` does. The load average before and after each workload (which counts this run's own two threads) and the
+cores that other processes kept busy during its steps (/proc/stat less this run's processes) are printed and saved
+with the results (--json).
 """
 
 from __future__ import annotations
@@ -194,19 +197,40 @@ class Worker:
         }
 
 
+def cpu_jiffies(pids: list[int]) -> tuple[int, int]:
+    """(busy, own): the machine's busy CPU time (all cores, /proc/stat, idle and iowait left out) and that of the
+    processes `pids` (utime + stime), both in clock ticks."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    own = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            own += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return busy, own
+
+
 def measure(pairs: list[tuple[str, str]], T: int, repeats: int, args: argparse.Namespace) -> list[dict]:
     """One worker per (implementation, workload) at length T: loaded at once, then warm-up and timed steps by turns,
-    ABBA."""
+    ABBA. Also how many cores other processes kept busy meanwhile (the load average counts this run's own)."""
     workers = [Worker(impl, workload, T, args) for impl, workload in pairs]
     load = os.getloadavg()[0]
     for w in workers:
         w.info.update(w.ask("wait"))  # the "loaded" answer
+    pids = [os.getpid(), *(w.proc.pid for w in workers)]
+    busy0, own0, t0 = *cpu_jiffies(pids), time.perf_counter()
     for r in range(1 + repeats):
         for w in workers if r % 2 == 0 else workers[::-1]:
             w.times.extend(w.ask("step").values())
+    busy1, own1 = cpu_jiffies(pids)
+    others = max(0.0, (busy1 - busy0 - own1 + own0) / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - t0))
     for w in workers:
         w.close()
-    rows = [{**w.row(), "load_before": load, "load_after": os.getloadavg()[0]} for w in workers]
+    rows = [{**w.row(), "load_before": load, "load_after": os.getloadavg()[0], "others_cores": others} for w in workers]
     for r in rows:
         what = f"  {r['workload']:9s} {r['impl']:12s} T={T:5d}"
         if "failed" in r:
@@ -215,7 +239,8 @@ def measure(pairs: list[tuple[str, str]], T: int, repeats: int, args: argparse.N
             times = " ".join(f"{t:.2f}" for t in r["times_s"])
             print(
                 f"{what}  {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_mb']:7.0f} MiB  warm-up {r['warmup_s']:.2f} s"
-                f"  steps {times} s  load {r['load_before']:.2f}->{r['load_after']:.2f}",
+                f"  steps {times} s  load {r['load_before']:.2f}->{r['load_after']:.2f}, others "
+                f"{r['others_cores']:.2f} cores",
                 flush=True,
             )
     return rows
@@ -288,8 +313,8 @@ def main() -> None:
         "--repeats",
         type=int,
         nargs="+",
-        help="timed steps after the warm-up, one value for every length or one per length (default: 5 below T = "
-        "2048, else 3)",
+        help="timed steps after the warm-up, one value for every length or one per length (default: 3 below T = "
+        "2048, else 2)",
     )
     p.add_argument(
         "--skip",
@@ -313,7 +338,7 @@ def main() -> None:
 
     if any(T < 2 for T in args.lengths):
         p.error(f"--lengths {args.lengths}: every value must be at least 2")
-    args.repeats = args.repeats or [5 if T < 2048 else 3 for T in args.lengths]
+    args.repeats = args.repeats or [3 if T < 2048 else 2 for T in args.lengths]
     if len(args.repeats) not in (1, len(args.lengths)) or any(r < 1 for r in args.repeats):
         p.error(f"--repeats {args.repeats}: one positive int, or one per length ({len(args.lengths)})")
     try:
