@@ -13,6 +13,7 @@ calls, so sequences never share a memory (docs/deviations.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -243,6 +244,21 @@ class LanguageModel(nn.Module):
                 key, period = "base", None
             groups.setdefault(key, Level(key, period, {})).params[name] = p
         return sorted(groups.values(), key=lambda lv: (lv.period is None, lv.period or 0, lv.name))
+
+    def set_window(self, window: int | None) -> LanguageModel:
+        """Limit every attention to the last `window` tokens (None: full causal attention), in place, as for a model
+        built with `AttentionConfig.window`: to measure what a window loses (and a memory recovers) on a model
+        trained with full attention. The config follows, so that what is saved or reported says so. Returns self."""
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        if not layers:
+            raise ValueError(f"{self.config.name or 'this model'} has no attention layer to give a window")
+        if self.config.attention is None:  # attention only in memory adapters' blocks: never the case today
+            raise ValueError("the model's config has no attention settings to record the window in")
+        attention = dataclasses.replace(self.config.attention, window=window)  # checks the value
+        for m in layers:
+            m.config = dataclasses.replace(m.config, window=window)
+        self.config = dataclasses.replace(self.config, attention=attention)
+        return self
 
     def has_memories(self) -> bool:
         """Whether any block has an in-context memory (a Titans or self-modifying Titans mixer, an in-context level)."""

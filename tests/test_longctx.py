@@ -351,6 +351,23 @@ def test_niah_command_writes_results_and_heatmaps(checkpoint, corpus, tmp_path, 
     assert "gain" not in plain["records"][0] and "recall" not in plain["kinds"]["passkey"]
 
 
+def test_niah_with_a_window_reads_only_the_last_tokens(checkpoint, corpus, tmp_path, capsys):
+    argv = ["longctx", "niah", str(checkpoint), "--haystack", str(corpus), "--kinds", "passkey", "--lengths", "512"]
+    argv += ["--depths", "0", "--samples", "1", "--device", "cpu", "--no-progress"]
+    runs = {}
+    for window in (None, 16):
+        out = tmp_path / f"w{window}"
+        assert cli([*argv, "--out-dir", str(out), *(["--window", str(window)] if window else [])]) == 0
+        runs[window] = json.loads((out / "results.json").read_text())
+    assert runs[None]["window"] is None and runs[16]["window"] == 16
+    # the needle at depth 0 lies hundreds of tokens back: with a 16-token window the answer cannot depend on it
+    assert runs[16]["records"][0]["gain"] == pytest.approx(0.0, abs=1e-9)
+    assert runs[None]["records"][0]["bits_with"] != runs[16]["records"][0]["bits_with"]
+    with pytest.raises(SystemExit):
+        cli([*argv, "--window", "0"])
+    assert "--window" in capsys.readouterr().err
+
+
 def test_niah_command_errors(checkpoint, corpus, tmp_path, capsys):
     base = ["longctx", "niah", str(checkpoint), "--samples", "1", "--no-progress", "--out-dir", str(tmp_path)]
     assert cli([*base, "--kinds", "number", "--data-root", str(tmp_path / "empty")]) == 1

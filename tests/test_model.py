@@ -3,6 +3,8 @@ generation, gradients to every parameter, sizes, checkpoints, levels and config 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -422,3 +424,19 @@ def test_self_modifying_titans_reads_eta_and_alpha_from_their_own_readouts(eta_b
         for k, w0 in start.items():
             change = (state[name].weights[k] - w0).norm() / w0.norm()
             assert (change > 0.5) if moves else (change < 1e-6), (name, k, change.item())
+
+
+def test_a_window_set_after_loading_equals_one_built_in():
+    config = presets.transformer("debug")
+    torch.manual_seed(0)
+    full = build(config)
+    windowed = build(dataclasses.replace(config, attention=dataclasses.replace(config.attention, window=8)))
+    windowed.load_state_dict(full.state_dict())
+    x = torch.randint(0, config.vocab_size, (2, 40))
+    torch.testing.assert_close(full.set_window(8)(x)[0], windowed(x)[0], rtol=0, atol=0)
+    assert full.config.attention.window == 8
+    assert not torch.allclose(full.set_window(None)(x)[0], windowed(x)[0])  # full attention again
+    with pytest.raises(ValueError, match="window"):
+        full.set_window(0)
+    with pytest.raises(ValueError, match="no attention layer"):
+        build(presets.titans("debug")).set_window(8)

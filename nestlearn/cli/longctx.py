@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         "(docs/longctx.md; two more forward passes per sample) (default: on)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of keys, values, haystack start (default: 0)")
+    p.add_argument(
+        "--window",
+        type=options.positive_int,
+        default=None,
+        help="sliding-window attention of this many tokens for the evaluation (what a window loses, and a memory "
+        "adapter recovers; docs/longctx.md) (default: the checkpoint's own attention)",
+    )
     options.add_device(p)
     options.add_threads(p)
     p.add_argument("--out-dir", default="runs/longctx-niah", help="(default: runs/longctx-niah)")

@@ -205,6 +205,8 @@ def run_niah(args: argparse.Namespace) -> dict:
     path = resolve_checkpoint(args.checkpoint)
     model, tokenizer = load_checkpoint(path, device)
     model.eval()
+    if getattr(args, "window", None) is not None:  # a window narrower than the one it was trained with, or none
+        model.set_window(args.window)
     docs = None
     if any(niah.KINDS[k].haystack == "corpus" for k in args.kinds):
         docs = load_split(args.haystack, args.split, args.data_root)  # says `nestlearn fetch-data NAME` if missing
@@ -251,6 +253,7 @@ def run_niah(args: argparse.Namespace) -> dict:
         "checkpoint": str(path),
         "model": model.config.name,
         "trained_seq_len": model.config.seq_len,
+        "window": model.config.attention.window if model.config.attention else None,
         "tokenizer": tokenizer.kind,
         "haystack": args.haystack,
         "split": args.split,
