@@ -2,6 +2,7 @@
 
     python experiments/long_stream.py runs/titans-init runs/titans-zero --data shakespeare --length 8192
     python experiments/long_stream.py fresh:titans fresh:titans:zero fresh:hope:zero --data random --length 4096
+    python experiments/long_stream.py runs/a/hope runs/b/hope --labels local task --plot by_position.png
 
 Each checkpoint reads `--streams` streams of `--length` tokens from the start of documents at least that long of
 `--data`'s `--split`, in calls of `--call` tokens with the state carried (as a deployed model reads a long input),
@@ -95,6 +96,28 @@ def measure(path: str, docs: list[str] | None, args) -> dict:
     }
 
 
+def plot(rows: list[dict], title: str, path: str) -> None:
+    """Bits per token of each position bucket against the bucket's end (log scale), one line per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in rows:
+        ends = [int(k.split("-")[1]) for k in r["bits_per_token"]]
+        ax.plot(ends, list(r["bits_per_token"].values()), marker="o", label=r["label"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the stream (end of bucket, tokens)")
+    ax.set_ylabel("bits per token")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint or run folders")
@@ -116,7 +139,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "read independently, as in training (default 0: never, the state is carried)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--labels", nargs="+", default=None, help="a name per checkpoint for the table and the plot")
+    p.add_argument("--plot", default=None, help="draw bits per token against position into this PNG")
     args = p.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.checkpoints):
+        p.error(f"--labels: {len(args.labels)} given for {len(args.checkpoints)} checkpoints; give one per checkpoint")
     for name in ("length", "call", "streams"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be positive; got {getattr(args, name)}")
@@ -135,11 +162,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print("| checkpoint | " + " | ".join(cols) + " | dead memories at the end |")
     print("| --- |" + " ---: |" * len(cols) + " --- |")
-    for r in rows:
+    for r, label in zip(rows, args.labels or [Path(c).name for c in args.checkpoints], strict=True):
+        r["label"] = label
         last = r["health"][-1]["memories"]
         dead = ", ".join(f"{m['name']} ({m['dead']}/{m['total']})" for m in last if m["dead"]) or "none"
         cells = " | ".join(f"{v:.3f}" for v in r["bits_per_token"].values())
-        print(f"| {Path(r['checkpoint']).name} | {cells} | {dead} |")
+        print(f"| {label} | {cells} | {dead} |")
+    if args.plot:
+        plot(rows, f"{args.data}/{args.split}, {args.streams} streams, calls of {args.call}{reset}", args.plot)
+        print(f"wrote {args.plot}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     return rows

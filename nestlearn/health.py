@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .cms import InContextLevel
+from .cms import IN_CONTEXT
 from .model import LanguageModel, ModelState
 from .sm_titans import SelfModifyingTitans
 from .state import MemoryState
@@ -46,7 +46,7 @@ class DeadMemoryWarning(UserWarning):
 @dataclass
 class MemoryHealth:
     """One memory of the state: the smallest per-head norm of each layer, and how many (sequence, head) memories
-    have both layers below `DEAD_NORM`."""
+    have both layers below `DEAD_NORM` (a task-loss CMS level has one "head" per sequence: its whole weights)."""
 
     name: str  # its place in the state, e.g. blocks.0.mixer.memory
     period: int  # its chunk size: tokens between two writes
@@ -78,27 +78,32 @@ def memories(model: LanguageModel) -> dict[str, int]:
                 out[f"blocks.{i}.{place}.gen"] = mixer.config.chunk_size
                 out[f"blocks.{i}.{place}.memory"] = mixer.config.memory_chunk_size
         for j, level in enumerate(block.cms.levels):
-            if isinstance(level, InContextLevel):
+            if isinstance(level, IN_CONTEXT):  # local-objective levels and task-loss levels (SwiGLU fast weights)
                 out[f"blocks.{i}.cms.levels.{j}"] = level.period
     return out
 
 
 def memory_state(state: ModelState, name: str) -> MemoryState:
-    """The MemoryState at `name` (a key of `memories`) in a model's state."""
+    """The MemoryState at `name` (a key of `memories`) in a model's state. A task-loss level's fast weights come as a
+    MemoryState {"up": (b, 2·hidden, dim), "down": (b, dim, hidden)} viewing the state's tensors."""
     parts = name.split(".")
     layer = state.layers[int(parts[1])]
     if parts[2] in ("mixer", "adapter"):
         return layer[parts[2]][parts[3]]
     cms = layer["cms"]
-    return (cms["levels"] if isinstance(cms, dict) else cms)[int(parts[4])]
+    level = (cms["levels"] if isinstance(cms, dict) else cms)[int(parts[4])]
+    return level if isinstance(level, MemoryState) else MemoryState({"up": level["up"], "down": level["down"]})
 
 
 def _health(name: str, period: int, state: MemoryState, threshold: float) -> MemoryHealth:
     per_head = {k: w.detach().float().flatten(-2).norm(dim=-1) for k, w in state.weights.items()}  # (b, h) or (h,)
     finite = all(bool(w.isfinite().all()) for w in state.weights.values())
     total = next(iter(per_head.values())).numel()
-    if set(per_head) == {"W1", "W2"}:  # only an MLP memory has a dead state; a linear one learns from zero
-        dead = int(((per_head["W1"] < threshold) & (per_head["W2"] < threshold)).sum())
+    # only an MLP has a dead state (a linear memory learns from zero): M(x) = x + W1 σ(W2 x), or a task-loss level's
+    # SwiGLU down(silu(gate x) ⊙ up x), whose layers each get their gradient through the other
+    if set(per_head) in ({"W1", "W2"}, {"up", "down"}):
+        first, second = per_head.values()
+        dead = int(((first < threshold) & (second < threshold)).sum())
     else:
         dead = 0
     return MemoryHealth(name, period, {k: float(n.min()) for k, n in per_head.items()}, dead, total, finite)

@@ -379,7 +379,10 @@ class Learner:
             )
         for name, period in self.frozen_levels():
             report.levels.append(LevelReport(name, period, 0.0, 0, 0.0))
+        task_names = {f"blocks.{i}.cms.levels.{j}" for i, j, _ in model.task_levels}
         for name, period in _memories(model).items():
+            if name in task_names:  # below: a task-loss level writes by steps at the ends of its periods
+                continue
             old, new = _memory_state(start_state, name), _memory_state(state, name)
             writes = (old.offset + read) // period
             change = _relative_change(_committed(old), _committed(new))

@@ -15,6 +15,8 @@ the budget in full depth). How nearly, as `tests/test_presets.py` checks: at `ti
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import AttentionConfig, CMSConfig, ModelConfig, SelfModConfig, TitansConfig
@@ -56,19 +58,29 @@ def _sized(size: str, name: str, **fields) -> ModelConfig:
 
 
 def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
-    """Solve the CMS hidden width (a multiple of 32) so that the model has `target` parameters. Where even the
-    narrowest CMS is too large (Hope's memories at `tiny`), drop blocks until it fits."""
+    """Solve the CMS hidden width so that the model has `target` parameters: a multiple of 32, or of 16 or 8 where
+    a step of 32 is too coarse to come within 0.5% (task-loss CMS levels: every level is a full-width MLP, so a
+    step of the width moves the count three times as far). Where even the narrowest CMS is too large (Hope's
+    memories at `tiny`), drop blocks until it fits."""
 
     def count(hidden: int) -> int:
-        config.cms.hidden_mult = hidden / config.dim
+        config.cms.hidden_mult = hidden / config.dim  # rounded up to a multiple of 32: exact for those
+        config.cms.hidden_size = None if hidden % 32 == 0 else hidden
         with torch.device("meta"):
             return LanguageModel(config).num_parameters()
 
-    while count(32) > target and config.num_layers > 1:
+    # task-loss levels are full-width MLPs, each one of the model's MLPs: no narrower than the model (a level of
+    # width 112 at dim 384 would be a bottleneck, not a memory), and solved to the nearest 8
+    task = config.cms.signal == "task" and len(config.cms.update_periods) > 1
+    narrowest = 32 * math.ceil(config.dim / 32) if task else 32
+    while count(narrowest) > target and config.num_layers > 1:
         config.num_layers -= 1
-    base = count(32)
-    per32 = count(64) - base
-    hidden = 32 * max(1, round((target - base) / per32) + 1)
+    for step in (32, 16, 8) if task else (32,):
+        base = count(step)
+        per_step = count(2 * step) - base
+        hidden = step * max(1, round((target - base) / per_step) + 1)
+        if abs(count(hidden) - target) <= 0.005 * target:
+            break
     if abs(count(hidden) - target) > 0.1 * target:
         raise ValueError(f"{config.name}: cannot reach {target:.3g} parameters by the CMS width and depth")
     return config
@@ -85,22 +97,18 @@ def titans(size: str = "debug") -> ModelConfig:
     return _sized(size, "titans", mixer="titans", titans=TitansConfig(), cms=CMSConfig())
 
 
-def hope(size: str = "debug") -> ModelConfig:
-    """Hope: self-modifying Titans followed by a Continuum Memory System (paper §8.3, eqs. 94–97)."""
-    return _sized(
-        size, "hope", mixer="sm_titans", sm_titans=SelfModConfig(), cms=CMSConfig(update_periods=HOPE_PERIODS)
-    )
+def hope(size: str = "debug", signal: str = "task") -> ModelConfig:
+    """Hope: self-modifying Titans followed by a Continuum Memory System (paper §8.3, eqs. 94–97). `signal`: what
+    the in-context CMS levels learn from, the next-token loss (eq. 71, the default) or their own local objective
+    (`CMSConfig.signal`); the CMS width is solved for the size either way."""
+    cms = CMSConfig(update_periods=HOPE_PERIODS, signal=signal)
+    return _sized(size, "hope", mixer="sm_titans", sm_titans=SelfModConfig(), cms=cms)
 
 
-def hope_attention(size: str = "debug") -> ModelConfig:
-    """Hope-Attention: softmax attention followed by a Continuum Memory System (paper §8.3)."""
-    return _sized(
-        size,
-        "hope_attention",
-        mixer="attention",
-        attention=AttentionConfig(),
-        cms=CMSConfig(update_periods=HOPE_PERIODS),
-    )
+def hope_attention(size: str = "debug", signal: str = "task") -> ModelConfig:
+    """Hope-Attention: softmax attention followed by a Continuum Memory System (paper §8.3); `signal` as in `hope`."""
+    cms = CMSConfig(update_periods=HOPE_PERIODS, signal=signal)
+    return _sized(size, "hope_attention", mixer="attention", attention=AttentionConfig(), cms=cms)
 
 
 PRESETS = {"transformer": transformer, "titans": titans, "hope": hope, "hope_attention": hope_attention}

@@ -69,7 +69,7 @@ class TrainConfig:
     cms_signal: str | None = _help(
         "what the in-context CMS levels learn from: local (a per-head memory with its own objective) or task (eq. "
         "71: full-width MLPs stepped on the next-token loss every C tokens; docs/deviations.md) (default: the "
-        "preset's, local)",
+        "preset's, task for hope and hope_attention)",
         default=None,
     )
     task_lr: float | None = _help("--cms-signal task: η of every in-context level (default: 1e-3)", default=None)
@@ -368,7 +368,9 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
         if config.model_config:
             model_config = ModelConfig.from_dict(json.loads(Path(config.model_config).read_text()))
         else:
-            model_config = presets.PRESETS[config.preset](config.size)
+            # the signal decides the levels' form, so the preset solves its CMS width for it
+            signal = {"signal": config.cms_signal} if config.cms_signal and config.preset.startswith("hope") else {}
+            model_config = presets.PRESETS[config.preset](config.size, **signal)
         model_config.vocab_size = vocab_size  # the tokenizer decides
     if config.seq_len is not None:
         model_config.seq_len = config.seq_len

@@ -65,6 +65,18 @@ def test_long_stream_reports_loss_by_position_and_the_dead_memories(tmp_path, ca
     assert json.loads(out.read_text())["rows"][0]["model"] == "titans-debug"
 
 
+def test_long_stream_labels_its_rows_and_draws_the_plot(tmp_path, capsys):
+    import long_stream
+
+    png = tmp_path / "by_position.png"
+    argv = ["fresh:titans", "--data", "random", "--length", "256", "--call", "128", "--streams", "1"]
+    rows = long_stream.main([*argv, "--labels", "mine", "--plot", str(png)])
+    assert "| mine |" in capsys.readouterr().out and rows[0]["label"] == "mine"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):  # one label per checkpoint
+        long_stream.main([*argv, "--labels", "a", "b"])
+
+
 def test_parity_targets_are_running_parities():
     tokens, targets, mask = parity(3, 9, generator=torch.Generator().manual_seed(0))
     bits = tokens - 1

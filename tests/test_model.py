@@ -14,6 +14,8 @@ from nestlearn.model import tree_map
 PRESETS = sorted(presets.PRESETS)
 VARIANTS = {
     **{name: presets.PRESETS[name]("debug") for name in PRESETS},
+    # the local-objective in-context levels, the presets' default before task-loss levels (eq. 71) became it
+    "hope_attention-local": presets.hope_attention("debug", signal="local"),
     "transformer-window": ModelConfig(attention=AttentionConfig(window=5), name="window"),
     "titans-dgd-snapshot": ModelConfig(mixer="titans", titans=TitansConfig(rule="dgd", read="snapshot", chunk_size=4)),
     "titans-no-momentum": ModelConfig(mixer="titans", titans=TitansConfig(momentum=False, chunk_size=4)),
@@ -241,7 +243,7 @@ def _chunk_update(level, h: torch.Tensor, start: dict[str, torch.Tensor]) -> dic
 
 
 def test_in_context_level_changes_exactly_at_its_period_by_its_chunks_summed_update():
-    model = model_of("hope_attention")  # CMS levels written every 16 and 128 tokens, then one outer level
+    model = model_of("hope_attention-local")  # local levels written every 16 and 128 tokens, then one outer level
     level = model.blocks[0].cms.levels[0]  # the level of period 16
     inputs = []
     level.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone()))

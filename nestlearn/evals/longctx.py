@@ -514,7 +514,7 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
         "--cms-signal",
         choices=["local", "task"],
         default=None,
-        help="what the in-context CMS levels learn from: local (their own objective, the default) or task (eq. "
-        "71: the next-token loss; docs/deviations.md §11b)",
+        help="what the in-context CMS levels learn from: task (eq. 71: the next-token loss, the default of hope and "
+        "hope_attention; docs/deviations.md §11b) or local (their own objective)",
     )
     p.add_argument("--task-lr", type=float, default=None, help="--cms-signal task: η of the levels (default 1e-3)")
