@@ -6,11 +6,13 @@
 Sizes: `debug` (seconds on CPU), `mini` (1.5M parameters: `make demo` trains two in ~4 min on 2 CPU cores),
 `tiny` (about 10M parameters, minutes on CPU), and `170m`, `340m`, `760m`, `1.3b` with blocks, width and heads
 after Titans Table 5 (vocabulary 32K, the Llama-2 tokenizer's size). Every size but `debug` names a parameter
-count, and each preset's CMS hidden width (a multiple of 32) is solved for it, so that comparisons between
-architectures are at nearly equal size (Hope at `tiny` and `mini` also has fewer blocks: its memories alone exceed
-the budget in full depth). How nearly, as `tests/test_presets.py` checks: at `tiny` and above every preset is within
-1% of the name and of the others; at `mini` within 2% of 1.5M and 3% of the others (a step of 32 in the width is
-3.3% of the count there); at `debug` the presets are not matched. Counts: docs/deviations.md §17.
+count, and each preset's CMS hidden width (a multiple of 32; of 8 for task-loss levels) is solved for it, so that
+comparisons between architectures are at nearly equal size (Hope at `tiny` and `mini` also has fewer blocks: its
+memories alone exceed the budget in full depth; Hope and Hope-Attention give up blocks where their three
+full-width CMS levels could not otherwise each be as wide as the model). How nearly, as `tests/test_presets.py`
+checks: at `tiny` and above every preset is within 1% of the name and of the others; at `mini` within 2% of 1.5M
+and 3% of the others (a step of 32 in the width is 3.3% of the count there); at `debug` the presets are not
+matched. Counts: docs/deviations.md §17.
 """
 
 from __future__ import annotations
