@@ -24,7 +24,7 @@ import torch
 from .config import AttentionConfig, CMSConfig, ModelConfig, SelfModConfig, TitansConfig
 from .model import LanguageModel
 
-__all__ = ["SIZES", "transformer", "titans", "hope", "hope_attention", "PRESETS", "HOPE_PERIODS"]
+__all__ = ["SIZES", "transformer", "titans", "hope", "hope_attention", "PRESETS", "WITH_SIGNAL", "HOPE_PERIODS"]
 
 # CMS levels of Hope and Hope-Attention, fastest first: two in-context levels written every 16 and 128 tokens
 # (the paper's high-frequency FFN has chunk length 16, Fig. 5; its mid and low periods are not given for LMs) and
@@ -81,9 +81,10 @@ def _fit_cms_width(config: ModelConfig, target: float) -> ModelConfig:
         base = count(step)
         per_step = count(2 * step) - base
         hidden = step * max(1, round((target - base) / per_step) + 1)
-        if abs(count(hidden) - target) <= 0.005 * target:
+        error = abs(count(hidden) - target)  # the config is left at this width
+        if error <= 0.005 * target:
             break
-    if abs(count(hidden) - target) > 0.1 * target:
+    if error > 0.1 * target:
         raise ValueError(f"{config.name}: cannot reach {target:.3g} parameters by the CMS width and depth")
     return config
 
@@ -114,3 +115,4 @@ def hope_attention(size: str = "debug", signal: str = "task") -> ModelConfig:
 
 
 PRESETS = {"transformer": transformer, "titans": titans, "hope": hope, "hope_attention": hope_attention}
+WITH_SIGNAL = ("hope", "hope_attention")  # presets with in-context CMS levels: they take `signal=`

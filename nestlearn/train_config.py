@@ -369,7 +369,7 @@ def model_config_of(config: TrainConfig, vocab_size: int) -> ModelConfig:
             model_config = ModelConfig.from_dict(json.loads(Path(config.model_config).read_text()))
         else:
             # the signal decides the levels' form, so the preset solves its CMS width for it
-            signal = {"signal": config.cms_signal} if config.cms_signal and config.preset.startswith("hope") else {}
+            signal = {"signal": config.cms_signal} if config.cms_signal and config.preset in presets.WITH_SIGNAL else {}
             model_config = presets.PRESETS[config.preset](config.size, **signal)
         model_config.vocab_size = vocab_size  # the tokenizer decides
     if config.seq_len is not None:
