@@ -222,7 +222,7 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
         pretrained_study.report(tmp_path / "empty", None)
 
 
-def _sweep_result(root, name, lr, exact_match, bpb_change, seed=0, tasks=1, general=True):
+def _sweep_result(root, name, lr, exact_match, bpb_change, seed=0, tasks=1, general=True, baseline=0.0):
     """A fabricated results.json of a first-task sweep run (the keys pretrained_study reads)."""
     import pretrained_study
 
@@ -233,6 +233,7 @@ def _sweep_result(root, name, lr, exact_match, bpb_change, seed=0, tasks=1, gene
     result = {
         "config": {"lr": lr, "seed": seed},
         "R": [[exact_match] * tasks] * tasks,
+        "baseline": [baseline] * tasks,
         "general": {"before": before, "after": after} if general else None,
         "seconds": 540.0,
     }
@@ -276,29 +277,41 @@ def test_pretrained_study_sweep_trains_the_first_task_alone_at_each_rate(tmp_pat
     assert "'-1' in '1e-4,-1': a learning rate must be a positive number" in capsys.readouterr().err
 
 
-def test_pretrained_study_rule_chooses_on_exact_match_within_the_damage_bound(tmp_path):
+def test_pretrained_study_rule_chooses_a_rate_that_learns_within_the_damage_bound(tmp_path):
     import pretrained_study as ps
 
-    def chosen(name):
-        return ps.select(ps.sweep_results(tmp_path, name, seed=0))
+    def chosen(name, root=tmp_path):
+        return ps.select(ps.sweep_results(root, name, seed=0))
 
-    # within the bound the best exact match wins, though a rate over it learned more
+    # among the learners within the bound the best exact match wins, though a rate over it learned more
     for lr, em, bpb in ((3e-5, 0.1, 0.02), (1e-4, 0.3, 0.08), (3e-4, 0.5, 0.3)):
         _sweep_result(tmp_path, "facts-finetune", lr, em, bpb)
     _sweep_result(tmp_path, "facts-finetune", 1e-4, 0.9, 0.0, seed=1)  # another seed's: not read
-    assert chosen("facts-finetune") == (1e-4, True)
+    assert chosen("facts-finetune") == (1e-4, "kept")
     # a tie in exact match goes to the smaller rate
     for lr, em, bpb in ((3e-4, 0.3, 0.05), (1e-3, 0.3, 0.01), (3e-3, 0.2, 0.0)):
         _sweep_result(tmp_path, "facts-lora", lr, em, bpb)
-    assert chosen("facts-lora") == (3e-4, True)
-    # every rate over the bound: the least damage, a diverged (NaN) run counting as the most
+    assert chosen("facts-lora") == (3e-4, "kept")
+    # every learner over the bound: the one of least damage, a diverged (NaN) run counting as the most
     for lr, em, bpb in ((3e-5, 0.1, float("nan")), (1e-4, 0.4, 0.2), (3e-4, 0.6, 0.5)):
         _sweep_result(tmp_path, "facts-cms-levels", lr, em, bpb)
-    assert chosen("facts-cms-levels") == (1e-4, False)
+    assert chosen("facts-cms-levels") == (1e-4, "mildest learner")
     # ... and a tie in damage goes to the smaller rate
     for lr, em in ((3e-4, 0.5), (1e-3, 0.6)):
         _sweep_result(tmp_path, "facts-adapter", lr, em, 0.25)
-    assert chosen("facts-adapter") == (3e-4, False)
+    assert chosen("facts-adapter") == (3e-4, "mildest learner")
+    # the first sweep's fine-tuning (2026-12-05): the rate within the bound learned nothing, so it is not chosen
+    for lr, em, bpb in ((3e-5, 0.0, 0.031), (1e-4, 0.281, 0.285), (3e-4, 0.0, 0.704)):
+        _sweep_result(tmp_path / "pilot", "facts-finetune", lr, em, bpb)
+    assert chosen("facts-finetune", tmp_path / "pilot") == (1e-4, "mildest learner")
+    # learning is counted over the untrained model: 0.3 where it already scores 0.25 is no learner
+    for lr, em, bpb in ((1e-4, 0.3, 0.0), (3e-4, 0.28, 0.5)):
+        _sweep_result(tmp_path / "base", "facts-lora", lr, em, bpb, baseline=0.25)
+    # ... so nothing learns: the best exact match, then the least damage
+    assert chosen("facts-lora", tmp_path / "base") == (1e-4, "none learns")
+    for lr, em, bpb in ((3e-4, 0.031, 0.215), (1e-3, 0.0, 0.858), (3e-3, 0.031, 1.101)):
+        _sweep_result(tmp_path / "none", "facts-lora", lr, em, bpb)
+    assert chosen("facts-lora", tmp_path / "none") == (3e-4, "none learns")
     rows = ps.sweep_results(tmp_path, "facts-finetune", seed=0)
     assert [(x["lr"], x["exact_match"]) for x in rows] == [(3e-5, 0.1), (1e-4, 0.3), (3e-4, 0.5)]
     assert rows[0]["bpb_change"] == pytest.approx(0.02) and rows[0]["squad_f1_change"] == pytest.approx(-0.05)
@@ -333,8 +346,11 @@ def test_pretrained_study_sweep_runs_what_is_missing_and_plan_and_run_use_its_ch
     assert len(calls) == 2 and all(c[-3:] == ["--threads", "1", "--no-progress"] for c in calls)
     assert "lr3e-5-s0 is done: skipped" in err
     # 1e-4 damages by 0.03 and learns 0.1, 3e-4 damages by 0.09 and learns 0.3: the largest rate within the bound
-    assert "| facts-finetune | 3e-4 | 0.300 | +0.090 | -0.050 | 9 | ✓ best exact match with Δ wiki bpb ≤ 0.10 |" in out
-    assert "| facts-finetune | 1e-4 | 0.100 | +0.030 | -0.050 | 9 |  |" in out
+    assert (
+        "| facts-finetune | 3e-4 | 0.300 | +0.300 | +0.090 | -0.050 | 9 | ✓ best exact match with gain ≥ 0.10 and "
+        "Δ wiki bpb ≤ 0.10 |" in out
+    )
+    assert "| facts-finetune | 1e-4 | 0.100 | +0.100 | +0.030 | -0.050 | 9 |  |" in out
     assert "facts-finetune: the largest rate swept was chosen" in out and "facts-ewc: 3e-4, facts-finetune's" in out
     expected = {"facts-finetune": 3e-4, "facts-replay": 3e-4, "facts-ewc": 3e-4}
     assert json.loads(ps.chosen_path(root).read_text()) == expected
