@@ -202,6 +202,38 @@ def test_class_incremental_stream_and_command(tmp_path):
     assert (out / "continual.png").stat().st_size > 0
 
 
+def test_class_scoring_pads_rows_to_the_longest_and_scores_the_first_eval_items(tmp_path):
+    root = tmp_path / "corpora"
+    for split, n in (("train", 10), ("validation", 15), ("test", 5)):
+        docs = [f"{BBC_CLASSES[i % 5]}\n" + " ".join([BBC_CLASSES[i % 5][:3]] * (2 + i)) for i in range(n)]
+        write_documents(root / "bbc-local" / f"{split}.txt", docs)
+    task = make_stream("bbc", [str(root / "bbc-local")], None, 64)[0]
+    prompts, labels = ["ab\nTopic:", "abcdef gh\nTopic:"], ["business", "tech"]
+    full, full_mask = task._rows(prompts, labels, 64)
+    fit, fit_mask = task._rows(prompts, labels, 64, fit=True)
+    longest = len(task.tokenizer.encode(prompts[1])) + len(task.tokenizer.encode(" tech\n"))
+    assert full.shape == (2, 65) and fit.shape == (2, longest)
+    # the same rows, less of the left padding; the masks cover exactly the answers' tokens
+    assert torch.equal(full[:, -longest:], fit) and torch.equal(full_mask[:, -(longest - 1) :], fit_mask)
+    assert fit_mask.sum(1).tolist() == [len(task.tokenizer.encode(f" {y}\n")) for y in labels]
+
+    rows = []
+
+    class Counting(torch.nn.Module):  # uniform logits: every class ties, and the rows read are counted
+        def forward(self, x):
+            rows.append(x.shape[0])
+            return torch.zeros(*x.shape, 257), None
+
+    assert len(task.valid) == 3
+    assert task.score(Counting(), 64, candidates=["business", "tech"], eval_items=2) in (0.0, 0.5, 1.0)
+    assert sum(rows) == 2 * 2  # two examples, each read once per candidate
+    rows.clear()
+    task.score(Counting(), 64, candidates=["business", "tech"])
+    assert sum(rows) == 3 * 2  # 0: every example
+    with pytest.raises(ValueError, match="--eval-items 5 caps the examples a classification task scores"):
+        ContinualConfig(stream="languages", eval_items=5)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="strategy='sgd'"):
         ContinualConfig(strategy="sgd")

@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         default=d.eval_tokens,
         help=f"language-model streams: validation tokens scored per task (default: {d.eval_tokens})",
     )
+    p.add_argument(
+        "--eval-items",
+        type=non_negative_int,
+        default=d.eval_items,
+        help="bbc: validation examples scored per task, the first N (default: 0, all; scoring reads each once per "
+        "class seen, so a pretrained base's runs cap it)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--data-root", default=None, help="corpus cache (default: $NESTLEARN_DATA or ~/.cache/nestlearn)")
     p.add_argument(

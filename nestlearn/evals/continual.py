@@ -234,7 +234,15 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         for j, t in enumerate(tasks):
             # class-incremental: choose among the classes of every task trained on so far, and task j's own
             candidates = [y for u in tasks[: max(stage, j) + 1] for y in getattr(u, "labels", ())]
-            out.append(t.score(model, config.seq_len, eval_tokens=config.eval_tokens, candidates=candidates))
+            out.append(
+                t.score(
+                    model,
+                    config.seq_len,
+                    eval_tokens=config.eval_tokens,
+                    eval_items=config.eval_items,
+                    candidates=candidates,
+                )
+            )
         model.train()
         return out
 

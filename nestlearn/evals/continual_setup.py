@@ -66,6 +66,7 @@ class ContinualConfig:
     general_qa: int = 0
     init_from: str | None = None  # §7.3: a trained byte-level checkpoint whose weights and MLPs start the model
     eval_tokens: int = 16384
+    eval_items: int = 0  # classification streams (bbc): validation examples scored per task, 0 for all
     seed: int = 0
     data_root: str | None = None
     progress: bool = True
@@ -107,9 +108,14 @@ class ContinualConfig:
         for name in ("people_per_set",):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive int")
-        for name in ("few_shot", "general_tokens", "general_qa"):
+        for name in ("few_shot", "general_tokens", "general_qa", "eval_items"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an int >= 0")
+        if self.eval_items and self.stream != "bbc":
+            raise ValueError(
+                f"--eval-items {self.eval_items} caps the examples a classification task scores: it needs --stream "
+                f"bbc, not {self.stream} (language streams score --eval-tokens; facts every question of a set)"
+            )
         if self.few_shot and self.stream != "facts":
             raise ValueError(
                 f"--few-shot puts a fact set's statements in its prompts: it needs --stream facts, not {self.stream}"

@@ -66,13 +66,17 @@ class ClassTask:
     higher_is_better = True
     metric = "accuracy"
 
-    def _rows(self, prompts: list[str], answers: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
-        rows, masks = [], []
+    def _rows(self, prompts: list[str], answers: list[str], seq_len: int, fit: bool = False) -> tuple[Tensor, Tensor]:
+        """Prompt and answer ids, cut to seq_len + 1 from the left and left-padded with eos: to seq_len + 1
+        (training batches, a fixed shape) or, with `fit`, to the longest row (scoring: a pretrained tokenizer's
+        prompts fill a quarter of the row, and scoring reads every row once per candidate class)."""
+        pairs = []
         for prompt, answer in zip(prompts, answers, strict=True):
             p, a = self.tokenizer.encode(prompt), self.tokenizer.encode(f" {answer}\n")
-            ids = (p + a)[-(seq_len + 1) :]
-            rows.append([self.tokenizer.eos_id] * (seq_len + 1 - len(ids)) + ids)  # left-padded
-            masks.append([False] * (seq_len + 1 - len(a)) + [True] * len(a))
+            pairs.append(((p + a)[-(seq_len + 1) :], len(a)))
+        width = max(len(ids) for ids, _ in pairs) if fit else seq_len + 1
+        rows = [[self.tokenizer.eos_id] * (width - len(ids)) + ids for ids, _ in pairs]  # left-padded
+        masks = [[False] * (width - n) + [True] * n for _, n in pairs]
         x, m = torch.tensor(rows), torch.tensor(masks)
         return x, m[:, 1:]  # mask over the predictions of x[:, 1:]
 
@@ -81,21 +85,24 @@ class ClassTask:
         return self._rows([self.train[i] for i in idx], [self.train_labels[i] for i in idx], seq_len)
 
     @torch.no_grad()
-    def score(self, model, seq_len: int, candidates: list[str], batch_size: int = 16, **_) -> float:
+    def score(
+        self, model, seq_len: int, candidates: list[str], batch_size: int = 16, eval_items: int = 0, **_
+    ) -> float:
+        """Accuracy on the first `eval_items` validation examples (0: all of them)."""
+        n = min(eval_items, len(self.valid)) if eval_items else len(self.valid)
+        valid, labels = self.valid[:n], self.valid_labels[:n]
         correct = 0
-        for lo in range(0, len(self.valid), batch_size):
-            prompts = self.valid[lo : lo + batch_size]
+        for lo in range(0, len(valid), batch_size):
+            prompts = valid[lo : lo + batch_size]
             nlls = []
             for label in candidates:
-                x, m = self._rows(prompts, [label] * len(prompts), seq_len)
+                x, m = self._rows(prompts, [label] * len(prompts), seq_len, fit=True)
                 logits, _ = model(x[:, :-1])
                 nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
                 nlls.append((nll * m).sum(1) / m.sum(1))
             best = torch.stack(nlls, 1).argmin(1)
-            correct += sum(
-                candidates[int(b)] == y for b, y in zip(best, self.valid_labels[lo : lo + batch_size], strict=True)
-            )
-        return correct / len(self.valid)
+            correct += sum(candidates[int(b)] == y for b, y in zip(best, labels[lo : lo + batch_size], strict=True))
+        return correct / len(valid)
 
 
 @dataclass
