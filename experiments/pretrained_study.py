@@ -5,9 +5,16 @@ script names them, chooses each strategy's learning rate on the first task, runs
 the tables and the picture of docs/results.md.
 
     python experiments/pretrained_study.py sweep                      # choose the learning rates (below)
-    python experiments/pretrained_study.py plan                       # every run's command
+    python experiments/pretrained_study.py plan [--stream facts]      # every run's command
     python experiments/pretrained_study.py run facts-lora --seed 0    # one run, into runs/study/facts-lora-s0
-    python experiments/pretrained_study.py report                     # tables and picture from runs/study/*
+    python experiments/pretrained_study.py report --picture docs/img/study.png   # a table and picture per stream
+
+**Streams** (`SHARED`: the same tokens per task for every strategy): `facts`, new knowledge (3 sets of invented
+people, scored by exact match on questions worded unlike training); `languages`, the Debian handbook in three
+languages the base reads worst of those fetched (scored in bits per byte on each language's validation text); `bbc`,
+class-incremental BBC News (5 classes, one per task, scored by accuracy among the classes seen so far). Every
+strategy (`STRATEGIES`) runs on every stream; the base reading the facts in its prompt (`facts-base-reading`) on
+facts alone.
 
 **Learning rates, chosen once per strategy on the first task, then fixed** (the study's protocol). `sweep
 [STRATEGY ...] [--lrs LR,LR,...] [--seed 0]` trains each strategy on the facts stream's first task alone (the shared
@@ -51,22 +58,33 @@ from pathlib import Path
 from nestlearn.cli import main as nestlearn
 
 # what every run of a stream shares: the same tokens per task for every strategy
+TRAIN = ["--steps-per-task", "30", "--batch-size", "4", "--seq-len", "128", "--warmup-steps", "5"]  # per task
+GENERAL = ["--general-tokens", "8192", "--general-qa", "30"]  # general ability, before the stream and after it
 SHARED = {
-    "facts": [
-        "--stream", "facts", "--tasks", "3", "--people-per-set", "8", "--steps-per-task", "30", "--batch-size", "4",
-        "--seq-len", "128", "--warmup-steps", "5", "--general-tokens", "8192", "--general-qa", "30",
+    "facts": ["--stream", "facts", "--tasks", "3", "--people-per-set", "8", *TRAIN, *GENERAL],
+    # the three handbook languages the untrained base reads worst, in bits per byte on 4,096 validation tokens of
+    # each of the nine fetched (docs/results.md): nb-NO 1.99, ca-ES 1.90, id-ID 1.59 (en-US 1.10)
+    "languages": [
+        "--stream", "languages", "--tasks", "nb-NO", "ca-ES", "id-ID", *TRAIN, "--eval-tokens", "8192", *GENERAL,
     ],
+    "bbc": ["--stream", "bbc", "--classes-per-task", "1", *TRAIN, "--eval-items", "20", *GENERAL],
 }  # fmt: skip
-# name: (stream, the strategy's own flags); --lr is the default, replaced by the rate `sweep` chose when it chose one
+# a strategy's own flags, the same on every stream; --lr is the default, replaced by the rate `sweep` chose on the
+# facts stream's first task when it chose one
+STRATEGIES = {
+    "base": ["--strategy", "none"],
+    "finetune": ["--strategy", "finetune", "--lr", "1e-4"],
+    "lora": ["--strategy", "lora", "--lora-rank", "16", "--lr", "1e-3"],
+    "cms-levels": ["--strategy", "cms-levels", "--update-periods", "512,none", "--lr", "1e-4"],
+    "adapter": ["--strategy", "adapter", "--adapter", "titans", "--lr", "1e-3"],
+    "replay": ["--strategy", "replay", "--lr", "1e-4"],
+    "ewc": ["--strategy", "ewc", "--ewc-lambda", "100", "--ewc-batches", "8", "--lr", "1e-4"],
+}
+SWEPT_ON = "facts"  # the stream whose first task chooses every strategy's rate, used then on every stream
+# run name "STREAM-STRATEGY": (stream, the strategy's flags)
 RUNS = {
     "facts-base-reading": ("facts", ["--strategy", "none", "--few-shot", "4"]),
-    "facts-base": ("facts", ["--strategy", "none"]),
-    "facts-finetune": ("facts", ["--strategy", "finetune", "--lr", "1e-4"]),
-    "facts-lora": ("facts", ["--strategy", "lora", "--lora-rank", "16", "--lr", "1e-3"]),
-    "facts-cms-levels": ("facts", ["--strategy", "cms-levels", "--update-periods", "512,none", "--lr", "1e-4"]),
-    "facts-adapter": ("facts", ["--strategy", "adapter", "--adapter", "titans", "--lr", "1e-3"]),
-    "facts-replay": ("facts", ["--strategy", "replay", "--lr", "1e-4"]),
-    "facts-ewc": ("facts", ["--strategy", "ewc", "--ewc-lambda", "100", "--ewc-batches", "8", "--lr", "1e-4"]),
+    **{f"{stream}-{strategy}": (stream, flags) for stream in SHARED for strategy, flags in STRATEGIES.items()},
 }
 # On the first task EWC has no Fisher yet (its penalty is 0) and replay's buffer is empty, so both train exactly as
 # fine-tuning (tested): a sweep of theirs would repeat fine-tuning's runs number for number, and the protocol's
@@ -161,8 +179,15 @@ def _write_chosen(root: Path, updates: dict[str, float]) -> Path:
     return path
 
 
-def _trained() -> list[str]:
-    return [name for name, (_, own) in RUNS.items() if _value(own, "--lr") is not None]
+def _trained(stream: str | None = None) -> list[str]:
+    """The runs that train (those with a rate), of `stream` or of every stream."""
+    return [n for n, (st, own) in RUNS.items() if _value(own, "--lr") is not None and stream in (None, st)]
+
+
+def swept_run(name: str) -> str:
+    """The run whose sweep chooses `name`'s rate: the same strategy on the facts stream ('bbc-lora' -> 'facts-lora')."""
+    stream = RUNS[name][0]
+    return f"{SWEPT_ON}-{name.removeprefix(stream + '-')}"
 
 
 def _lr(name: str, rates: dict[str, float], root: Path) -> tuple[str | None, str]:
@@ -170,8 +195,10 @@ def _lr(name: str, rates: dict[str, float], root: Path) -> tuple[str | None, str
     default = _value(RUNS[name][1], "--lr")
     if default is None:
         return None, ""
-    if name in rates:
-        return lr_text(rates[name]), f"chosen on the first task ({chosen_path(root)})"
+    source = swept_run(name)
+    if source in rates:
+        where = "" if source == name else f", {source}'s"
+        return lr_text(rates[source]), f"chosen on the first task{where} ({chosen_path(root)})"
     why = f"{chosen_path(root)} has none for it" if chosen_path(root).is_file() else f"no {chosen_path(root)} yet"
     return default, f"RUNS default, not chosen: {why}"
 
@@ -197,9 +224,9 @@ def _described(name: str, argv: list[str], rates: dict[str, float], root: Path) 
 def sweep_name(strategy: str) -> str:
     """The run whose first task a sweep of `strategy` trains ('lora' or 'facts-lora' -> 'facts-lora'), refused for
     runs that train nothing; EWC and replay are fine-tuning's (FIRST_TASK_AS)."""
-    streams = [f"{stream}-{strategy}" for stream in SHARED if f"{stream}-{strategy}" in RUNS]
-    name = strategy if strategy in RUNS else streams[0] if streams else None
-    swept = ", ".join(n.split("-", 1)[1] for n in _trained())
+    name = swept_run(strategy) if strategy in RUNS else f"{SWEPT_ON}-{strategy}"
+    name = name if name in RUNS else None
+    swept = ", ".join(n.removeprefix(f"{SWEPT_ON}-") for n in _trained(SWEPT_ON))
     if name is None:
         raise ValueError(f"{strategy!r} is not a run of RUNS; a sweep takes the strategies that train: {swept}")
     if name not in _trained():
@@ -326,7 +353,7 @@ def choose(names: list[str], seed: int, root: Path) -> tuple[dict[str, float], s
 def sweep(strategies: list[str], lrs: list[float] | None, seed: int, root: Path, init: str, dry_run: bool) -> int:
     """Run each strategy's first task at each rate (skipping finished folders), then choose (`choose`)."""
     # by default every run that trains, EWC and replay through fine-tuning's sweep (FIRST_TASK_AS)
-    given = strategies or [n for n in _trained() if n not in FIRST_TASK_AS]
+    given = strategies or [n for n in _trained(SWEPT_ON) if n not in FIRST_TASK_AS]
     names = list(dict.fromkeys(sweep_name(s) for s in given))
     jobs = [(name, lr) for name in names for lr in lrs or grid(float(_value(RUNS[name][1], "--lr")))]
     for name, lr in jobs:
@@ -358,10 +385,17 @@ def _model_dir() -> str:
     return str(model_dir("smollm2-135m"))
 
 
+def _stream_of(results: dict, folder: str) -> str:
+    """A run's stream: its config's, else the folder name's first part (facts-lora-s0 -> facts)."""
+    return results["config"].get("stream") or folder.split("-")[0]
+
+
 def report(root: Path, picture: Path | None) -> str:
-    """One Markdown row per run folder under `root`: the strategy, R's average (new knowledge), its gain over the
-    untrained model, forgetting and BWT, the change in general ability, trainable parameters and tokens/s."""
-    rows = []
+    """A Markdown table per stream, one row per run folder under `root`: the strategy, R's average score, its gain
+    over the untrained model (in the direction the metric improves: bits per byte saved, accuracy or exact match
+    gained), forgetting and BWT, the change in general ability, trainable parameters and tokens/s; with `picture`,
+    a picture per stream (PICTURE's name with the stream's added: study.png -> study-facts.png)."""
+    streams: dict[str, list[dict]] = {}
     for results in sorted(root.glob("*/results.json")):
         r = json.loads(results.read_text())
         c, m, g = r["config"], r["metrics"], r.get("general") or {}
@@ -370,13 +404,15 @@ def report(root: Path, picture: Path | None) -> str:
         def change(key: str, before=before, after=after) -> float | None:
             return None if before.get(key) is None else after[key] - before[key]
 
-        gain = m["average"] - sum(r["baseline"]) / len(r["baseline"])
-        rows.append(
+        sign = 1 if r.get("higher_is_better", True) else -1
+        stream = _stream_of(r, results.parent.name)
+        streams.setdefault(stream, []).append(
             {
                 "run": results.parent.name,
+                "metric": r.get("metric", "exact match"),
                 "strategy": c["strategy"] + (f" (few-shot {c['few_shot']})" if c.get("few_shot") else ""),
                 "average": m["average"],
-                "gain": gain,
+                "gain": sign * (m["average"] - sum(r["baseline"]) / len(r["baseline"])),
                 "forgetting": m["forgetting"],
                 "bwt": m["bwt"],
                 "bpb_change": change("wiki_bits_per_byte"),
@@ -386,28 +422,35 @@ def report(root: Path, picture: Path | None) -> str:
                 "minutes": r["seconds"] / 60,
             }
         )
-    if not rows:
+    if not streams:
         raise SystemExit(f"no */results.json under {root}: run the study first (`plan`, `run NAME`)")
 
     def f(x, fmt):
         return "n/a" if x is None else format(x, fmt)
 
-    lines = [
-        "| run | strategy | exact match | gain | forgetting | BWT | Δ wiki bpb | Δ SQuAD F1 | trained | tok/s | min |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for x in rows:
-        lines.append(
-            f"| {x['run']} | {x['strategy']} | {x['average']:.3f} | {x['gain']:+.3f} | {f(x['forgetting'], '+.3f')} "
-            f"| {f(x['bwt'], '+.3f')} | {f(x['bpb_change'], '+.3f')} | {f(x['squad_f1_change'], '+.3f')} | "
-            f"{f(x['trainable'], ',')} | {f(x['tokens_per_s'], '.0f')} | {x['minutes']:.0f} |"
-        )
-    if picture is not None:
-        _plot(rows, picture)
-    return "\n".join(lines)
+    out = []
+    for stream, rows in streams.items():
+        out += [
+            f"**{stream}** ({rows[0]['metric']})",
+            "",
+            f"| run | strategy | {rows[0]['metric']} | gain | forgetting | BWT | Δ wiki bpb | Δ SQuAD F1 | trained "
+            "| tok/s | min |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for x in rows:
+            out.append(
+                f"| {x['run']} | {x['strategy']} | {x['average']:.3f} | {x['gain']:+.3f} | "
+                f"{f(x['forgetting'], '+.3f')} | {f(x['bwt'], '+.3f')} | {f(x['bpb_change'], '+.3f')} | "
+                f"{f(x['squad_f1_change'], '+.3f')} | {f(x['trainable'], ',')} | {f(x['tokens_per_s'], '.0f')} | "
+                f"{x['minutes']:.0f} |"
+            )
+        out.append("")
+        if picture is not None:
+            _plot(rows, stream, picture.with_name(f"{picture.stem}-{stream}{picture.suffix}"))
+    return "\n".join(out).rstrip()
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], stream: str, path: Path) -> None:
     """New-knowledge gain against general-ability loss (wiki bits per byte gained), one point per run."""
     import matplotlib
 
@@ -418,12 +461,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     for x in rows:
         loss = x["bpb_change"] if x["bpb_change"] is not None else 0.0
         ax.scatter(loss, x["gain"])
-        ax.annotate(x["strategy"], (loss, x["gain"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(x["run"], (loss, x["gain"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("general ability lost: Δ wiki bits per byte (right is worse)")
-    ax.set_ylabel("new knowledge gained: Δ exact match")
-    ax.set_title("SmolLM2-135M, facts stream")
+    ax.set_ylabel(f"learned: gain in {rows[0]['metric']} over the untrained base")
+    ax.set_title(f"SmolLM2-135M, {stream} stream")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -439,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument(
         "--init", default=None, help="the pretrained model folder (default: fetch-model's smollm2-135m)"
     )
-    actions.add_parser("plan", parents=[common], help="print every run's command")
+    plan = actions.add_parser("plan", parents=[common], help="print every run's command")
+    plan.add_argument("--stream", choices=list(SHARED), default=None, help="this stream's runs only (default: all)")
     run = actions.add_parser("run", parents=[common], help="one run")
     run.add_argument("name", choices=list(RUNS), help="which run")
     sw = actions.add_parser("sweep", parents=[common], help="choose learning rates on the first task (docstring)")
@@ -452,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--plan", action="store_true", help="print the sweep's commands, run nothing")
     rep = actions.add_parser("report", help="tables and picture from the run folders")
     rep.add_argument("--root", type=Path, default=Path("runs/study"), help="where run folders are (runs/study)")
-    rep.add_argument("--picture", type=Path, default=None, help="also draw gain against general-ability loss")
+    rep.add_argument(
+        "--picture", type=Path, default=None, help="also draw gain against general-ability loss, one PNG per stream"
+    )
     args = p.parse_args(argv)
     try:
         if args.action == "report":
@@ -463,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(args.strategies, args.lrs, args.seed, args.root, init, args.plan)
         rates = chosen_rates(args.root)
         if args.action == "plan":
-            for name in RUNS:
+            for name in (n for n, (stream, _) in RUNS.items() if args.stream in (None, stream)):
                 print(_described(name, command(name, args.seed, args.root, init, rates), rates, args.root))
             return 0
         argv = command(args.name, args.seed, args.root, init, rates)

@@ -195,29 +195,47 @@ def test_continual_table_reads_run_folders_and_refuses_empty_ones(tmp_path, caps
 def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, capsys):
     import pretrained_study
 
-    assert pretrained_study.main(["plan", "--init", "MODEL", "--root", str(tmp_path)]) == 0
+    ps = pretrained_study
+    assert ps.main(["plan", "--init", "MODEL", "--root", str(tmp_path)]) == 0
     plan = capsys.readouterr().out.splitlines()
-    assert len(plan) == len(pretrained_study.RUNS) and all("--init MODEL --stream facts" in line for line in plan)
-    for name, average, bpb in (("facts-lora-s0", 0.5, 1.10), ("facts-base-s0", 0.0, 1.05)):
+    assert len(plan) == len(ps.RUNS) == 1 + len(ps.SHARED) * len(ps.STRATEGIES)
+    for stream in ps.SHARED:  # every strategy on every stream, the stream's shared settings on each
+        lines = [line for line in plan if f"--out-dir {tmp_path}/{stream}-" in line]
+        assert len(lines) == len(ps.STRATEGIES) + (stream == "facts")
+        assert all(f"--init MODEL {' '.join(ps.SHARED[stream])} --strategy" in line for line in lines)
+    assert ps.main(["plan", "--stream", "bbc", "--init", "MODEL", "--root", str(tmp_path)]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert len(plan) == len(ps.STRATEGIES) and all("--stream bbc" in line for line in plan)
+    runs = (
+        ("facts-lora-s0", 0.5, 1.10, True),
+        ("facts-base-s0", 0.0, 1.05, True),
+        ("languages-lora-s0", 1.5, 1.2, False),
+    )
+    for name, average, bpb, higher in runs:
         (tmp_path / name).mkdir()
         general = {
             "before": {"wiki_bits_per_byte": 1.05, "squad_f1": 0.3},
             "after": {"wiki_bits_per_byte": bpb, "squad_f1": 0.2},
         }
         result = {
-            "config": {"strategy": name.split("-")[1], "few_shot": 0},
+            "config": {"strategy": name.split("-")[1], "few_shot": 0, "stream": name.split("-")[0]},
+            "metric": "exact match" if higher else "bits per byte",
+            "higher_is_better": higher,
             "metrics": {"average": average, "forgetting": 0.1, "bwt": -0.1},
-            "baseline": [0.0, 0.0],
+            "baseline": [0.0, 0.0] if higher else [2.0, 2.0],
             "general": general,
             "trainable_params": 1000,
             "train_tokens_per_s": 50.0,
             "seconds": 600.0,
         }
         (tmp_path / name / "results.json").write_text(json.dumps(result))
-    assert pretrained_study.main(["report", "--root", str(tmp_path), "--picture", str(tmp_path / "p.png")]) == 0
+    assert ps.main(["report", "--root", str(tmp_path), "--picture", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
+    assert "**facts** (exact match)" in out and "**languages** (bits per byte)" in out
     assert "| facts-lora-s0 | lora | 0.500 | +0.500 | +0.100 | -0.100 | +0.050 | -0.100 | 1,000 | 50 | 10 |" in out
-    assert (tmp_path / "p.png").is_file()
+    # bits per byte: the gain is what the stream saved, 2.0 -> 1.5
+    assert "| languages-lora-s0 | lora | 1.500 | +0.500 | +0.100 | -0.100 | +0.150 |" in out
+    assert (tmp_path / "p-facts.png").is_file() and (tmp_path / "p-languages.png").is_file()
     with pytest.raises(SystemExit, match="no \\*/results.json"):
         pretrained_study.report(tmp_path / "empty", None)
 
@@ -371,6 +389,9 @@ def test_pretrained_study_sweep_runs_what_is_missing_and_plan_and_run_use_its_ch
             f"--lr 3e-4 --seed 0 --out-dir {root}/{name}-s0   # --lr 3e-4: chosen on the first task"
             in plan[f"{root}/{name}-s0"]
         )
+    # every stream takes the rate its strategy was given on the facts stream's first task
+    assert "--lr 3e-4 --seed 0" in plan[f"{root}/bbc-ewc-s0"] and "facts-ewc's" in plan[f"{root}/bbc-ewc-s0"]
+    assert "--lr 3e-4 --seed 0" in plan[f"{root}/languages-lora-s0"]
     assert "--lr 1e-3 --seed 0" in plan[f"{root}/facts-adapter-s0"]
     assert f"# --lr 1e-3: RUNS default, not chosen: {ps.chosen_path(root)} has none" in plan[f"{root}/facts-adapter-s0"]
     assert "#" not in plan[f"{root}/facts-base-s0"]
