@@ -432,3 +432,51 @@ def test_ewc_and_replay_train_as_finetune_on_the_first_task_of_the_full_stream()
     first = losses("finetune", 1)
     assert len(first) == 3 and losses("ewc", 1) == first and losses("replay", 1) == first
     assert losses("finetune", 2)[:3] == first
+
+
+def test_window_memory_runs_its_steps_in_order_and_reports_the_needle_scores(tmp_path, capsys, monkeypatch):
+    import window_memory as wm
+
+    root, calls = tmp_path / "longctx", []
+
+    def fake(argv):  # train: the last checkpoint and metrics; niah: results.json
+        calls.append(argv)
+        out = Path(argv[argv.index("--out-dir") + 1])
+        if argv[0] == "train":
+            (out / "checkpoints" / f"step-{wm.TRAIN_STEPS:08d}").mkdir(parents=True)
+            lines = [
+                {"step": 1, "kind": "train", "loss": 3.0, "tokens_per_s": 40.0},
+                {"step": wm.TRAIN_STEPS, "kind": "train", "loss": 2.5, "tokens_per_s": 45.0},
+            ]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        else:
+            out.mkdir(parents=True)
+            window = 256 if "--window" in argv or "-train" in argv[2] else None
+            grid = {"score_by_length": [100.0, 50.0, 0.0, 0.0], "recall_by_length": [90.0, 40.0, 1.0, 0.0]}
+            grid["gain_by_length"] = [20.0, 9.0, 0.2, 0.0]
+            (out / "results.json").write_text(json.dumps({"window": window, "kinds": {"passkey": grid}}))
+        return 0
+
+    monkeypatch.setattr(wm, "nestlearn", fake)
+    # scoring an adapter that is not trained is refused before anything runs
+    assert wm.main(["run", "titans", "--init", "M", "--root", str(root)]) == 1
+    assert "not trained yet: run that first" in capsys.readouterr().err and not calls
+    assert wm.main(["run", "--init", "M", "--root", str(root)]) == 0
+    assert [c[0] for c in calls] == ["longctx", "longctx", "train", "longctx", "train", "longctx"]
+    assert calls[1][calls[1].index("--window") + 1] == "256" and "--window" not in calls[0]
+    train = calls[2]
+    assert train[train.index("--init") + 1] == "M" and train[train.index("--adapter") + 1] == "titans"
+    assert all(flag in train for flag in ("--freeze", "--window")) and calls[3][2] == str(root / "titans-train")
+    assert all(c[-3:] == ["--threads", "1", "--no-progress"] for c in calls)
+    # everything done: plan marks it, run skips it
+    calls.clear()
+    assert wm.main(["run", "--init", "M", "--root", str(root)]) == 0 and not calls
+    assert wm.main(["plan", "--init", "M", "--root", str(root)]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert len(plan) == len(wm.STEPS) and all(line.endswith("# done") for line in plan)
+    assert wm.main(["report", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "| full | full | 100 / 90.0 (+20.00) | 50 / 40.0 (+9.00) | 0 / 1.0 (+0.20) | 0 / 0.0 (+0.00) |  |" in out
+    assert "| titans | 256 |" in out and "48 steps, loss 3.00 → 2.50, 45 tok/s |" in out
+    with pytest.raises(SystemExit):
+        wm.main(["run", "nope", "--root", str(root)])
