@@ -7,6 +7,7 @@ the tables and the picture of docs/results.md.
     python experiments/pretrained_study.py sweep                      # choose the learning rates (below)
     python experiments/pretrained_study.py plan [--stream facts]      # every run's command
     python experiments/pretrained_study.py run facts-lora --seed 0    # one run, into runs/study/facts-lora-s0
+    python experiments/pretrained_study.py run facts-lora facts-ewc --seeds 0 1   # several, finished ones skipped
     python experiments/pretrained_study.py report --picture docs/img/study.png   # a table and picture per stream
 
 **Streams** (`SHARED`: the same tokens per task for every strategy): `facts`, new knowledge (3 sets of invented
@@ -379,6 +380,25 @@ def sweep(strategies: list[str], lrs: list[float] | None, seed: int, root: Path,
     return 0
 
 
+def run_all(names: list[str], seeds: list[int], root: Path, init: str, rates: dict[str, float]) -> int:
+    """Each run with each seed, one core each, in order; a folder with results.json is done and skipped (a run
+    stopped part-way resumes from its progress.pt). Stops at the first run that fails, returning its exit code."""
+    for seed in seeds:
+        for name in names:
+            argv = command(name, seed, root, init, rates)
+            if (root / f"{name}-s{seed}" / "results.json").is_file():
+                print(f"pretrained_study: {root / f'{name}-s{seed}'} is done: skipped", file=sys.stderr)
+                continue
+            print("pretrained_study: " + _described(name, argv, rates, root), file=sys.stderr)
+            code = nestlearn([*argv, "--threads", "1", "--no-progress"])
+            if code:
+                print(
+                    f"pretrained_study: {name}-s{seed} stopped (exit {code}); the same command resumes", file=sys.stderr
+                )
+                return code
+    return 0
+
+
 def _model_dir() -> str:
     from nestlearn.data.weights import model_dir
 
@@ -484,8 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan = actions.add_parser("plan", parents=[common], help="print every run's command")
     plan.add_argument("--stream", choices=list(SHARED), default=None, help="this stream's runs only (default: all)")
-    run = actions.add_parser("run", parents=[common], help="one run")
-    run.add_argument("name", choices=list(RUNS), help="which run")
+    run = actions.add_parser("run", parents=[common], help="runs, in order, skipping finished ones")
+    run.add_argument("names", nargs="+", choices=list(RUNS), metavar="NAME", help="which runs (`plan` lists them)")
+    run.add_argument("--seeds", type=int, nargs="+", default=None, help="each run with these seeds (default: --seed)")
     sw = actions.add_parser("sweep", parents=[common], help="choose learning rates on the first task (docstring)")
     sw.add_argument(
         "strategies", nargs="*", metavar="STRATEGY", help=f"default: every one that trains ({', '.join(_trained())})"
@@ -512,9 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in (n for n, (stream, _) in RUNS.items() if args.stream in (None, stream)):
                 print(_described(name, command(name, args.seed, args.root, init, rates), rates, args.root))
             return 0
-        argv = command(args.name, args.seed, args.root, init, rates)
-        print("pretrained_study: " + _described(args.name, argv, rates, args.root), file=sys.stderr)
-        return nestlearn([*argv, "--threads", "1", "--no-progress"])
+        return run_all(args.names, args.seeds or [args.seed], args.root, init, rates)
     except ValueError as e:
         print(f"pretrained_study {args.action}: {e}", file=sys.stderr)
         return 1

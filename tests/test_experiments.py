@@ -401,6 +401,19 @@ def test_pretrained_study_sweep_runs_what_is_missing_and_plan_and_run_use_its_ch
     assert calls[0][calls[0].index("--lr") + 1] == "3e-4" and "--tasks 3" in " ".join(calls[0])
     assert "--out-dir " + str(root / "facts-ewc-s2") in " ".join(calls[0])
     assert "chosen on the first task" in capsys.readouterr().err
+    # several runs and seeds in order; a folder with results.json is skipped; a failure stops the rest
+    (root / "facts-lora-s1").mkdir()
+    (root / "facts-lora-s1" / "results.json").write_text("{}")
+    monkeypatch.setattr(ps, "nestlearn", lambda argv: calls.append(argv) or 0)
+    calls.clear()
+    assert ps.main(["run", "facts-lora", "facts-ewc", "--seeds", "0", "1", "--init", "M", "--root", str(root)]) == 0
+    outs = [c[c.index("--out-dir") + 1] for c in calls]
+    assert outs == [str(root / n) for n in ("facts-lora-s0", "facts-ewc-s0", "facts-ewc-s1")]
+    assert "facts-lora-s1 is done: skipped" in capsys.readouterr().err
+    monkeypatch.setattr(ps, "nestlearn", lambda argv: calls.append(argv) or 2)
+    calls.clear()
+    assert ps.main(["run", "bbc-lora", "bbc-ewc", "--init", "M", "--root", str(root)]) == 2 and len(calls) == 1
+    assert "bbc-lora-s0 stopped (exit 2); the same command resumes" in capsys.readouterr().err
     # a chosen.json that names no run that trains is refused, saying how to fix it
     ps.chosen_path(root).write_text(json.dumps({"facts-base": 1e-4}))
     assert ps.main(["plan", "--init", "M", "--root", str(root)]) == 1
