@@ -202,6 +202,25 @@ def test_class_incremental_stream_and_command(tmp_path):
     assert (out / "continual.png").stat().st_size > 0
 
 
+def test_the_base_alone_is_scored_among_the_classes_seen_at_each_stage(tmp_path, monkeypatch):
+    """The base learns nothing, yet its class-incremental row after task i chooses among the classes of tasks 1..i
+    (and task j's own): a copy of its untrained row would score the first task among one class forever."""
+    from nestlearn.evals import streams
+
+    root = tmp_path / "corpora"
+    for split, n in (("train", 10), ("validation", 5), ("test", 5)):
+        docs = [f"{BBC_CLASSES[i % 5]}\n" + " ".join([BBC_CLASSES[i % 5][:3]] * 5) for i in range(n)]
+        write_documents(root / "bbc-local" / f"{split}.txt", docs)
+    # a score that says how many classes it chose among
+    monkeypatch.setattr(streams.ClassTask, "score", lambda self, model, seq_len, candidates, **_: len(candidates) / 10)
+    base = run(
+        ContinualConfig(stream="bbc", tasks=[str(root / "bbc-local")], strategy="none", seq_len=32, progress=False)
+    )
+    expected = [[(max(i, j) + 1) / 10 for j in range(5)] for i in range(5)]
+    assert base["baseline"] == [(j + 1) / 10 for j in range(5)] and base["R"] == expected
+    assert base["trainable_params"] == 0 and not base["losses"]
+
+
 def test_class_scoring_pads_rows_to_the_longest_and_scores_the_first_eval_items(tmp_path):
     root = tmp_path / "corpora"
     for split, n in (("train", 10), ("validation", 15), ("test", 5)):

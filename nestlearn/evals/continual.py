@@ -330,9 +330,10 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 disable=not config.progress,
                 leave=False,
             )
-            if config.strategy == "none":  # the base alone: nothing changes, so every row is the untrained one
+            if config.strategy == "none":  # the base alone: nothing changes, so no step is taken
                 bar.close()
-                R.append(list(baseline))
+                # its scores change only where the classes to choose among grow with the stage (class-incremental)
+                R.append(score_all(i) if any(getattr(t, "labels", ()) for t in tasks) else list(baseline))
                 save(i + 1, 0)
                 continue
             for j in bar:
