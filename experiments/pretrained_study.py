@@ -53,6 +53,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -410,11 +411,8 @@ def _stream_of(results: dict, folder: str) -> str:
     return results["config"].get("stream") or folder.split("-")[0]
 
 
-def report(root: Path, picture: Path | None) -> str:
-    """A Markdown table per stream, one row per run folder under `root`: the strategy, R's average score, its gain
-    over the untrained model (in the direction the metric improves: bits per byte saved, accuracy or exact match
-    gained), forgetting and BWT, the change in general ability, trainable parameters and tokens/s; with `picture`,
-    a picture per stream (PICTURE's name with the stream's added: study.png -> study-facts.png)."""
+def _rows(root: Path) -> dict[str, list[dict]]:
+    """Every run folder under `root` with results.json, as a row of `report`'s numbers, by stream."""
     streams: dict[str, list[dict]] = {}
     for results in sorted(root.glob("*/results.json")):
         r = json.loads(results.read_text())
@@ -424,24 +422,53 @@ def report(root: Path, picture: Path | None) -> str:
         def change(key: str, before=before, after=after) -> float | None:
             return None if before.get(key) is None else after[key] - before[key]
 
+        f1_lost = None  # SQuAD F1 lost, in % of the base's: the measure of Lin et al. 2025's reference points
+        if before.get("squad_f1"):
+            f1_lost = 100 * (before["squad_f1"] - after["squad_f1"]) / before["squad_f1"]
         sign = 1 if r.get("higher_is_better", True) else -1
-        stream = _stream_of(r, results.parent.name)
-        streams.setdefault(stream, []).append(
+        streams.setdefault(_stream_of(r, results.parent.name), []).append(
             {
                 "run": results.parent.name,
+                "name": results.parent.name.rsplit("-s", 1)[0],  # the run without its seed
                 "metric": r.get("metric", "exact match"),
                 "strategy": c["strategy"] + (f" (few-shot {c['few_shot']})" if c.get("few_shot") else ""),
                 "average": m["average"],
-                "gain": sign * (m["average"] - sum(r["baseline"]) / len(r["baseline"])),
+                "gain": sign * (m["average"] - sum(r["baseline"]) / len(r["baseline"])) + 0.0,  # never -0.000
                 "forgetting": m["forgetting"],
                 "bwt": m["bwt"],
                 "bpb_change": change("wiki_bits_per_byte"),
                 "squad_f1_change": change("squad_f1"),
+                "f1_lost": f1_lost,
                 "trainable": r.get("trainable_params"),
                 "tokens_per_s": r.get("train_tokens_per_s"),
                 "minutes": r["seconds"] / 60,
             }
         )
+    return streams
+
+
+def _mean_sd(xs: list[float | None]) -> tuple[float, float | None] | None:
+    """The mean and the standard deviation (n − 1) of the values given; None when there are none."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _cell(xs: list[float | None], fmt: str) -> str:
+    ms = _mean_sd(xs)
+    if ms is None:
+        return "n/a"
+    return format(ms[0], fmt) + ("" if ms[1] is None else f" ± {format(ms[1], fmt.lstrip('+'))}")
+
+
+def report(root: Path, picture: Path | None) -> str:
+    """Per stream: a Markdown table with one row per run folder under `root` (the strategy, R's average score, its
+    gain over the untrained model in the direction the metric improves: bits per byte saved, accuracy or exact
+    match gained; forgetting, BWT, the change in general ability, trainable parameters, tokens/s), then one row per
+    run over its seeds, mean ± standard deviation; with `picture`, a picture per stream (PICTURE's name with the
+    stream's added: study.png -> study-facts.png)."""
+    streams = _rows(root)
     if not streams:
         raise SystemExit(f"no */results.json under {root}: run the study first (`plan`, `run NAME`)")
 
@@ -450,11 +477,12 @@ def report(root: Path, picture: Path | None) -> str:
 
     out = []
     for stream, rows in streams.items():
+        metric = rows[0]["metric"]
         out += [
-            f"**{stream}** ({rows[0]['metric']})",
+            f"**{stream}** ({metric})",
             "",
-            f"| run | strategy | {rows[0]['metric']} | gain | forgetting | BWT | Δ wiki bpb | Δ SQuAD F1 | trained "
-            "| tok/s | min |",
+            f"| run | strategy | {metric} | gain | forgetting | BWT | Δ wiki bpb | Δ SQuAD F1 | trained | tok/s "
+            "| min |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for x in rows:
@@ -464,29 +492,60 @@ def report(root: Path, picture: Path | None) -> str:
                 f"{f(x['squad_f1_change'], '+.3f')} | {f(x['trainable'], ',')} | {f(x['tokens_per_s'], '.0f')} | "
                 f"{x['minutes']:.0f} |"
             )
+        out += [
+            "",
+            f"| run | seeds | {metric} | gain | forgetting | BWT | Δ wiki bpb | SQuAD F1 lost (%) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, group in _by_name(rows).items():
+            cells = [_cell([x[k] for x in group], fmt) for k, fmt in _SUMMARY]
+            out.append(f"| {name} | {len(group)} | {' | '.join(cells)} |")
         out.append("")
         if picture is not None:
             _plot(rows, stream, picture.with_name(f"{picture.stem}-{stream}{picture.suffix}"))
     return "\n".join(out).rstrip()
 
 
+# the over-seeds table's columns after the run and its seeds: (row key, format)
+_SUMMARY = [("average", ".3f"), ("gain", "+.3f"), ("forgetting", "+.3f"), ("bwt", "+.3f"), ("bpb_change", "+.3f")]
+_SUMMARY += [("f1_lost", ".0f")]
+# Lin et al. 2025 (sparse memory fine-tuning): held-out QA F1 lost after learning new facts, in %
+PUBLISHED_F1_LOST = {"full fine-tuning": 89, "LoRA": 71, "sparse memory fine-tuning": 11}
+
+
+def _by_name(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for x in rows:
+        groups.setdefault(x["name"], []).append(x)
+    return groups
+
+
 def _plot(rows: list[dict], stream: str, path: Path) -> None:
-    """New-knowledge gain against general-ability loss (wiki bits per byte gained), one point per run."""
+    """What each run learned against what the base lost: Δ wiki bits per byte (left) and SQuAD F1 lost in % of
+    the base's (right, with Lin et al.'s published points as lines), one point per run, mean ± sd over its seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for x in rows:
-        loss = x["bpb_change"] if x["bpb_change"] is not None else 0.0
-        ax.scatter(loss, x["gain"])
-        ax.annotate(x["run"], (loss, x["gain"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("general ability lost: Δ wiki bits per byte (right is worse)")
-    ax.set_ylabel(f"learned: gain in {rows[0]['metric']} over the untrained base")
-    ax.set_title(f"SmolLM2-135M, {stream} stream")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, key, label in (
+        (axes[0], "bpb_change", "general text lost: Δ wiki bits per byte (right is worse)"),
+        (axes[1], "f1_lost", "reading comprehension lost: SQuAD F1 lost, % of the base's"),
+    ):
+        for name, group in _by_name(rows).items():
+            x, y = _mean_sd([g[key] for g in group]), _mean_sd([g["gain"] for g in group])
+            x = x or (0.0, None)
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", capsize=3)
+            ax.annotate(name, (x[0], y[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_xlabel(label)
+    for who, lost in PUBLISHED_F1_LOST.items():
+        axes[1].axvline(lost, color="grey", ls="--", lw=0.8)
+        axes[1].annotate(f"{who} (Lin et al.)", (lost, 0), rotation=90, fontsize=6, color="grey", va="bottom")
+    axes[0].set_ylabel(f"learned: gain in {rows[0]['metric']} over the untrained base")
+    fig.suptitle(f"SmolLM2-135M, {stream} stream (mean ± sd over seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

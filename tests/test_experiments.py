@@ -210,6 +210,7 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
         ("facts-lora-s0", 0.5, 1.10, True),
         ("facts-base-s0", 0.0, 1.05, True),
         ("languages-lora-s0", 1.5, 1.2, False),
+        ("facts-lora-s1", 0.3, 1.20, True),
     )
     for name, average, bpb, higher in runs:
         (tmp_path / name).mkdir()
@@ -236,6 +237,10 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
     # bits per byte: the gain is what the stream saved, 2.0 -> 1.5
     assert "| languages-lora-s0 | lora | 1.500 | +0.500 | +0.100 | -0.100 | +0.150 |" in out
     assert (tmp_path / "p-facts.png").is_file() and (tmp_path / "p-languages.png").is_file()
+    # over seeds: mean ± sd (n − 1); SQuAD F1 lost in % of the base's (0.3 -> 0.2: 33%)
+    row = "| facts-lora | 2 | 0.400 ± 0.141 | +0.400 ± 0.141 | +0.100 ± 0.000 | -0.100 ± 0.000 | +0.100 ± 0.071 "
+    row += "| 33 ± 0 |"
+    assert row in out and "| facts-base | 1 | 0.000 | +0.000 |" in out
     with pytest.raises(SystemExit, match="no \\*/results.json"):
         pretrained_study.report(tmp_path / "empty", None)
 
