@@ -211,6 +211,8 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
         ("facts-base-s0", 0.0, 1.05, True),
         ("languages-lora-s0", 1.5, 1.2, False),
         ("facts-lora-s1", 0.3, 1.20, True),
+        ("bbc-base-s0", 0.58, 1.05, True),
+        ("bbc-lora-s0", 0.7, 1.10, True),
     )
     for name, average, bpb, higher in runs:
         (tmp_path / name).mkdir()
@@ -241,6 +243,8 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
     row = "| facts-lora | 2 | 0.400 ± 0.141 | +0.400 ± 0.141 | +0.100 ± 0.000 | -0.100 ± 0.000 | +0.100 ± 0.071 "
     row += "| 33 ± 0 |"
     assert row in out and "| facts-base | 1 | 0.000 | +0.000 |" in out
+    # the gain is over the stream's base run where there is one (bbc: its last row chooses among every class)
+    assert "| bbc-lora-s0 | lora | 0.700 | +0.120 |" in out and "| bbc-base-s0 | base | 0.580 | +0.000 |" in out
     with pytest.raises(SystemExit, match="no \\*/results.json"):
         pretrained_study.report(tmp_path / "empty", None)
 
