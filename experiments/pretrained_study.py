@@ -43,8 +43,10 @@ on the first task (no Fisher yet, an empty buffer; tested), so they take fine-tu
 facts-finetune. `sweep --plan` prints the sweep's commands without running them. Two sweeps of different strategies
 can run at once, one core each (`sweep finetune lora` and `sweep cms-levels adapter`): each merges its own choices.
 
-Runs fit one CPU core in about 30 minutes, a sweep's first-task run in about 10 (an estimate from the pilot's times;
-the Titans adapter trains at half the speed of the others). Run several at once, one core each (`--threads 1`).
+Measured on one core of a 2-core AMD EPYC with another run on the other (2026-12-05): a facts run takes 12-22
+minutes (LoRA, fine-tuning), a sweep's first-task run 4-11, the Titans adapter about twice as long; the base alone
+on bbc 7 minutes (its scoring of five stages), so a trained bbc run about 30. Run several at once, one core each
+(`--threads 1`).
 """
 
 from __future__ import annotations
