@@ -83,6 +83,9 @@ STRATEGIES = {
     "adapter": ["--strategy", "adapter", "--adapter", "titans", "--lr", "1e-3"],
     "replay": ["--strategy", "replay", "--lr", "1e-4"],
     "ewc": ["--strategy", "ewc", "--ewc-lambda", "100", "--ewc-batches", "8", "--lr", "1e-4"],
+    # nothing trained: the MLPs of the last 8 blocks (of 30; TTT-E2E updates the last quarter) learn in context every
+    # 64 tokens as they read, and keep it (--lr: their η)
+    "memorize": ["--strategy", "memorize", "--update-periods", "64,none", "--task-blocks", "8", "--lr", "1e-3"],
 }
 SWEPT_ON = "facts"  # the stream whose first task chooses every strategy's rate, used then on every stream
 # run name "STREAM-STRATEGY": (stream, the strategy's flags)

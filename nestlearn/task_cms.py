@@ -33,7 +33,7 @@ from .cms import TaskLevel
 from .config import ModelConfig
 from .state import tree_map
 
-__all__ = ["task_levels", "task_forward", "chunk_loss", "reference_forward"]
+__all__ = ["task_levels", "task_forward", "chunk_loss", "commit", "reference_forward"]
 
 Where = tuple[int, int, TaskLevel]  # (block, CMS level index, level)
 
@@ -173,6 +173,30 @@ def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dic
         out.append(logits)
     logits = torch.cat(out, dim=1)[:, skip:]
     return logits, layers, {"position": position + tokens.shape[1], "chunk": pending, "start": start}
+
+
+@torch.no_grad()
+def commit(model: nn.Module, state, row: int = 0) -> None:
+    """θ_0 ← the fast weights that row `row` of `state` ends with, for every level that learns: what one sequence
+    learnt becomes the weights every new sequence starts from (a deployed model keeping what it read, the attention
+    cache and the rest of the state dropped; `nestlearn continual --strategy memorize`). A state part-way through a
+    chunk or through a slower level's period holds tokens or gradients not yet stepped: refused, so that nothing read
+    is lost without a word."""
+    task = state.task
+    if task["chunk"] is not None:
+        raise ValueError(
+            f"the state ends {task['chunk'].shape[1]} tokens into a chunk of {_chunk(model.task_levels)}: read a "
+            "multiple of the fastest in-context period before committing its fast weights"
+        )
+    for i, j, level in model.task_levels:
+        s = state.layers[i]["cms"][j]
+        if task["position"] % level.period:
+            raise ValueError(
+                f"blocks.{i}.cms.levels.{j} (period {level.period}) is part-way through its period at position "
+                f"{task['position']}: read a multiple of every in-context period before committing"
+            )
+        level.up.copy_(s["up"][row])
+        level.down.copy_(s["down"][row])
 
 
 def reference_forward(model: nn.Module, tokens: Tensor) -> Tensor:

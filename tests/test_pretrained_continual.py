@@ -150,6 +150,91 @@ def test_cms_levels_step_the_outer_level_at_its_period_only(llama, langs, cache,
     assert outer == [2, 4, 6] and all("base" in names for names in stepped)  # base: the aggregation weights
 
 
+def memorizing(llama, langs, cache, **fields) -> ContinualConfig:
+    # 16 < seq_len 32: an in-context level stepped twice a row; the last of the 2 blocks learns
+    return pretrained_run(
+        llama,
+        langs,
+        cache,
+        **{"strategy": "memorize", "update_periods": "16,none", "task_blocks": 1, "lr": 0.05, **fields},
+    )
+
+
+def test_memorize_trains_nothing_and_keeps_only_what_its_in_context_levels_learnt(llama, langs, cache, tmp_path):
+    config = memorizing(llama, langs, cache)
+    start, _ = make_model(config)
+    result = run(config, tmp_path / "progress.pt")
+    after = torch.load(tmp_path / "progress.pt", weights_only=True)["model"]
+    learns = {"blocks.1.cms.levels.0.up", "blocks.1.cms.levels.0.down"}  # block 0 reads its θ_0 (task_blocks 1)
+    assert not any(p.requires_grad for p in start.parameters())  # no optimizer: nothing is trained
+    for n, p in start.named_parameters():
+        assert torch.equal(after[n], p.detach()) != (n in learns), n
+    assert result["trainable_params"] == sum(p.numel() for n, p in start.named_parameters() if n in learns)
+    R, baseline = np.asarray(result["R"]), result["baseline"]
+    assert np.isfinite(R).all() and R[0, 0] < baseline[0]  # it learnt the first language by reading it
+
+
+def test_memorize_carries_each_rows_fast_weights_into_the_next_row(llama, langs, cache):
+    from nestlearn.model import ModelState
+
+    model, _ = make_model(memorizing(llama, langs, cache))
+    x = torch.randint(0, model.config.vocab_size, (2, 33))
+    ((i, j, level),) = model.task_levels
+    fresh = model.init_state(1)
+    with torch.no_grad():
+        _, first = model(x[:1, :-1], fresh)
+        # the second row: a fresh state (no attention cache) whose level holds the first row's fast weights
+        layers = [dict(layer) for layer in fresh.layers]
+        layers[i]["cms"] = list(layers[i]["cms"])
+        layers[i]["cms"][j] = {
+            **layers[i]["cms"][j],
+            "up": first.layers[i]["cms"][j]["up"],
+            "down": first.layers[i]["cms"][j]["down"],
+        }
+        _, second = model(x[1:, :-1], ModelState(layers, fresh.task))
+    theta_0 = level.up.detach().clone()
+    continual._memorize(model, x)
+    assert not torch.equal(level.up, theta_0)
+    torch.testing.assert_close(level.up, second.layers[i]["cms"][j]["up"][0])
+    torch.testing.assert_close(level.down, second.layers[i]["cms"][j]["down"][0])
+
+
+def test_fast_weights_are_not_committed_part_way_through_a_chunk(llama, langs, cache):
+    from nestlearn.task_cms import commit
+
+    model, _ = make_model(memorizing(llama, langs, cache))
+    with torch.no_grad():
+        _, state = model(torch.randint(0, model.config.vocab_size, (1, 24)))
+    with pytest.raises(ValueError, match="ends 8 tokens into a chunk of 16"):
+        commit(model, state)
+
+
+def test_an_interrupted_memorize_run_resumes_exactly(llama, langs, cache, tmp_path, monkeypatch):
+    config = memorizing(llama, langs, cache)
+    whole = run(config, tmp_path / "whole.pt")
+    monkeypatch.setattr(continual, "_memorize", _signal_on_call(5)(continual._memorize))  # task 2, its second step
+    with pytest.raises(continual.Interrupted, match="at step 2 of 3 of task 2/2"):
+        run(config, tmp_path / "cut.pt")
+    monkeypatch.undo()
+    resumed = run(config, tmp_path / "cut.pt")
+    assert resumed["R"] == whole["R"] and resumed["losses"] == whole["losses"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"update_periods": "none"}, r"gives none that learns: give a period shorter than --seq-len 32"),
+        ({"task_blocks": 3}, r"--task-blocks 3: the model has 2 blocks"),
+        ({"update_periods": "12,none"}, r"\[12\] do not divide it"),
+    ],
+)
+def test_memorize_without_levels_to_learn_or_rows_that_end_on_their_periods_is_refused(
+    llama, langs, cache, fields, message
+):
+    with pytest.raises(ValueError, match=message):
+        make_model(memorizing(llama, langs, cache, **fields))
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -158,7 +243,13 @@ def test_cms_levels_step_the_outer_level_at_its_period_only(llama, langs, cache,
             r"--lora-rank \(lora_rank\) is the lora strategy's.*--strategy lora",
         ),
         ({"strategy": "lora", "adapter": "titans"}, r"--adapter .*adapter strategy's.*this run's strategy is lora"),
-        ({"strategy": "ewc", "update_periods": "64"}, r"levels and cms-levels strategy's.*--strategy cms-levels"),
+        (
+            {"strategy": "ewc", "update_periods": "64"},
+            r"levels, cms-levels and memorize strategy's.*--strategy cms-levels",
+        ),
+        ({"strategy": "lora", "task_blocks": 1}, r"--task-blocks \(task_blocks\) is the memorize strategy's"),
+        ({"strategy": "memorize", "init": None}, r"--strategy memorize trains a memory pathway .*give --init DIR"),
+        ({"strategy": "memorize", "preset": "transformer"}, "--strategy memorize stacks CMS levels .*drop --preset"),
         ({"strategy": "lora", "init": None}, r"--strategy lora trains a memory pathway .*give --init DIR"),
         ({"strategy": "cms-levels", "preset": "transformer"}, "drop --preset transformer"),
         (

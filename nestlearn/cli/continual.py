@@ -34,28 +34,35 @@ def main(argv: list[str] | None = None) -> int:
         "--preset",
         default=None,
         choices=list(presets.PRESETS),
-        help="(default: transformer; hope_attention with --strategy cms-levels)",
+        help="(default: transformer; hope_attention with --strategy cms-levels or memorize)",
     )
     p.add_argument("--size", default=d.size, choices=list(presets.SIZES), help=f"(default: {d.size})")
     p.add_argument(
         "--strategy",
         default=d.strategy,
         choices=STRATEGIES,
-        help="finetune, ewc, replay, levels; on a frozen pretrained base (--init): lora, adapter, cms-levels "
+        help="finetune, ewc, replay, levels; on a frozen pretrained base (--init): lora, adapter, cms-levels, and "
+        "memorize (nothing trained: the in-context CMS levels learn as they read, and keep it); none: the base alone "
         f"(default: {d.strategy}; docs/continual.md)",
     )
     p.add_argument(
         "--update-periods",
         default=None,
-        help="levels, cms-levels: the CMS update periods in tokens, fastest first, 'none' for every step (default: "
-        "the preset's); periods at least --seq-len are outer levels, stepped at their period",
+        help="levels, cms-levels, memorize: the CMS update periods in tokens, fastest first, 'none' for every step "
+        "(default: the preset's); periods at least --seq-len are outer levels, stepped at their period, shorter ones "
+        "in-context (memorize: each must divide --seq-len)",
     )
     p.add_argument(
         "--steps-per-task", type=positive_int, default=d.steps_per_task, help=f"(default: {d.steps_per_task})"
     )
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help=f"(default: {d.seq_len})")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW, constant after warm-up (default: {d.lr})")
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        default=d.lr,
+        help=f"AdamW, constant after warm-up; memorize: η of the in-context levels, no warm-up (default: {d.lr})",
+    )
     p.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps, help=f"(default: {d.warmup_steps})")
     p.add_argument(
         "--ewc-lambda", type=non_negative_float, default=d.ewc_lambda, help=f"ewc: λ (default: {d.ewc_lambda})"
@@ -151,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         type=positive_int,
         default=None,
         help="adapter: how many of the last blocks carry it (default: all)",
+    )
+    p.add_argument(
+        "--task-blocks",
+        type=positive_int,
+        default=None,
+        help="memorize: how many of the last blocks' in-context levels learn; the others read their start (default: "
+        "all)",
     )
     p.add_argument(
         "--init-from",

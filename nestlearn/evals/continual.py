@@ -25,7 +25,10 @@ strategy starts at that model's shape with its weights, and the stream is read w
 strategies then train a memory pathway on the frozen base (`nestlearn.pretrained`, docs/pretrained.md): `lora`
 (low-rank adapters; only their factors train), `adapter` (a Titans or self-modifying Titans memory beside attention)
 and `cms-levels` (§7.3: Hope-Attention whose CMS levels all start from the block's MLP, the outer ones stepped at
-their periods). Each of these starts with the pretrained model's logits. `--init-from CHECKPOINT` (older, byte-level)
+their periods). Each of these starts with the pretrained model's logits. A fourth, `memorize`, trains nothing: the
+same Hope-Attention's in-context levels (a period shorter than --seq-len) learn from the task loss as they read the
+stream (eq. 71), the task's rows one after another as one stream, and what they learnt is kept: it is the weights
+every later sequence, scoring included, starts from (`task_cms.commit`). `--init-from CHECKPOINT` (older, byte-level)
 starts a Titans or Hope preset from a trained Transformer, its MLPs becoming the CMS levels (`level_stack`).
 """
 
@@ -46,6 +49,7 @@ from torch import Tensor
 
 from .. import pretrained
 from ..interrupt import Interrupted, StopRequest
+from ..task_cms import commit
 from .continual_report import plot, table
 from .continual_setup import (
     FROZEN_BASE,
@@ -165,6 +169,23 @@ def _loss(model, x: Tensor, mask: Tensor) -> Tensor:
     return (nll * mask).sum() / mask.sum().clamp_min(1)
 
 
+@torch.no_grad()  # the in-context levels still step: task_cms enables gradients for their inner steps alone
+def _memorize(model, x: Tensor) -> Tensor:
+    """The memorize strategy's step: the batch's rows read in turn, as one stream, by the in-context levels alone
+    (eq. 71, in context); each row starts from the fast weights the last one ended with (`task_cms.commit`: θ_0 ←
+    them), its attention cache dropped as between training rows. Every token's loss counts, the facts' mask too (the
+    levels learn from what they read). Returns the rows' next-token loss as read, each chunk before its own step."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for row in x:  # (T + 1,)
+        logits, state = model(row[None, :-1])  # (1, T, V)
+        losses.append(F.cross_entropy(logits[0].float(), row[1:]))
+        commit(model, state)
+    model.train(was_training)
+    return torch.stack(losses).mean()
+
+
 # --- the protocol ---
 
 
@@ -203,12 +224,15 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
     )
     trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen base is in no optimizer
     n_trainable = 0 if config.strategy == "none" else sum(p.numel() for p in trainable)  # the base alone trains none
+    if config.strategy == "memorize":  # no parameter is trained; the weights that learn are the levels' fast weights
+        n_trainable = sum(lv.up.numel() + lv.down.numel() for _, _, lv in model.task_levels)
     n_frozen = model.num_parameters() - n_trainable
     if config.pretrained_start or n_frozen:
-        print(
-            f"nestlearn continual: {model.config.name}, {config.strategy}: {pretrained.count(model)}", file=sys.stderr
-        )
-    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+        counts = pretrained.count(model)
+        if config.strategy == "memorize":
+            counts = f"nothing trained; {n_trainable:,} fast weights learn in context, {n_frozen:,} parameters fixed"
+        print(f"nestlearn continual: {model.config.name}, {config.strategy}: {counts}", file=sys.stderr)
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0) if trainable else None
     levels = None
     if config.strategy in ("levels", "cms-levels"):
         model_levels = [
@@ -261,7 +285,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             "losses": losses,
             "train_seconds": train_seconds,
             "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
+            "optimizer": opt.state_dict() if opt is not None else {},
             "levels": levels.levels_state_dict() if levels is not None else {},
             "numpy_rng": json.dumps(rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
@@ -297,7 +321,8 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         general_before = general()
     else:
         model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+        if opt is not None:
+            opt.load_state_dict(saved["optimizer"])
         if levels is not None:
             levels.load_levels_state_dict(saved["levels"])
         rng.bit_generator.state = json.loads(saved["numpy_rng"])
@@ -338,18 +363,21 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 continue
             for j in bar:
                 started = time.perf_counter()
-                lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 x, mask = task.batch(rng, config.batch_size, config.seq_len)
-                if replay is not None:
-                    x, mask = replay.mix(x, mask, rng)
-                loss = _loss(model, x, mask)
-                total = loss + (ewc.penalty() if ewc is not None else 0.0)
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                levels.step(config.seq_len) if levels is not None else opt.step()
+                if config.strategy == "memorize":
+                    loss = _memorize(model, x)
+                else:
+                    lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    if replay is not None:
+                        x, mask = replay.mix(x, mask, rng)
+                    loss = _loss(model, x, mask)
+                    total = loss + (ewc.penalty() if ewc is not None else 0.0)
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                    levels.step(config.seq_len) if levels is not None else opt.step()
                 losses.append({"step": step, "task": i, "loss": loss.item()})
                 train_seconds += time.perf_counter() - started
                 bar.set_postfix(loss=f"{loss.item():.3f}")

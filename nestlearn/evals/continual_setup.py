@@ -26,17 +26,21 @@ __all__ = [
     "level_stack",
 ]
 
-STRATEGIES = ("finetune", "ewc", "replay", "levels", "lora", "adapter", "cms-levels", "none")
-FROZEN_BASE = ("lora", "adapter", "cms-levels")  # a memory pathway trained on a frozen pretrained base (--init)
+STRATEGIES = ("finetune", "ewc", "replay", "levels", "lora", "adapter", "cms-levels", "memorize", "none")
+# a memory pathway trained on a frozen pretrained base (--init); memorize: the in-context levels learn as they read,
+# no parameter is trained
+FROZEN_BASE = ("lora", "adapter", "cms-levels", "memorize")
+ON_HOPE_ATTENTION = ("cms-levels", "memorize")  # CMS levels stacked from the pretrained MLP (§7.3)
 DEFAULT_LORA_RANK = 8  # --strategy lora without --lora-rank (alpha: 2 × rank, as `nestlearn train`)
 # the settings of one strategy (or two): given with another strategy, they are an error that names both
 OWN_SETTINGS = {
-    "update_periods": ("levels", "cms-levels"),
+    "update_periods": ("levels", "cms-levels", "memorize"),
     "lora_rank": ("lora",),
     "lora_alpha": ("lora",),
     "lora_targets": ("lora",),
     "adapter": ("adapter",),
     "adapter_blocks": ("adapter",),
+    "task_blocks": ("memorize",),
 }
 
 
@@ -79,6 +83,7 @@ class ContinualConfig:
     lora_targets: str | None = None  # lora: comma-separated among qkv,proj,up,down (default all four)
     adapter: str | None = None  # adapter: titans (default) or sm_titans
     adapter_blocks: int | None = None  # adapter: how many of the last blocks carry it (default all)
+    task_blocks: int | None = None  # memorize: how many of the last blocks' in-context levels learn (default all)
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
@@ -86,7 +91,7 @@ class ContinualConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known; expected one of {list(STRATEGIES)}")
         if self.preset is None:
-            self.preset = "hope_attention" if self.strategy == "cms-levels" else "transformer"
+            self.preset = "hope_attention" if self.strategy in ON_HOPE_ATTENTION else "transformer"
         if self.preset not in presets.PRESETS:
             raise ValueError(f"preset={self.preset!r} is not known; expected one of {list(presets.PRESETS)}")
         for name in (
@@ -101,7 +106,7 @@ class ContinualConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
-        for name in ("lora_rank", "adapter_blocks"):
+        for name in ("lora_rank", "adapter_blocks", "task_blocks"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive int")
@@ -127,8 +132,11 @@ class ContinualConfig:
         for name, strategies in OWN_SETTINGS.items():
             if getattr(self, name) is not None and self.strategy not in strategies:
                 flag, which = "--" + name.replace("_", "-"), " or ".join(f"--strategy {s}" for s in strategies)
+                whose = " and ".join(
+                    [", ".join(strategies[:-1]), strategies[-1]] if len(strategies) > 1 else strategies
+                )
                 raise ValueError(
-                    f"{flag} ({name}) is the {' and '.join(strategies)} strategy's setting: use {which} with it "
+                    f"{flag} ({name}) is the {whose} strategy's setting: use {which} with it "
                     f"(this run's strategy is {self.strategy})"
                 )
         self._check_start()
@@ -154,9 +162,9 @@ class ContinualConfig:
                 "Hugging Face Llama folder, e.g. the one `nestlearn fetch-model smollm2-135m` prints, or a nestlearn "
                 "Transformer checkpoint)"
             )
-        if self.strategy == "cms-levels" and self.preset != "hope_attention":
+        if self.strategy in ON_HOPE_ATTENTION and self.preset != "hope_attention":
             raise ValueError(
-                f"--strategy cms-levels stacks CMS levels into hope_attention (§7.3): drop --preset {self.preset}"
+                f"--strategy {self.strategy} stacks CMS levels into hope_attention (§7.3): drop --preset {self.preset}"
             )
         if self.stack is not None:
             if self.stack not in pretrained.STACKS:
@@ -212,7 +220,10 @@ def make_model(config: ContinualConfig, start: bool = True):
         pretrained.initialise(model, source)
     else:
         tokenizer = load_tokenizer(folder)
-    if config.strategy == "lora":
+    if config.strategy == "memorize":
+        _check_memorize(model, config)
+        model.requires_grad_(False)  # nothing is trained: the in-context levels learn as they read (eq. 71)
+    elif config.strategy == "lora":
         mark_only_lora_trainable(model)  # the factors only: not even the CMS levels of a hope_attention
     elif config.strategy in FROZEN_BASE:
         pretrained.freeze(model, "base")  # adapters, and CMS levels with a period of their own
@@ -249,7 +260,30 @@ def pretrained_config(config: ContinualConfig, folder: str | Path):
         extra["lora"] = config.lora_config()
     if config.strategy == "adapter":
         extra.update(adapter=config.adapter, adapter_blocks=config.adapter_blocks)
+    if config.strategy == "memorize":  # --lr is η of the in-context levels
+        cms = dataclasses.replace(model_config.cms, task_lr=config.lr, task_blocks=config.task_blocks)
+        extra["cms"] = cms
     return dataclasses.replace(model_config, **extra) if extra else model_config
+
+
+def _check_memorize(model, config: ContinualConfig) -> None:
+    """memorize needs in-context levels that learn, and rows that end on every one's period (`task_cms.commit`)."""
+    periods = sorted({lv.period for _, _, lv in model.task_levels})
+    if not periods:
+        raise ValueError(
+            f"--strategy memorize learns through in-context CMS levels, and --update-periods "
+            f"{config.update_periods or 'the default'} gives none that learns: give a period shorter than --seq-len "
+            f"{config.seq_len}, e.g. --update-periods 64,none (and --task-blocks at least 1)"
+        )
+    layers = model.config.num_layers
+    if config.task_blocks is not None and config.task_blocks > layers:
+        raise ValueError(f"--task-blocks {config.task_blocks}: the model has {layers} blocks; give at most {layers}")
+    bad = [p for p in periods if config.seq_len % p]
+    if bad:
+        raise ValueError(
+            f"--strategy memorize keeps what each row taught its in-context levels, so a row (--seq-len "
+            f"{config.seq_len}) must end on every level's period; {bad} do not divide it"
+        )
 
 
 def _byte_level_model(config: ContinualConfig, start: bool):
