@@ -81,7 +81,10 @@ STRATEGIES = {
     "lora": ["--strategy", "lora", "--lora-rank", "16", "--lr", "1e-3"],
     "cms-levels": ["--strategy", "cms-levels", "--update-periods", "512,none", "--lr", "1e-4"],
     "adapter": ["--strategy", "adapter", "--adapter", "titans", "--lr", "1e-3"],
-    "replay": ["--strategy", "replay", "--lr", "1e-4"],
+    "replay": ["--strategy", "replay", "--lr", "1e-4"],  # earlier tasks' rows
+    # windows of wiki's train split in every batch (general ability is scored on its test split); its first task
+    # differs from fine-tuning's, so it takes its own rate (RUNS's until swept)
+    "replay-general": ["--strategy", "replay", "--replay-from", "general", "--lr", "1e-4"],
     "ewc": ["--strategy", "ewc", "--ewc-lambda", "100", "--ewc-batches", "8", "--lr", "1e-4"],
     # nothing trained: the MLPs of the last 8 blocks (of 30; TTT-E2E updates the last quarter) learn in context every
     # 64 tokens as they read, and keep it (--lr: their η)

@@ -14,9 +14,11 @@ import torch
 from nestlearn import presets
 from nestlearn.cli import main as cli
 from nestlearn.data.corpora import BBC_CLASSES, write_documents
+from nestlearn.evals import continual
 from nestlearn.evals.continual import (
     EWC,
     ContinualConfig,
+    GeneralReplay,
     Replay,
     build_model,
     continual_metrics,
@@ -165,6 +167,33 @@ def test_replay_replaces_the_given_share_of_rows_by_remembered_ones(two_language
     assert int((mixed != 0).any(1).sum()) == 2  # a quarter of 8 rows
 
 
+def test_general_replay_puts_general_rows_first_from_the_first_task_and_weighs_them_by_their_share(
+    two_languages, tmp_path, monkeypatch
+):
+    general = make_stream("languages", two_languages[1:], str(tmp_path), 32)[0]
+    replay = GeneralReplay(fraction=0.25, source=general)
+    x, mask = torch.zeros(8, 33, dtype=torch.long), torch.zeros(8, 32, dtype=torch.bool)
+    mask[:, -1] = True  # the task trains on one token a row (as bbc's answers)
+    mixed, mixed_mask = replay.mix(x, mask, np.random.default_rng(0))  # nothing remembered: not needed
+    assert replay.general_rows(8) == 2 and (mixed[:2] != 0).any(1).all() and not mixed[2:].any()
+    assert mixed_mask[:2].all() and torch.equal(mixed_mask[2:], mask[2:])
+    # the loss: a quarter general text (averaged over its 64 tokens), three quarters task (over its 6)
+    model = continual.build_model(small())
+    with torch.no_grad():
+        logits, _ = model(mixed[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), mixed[:, 1:], reduction="none")
+        want = 0.25 * nll[:2].mean() + 0.75 * nll[2:, -1].mean()
+        torch.testing.assert_close(continual._loss(model, mixed, mixed_mask, 2), want)
+    # in a run: from the first step of the first task, the general corpus's windows are in every batch
+    seen = []
+    monkeypatch.setattr(continual, "general_text", lambda root, tokenizer: general)
+    loss = continual._loss
+    monkeypatch.setattr(continual, "_loss", lambda m, x, mask, k=0: seen.append(k) or loss(m, x, mask, k))
+    config = small(tasks=two_languages[:1], strategy="replay", replay_from="general", batch_size=4)
+    run(dataclasses.replace(config, data_root=str(tmp_path)))
+    assert seen == [1] * config.steps_per_task
+
+
 def test_class_incremental_stream_and_command(tmp_path):
     # five classes, each with its own words; the first line of a document is its class (the bbc corpus format)
     root = tmp_path / "corpora"
@@ -258,8 +287,12 @@ def test_bad_settings_are_refused():
         ContinualConfig(strategy="sgd")
     with pytest.raises(ValueError, match="steps_per_task=0"):
         ContinualConfig(steps_per_task=0)
-    with pytest.raises(ValueError, match=r"levels and cms-levels strategy's setting.*strategy is finetune"):
+    with pytest.raises(ValueError, match=r"levels, cms-levels and memorize strategy's setting.*strategy is finetune"):
         ContinualConfig(update_periods="16,128")
+    with pytest.raises(ValueError, match="--replay-from general says what the replay strategy replays"):
+        ContinualConfig(replay_from="general")
+    with pytest.raises(ValueError, match="replay_from='books'"):
+        ContinualConfig(strategy="replay", replay_from="books")
     with pytest.raises(ValueError, match=r"--lora-rank \(lora_rank\) is the lora strategy's.*--strategy lora"):
         ContinualConfig(lora_rank=4)
     with pytest.raises(ValueError, match="--strategy adapter trains a memory pathway on a frozen pretrained base"):

@@ -276,13 +276,20 @@ def test_pretrained_study_sweep_trains_the_first_task_alone_at_each_rate(tmp_pat
     assert ps.main(["sweep", "--plan", "--init", "MODEL", "--root", str(tmp_path)]) == 0
     plan = capsys.readouterr().out.splitlines()
     # every run that trains, but EWC and replay, which train as fine-tuning on the first task
-    swept = ["facts-finetune", "facts-lora", "facts-cms-levels", "facts-adapter", "facts-memorize"]
+    swept = [
+        "facts-finetune",
+        "facts-lora",
+        "facts-cms-levels",
+        "facts-adapter",
+        "facts-replay-general",
+        "facts-memorize",
+    ]
     assert len(plan) == 3 * len(swept)
     first_task = " ".join(ps._with(ps.SHARED["facts"], "--tasks", "1"))
     assert all(f"--init MODEL {first_task} --strategy" in line and "--tasks 3" not in line for line in plan)
     outs = [line.split("--out-dir ")[1].split()[0] for line in plan]
     assert len(set(outs)) == len(outs)
-    for name, centre in zip(swept, ("1e-4", "1e-3", "1e-4", "1e-3", "1e-3"), strict=True):
+    for name, centre in zip(swept, ("1e-4", "1e-3", "1e-4", "1e-3", "1e-4", "1e-3"), strict=True):
         lines = [line for line in plan if f"/sweep/{name}/" in line]
         rates = [line.split("--lr ")[1].split()[0] for line in lines]
         assert len(lines) == 3 and rates[1] == centre and float(rates[0]) < float(centre) < float(rates[2])

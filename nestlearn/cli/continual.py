@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"replay: share of each batch drawn from the buffer (default: {d.replay_fraction})",
     )
     p.add_argument(
+        "--replay-from",
+        default=d.replay_from,
+        choices=["tasks", "general"],
+        help="replay: what the replayed rows are: tasks, a buffer of earlier tasks' rows; general, windows of wiki's "
+        "train split from the first task on (needs `nestlearn fetch-data wiki`; general ability is scored on its test "
+        f"split) (default: {d.replay_from})",
+    )
+    p.add_argument(
         "--replay-batches",
         type=positive_int,
         default=d.replay_batches,

@@ -17,8 +17,9 @@ Streams: `languages` (the Debian handbook in one language after another: en, de,
 byte per language), `domains` (wiki → shakespeare → pydoc), `bbc` (class-incremental BBC News: one class per
 task, scored among the classes seen so far). Strategies: `finetune` (plain sequential training: the
 catastrophic-forgetting baseline), `ewc` (elastic weight consolidation, online), `replay` (a fixed share of every
-batch drawn from a buffer of earlier tasks), `levels` (every level at its own period through `optim.Levels`, as
-`nestlearn train --update-periods`). Every strategy sees the same number of batches of the same size per task.
+batch drawn from a buffer of earlier tasks, or with `--replay-from general` from general text), `levels` (every
+level at its own period through `optim.Levels`, as `nestlearn train --update-periods`). Every strategy sees the
+same number of batches of the same size per task.
 
 From a pretrained model (`--init DIR`: a Hugging Face Llama folder or a nestlearn Transformer checkpoint), every
 strategy starts at that model's shape with its weights, and the stream is read with its own tokenizer; three more
@@ -59,7 +60,7 @@ from .continual_setup import (
     make_model,
 )
 from .general import general_ability
-from .streams import STREAMS, ClassTask, LMTask, make_stream
+from .streams import STREAMS, ClassTask, LMTask, general_text, make_stream
 
 __all__ = [
     "continual_metrics",
@@ -75,6 +76,7 @@ __all__ = [
     "ClassTask",
     "EWC",
     "Replay",
+    "GeneralReplay",
     "plot",
     "table",
     "summary",
@@ -162,11 +164,44 @@ class Replay:
             x, mask = task.batch(rng, batch_size, seq_len)
             self.rows.extend(zip(x, mask, strict=True))
 
+    def general_rows(self, batch_size: int) -> int:
+        return 0  # the buffer's rows are tasks' rows, counted as the task's own
 
-def _loss(model, x: Tensor, mask: Tensor) -> Tensor:
+
+class GeneralReplay(Replay):
+    """Replay of general text (`--replay-from general`): from the first task on, the first `fraction` of each
+    batch's rows is replaced by windows of a general corpus (wiki's train split; general ability is scored on its
+    test split). The two kinds of row count in the loss by their share of the rows, each averaged over its own
+    tokens, so that a task trained on a few answer tokens a row (bbc) is not drowned by whole rows of text."""
+
+    def __init__(self, fraction: float, source: LMTask):
+        super().__init__(fraction, per_task=0)
+        self.source = source
+
+    def mix(self, x: Tensor, mask: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        k = self.general_rows(x.shape[0])
+        if k == 0:
+            return x, mask
+        g, g_mask = self.source.batch(rng, k, x.shape[1] - 1)
+        return torch.cat([g, x[k:]]), torch.cat([g_mask, mask[k:]])
+
+    def remember(self, task, rng, batch_size: int, seq_len: int) -> None:
+        pass  # nothing to keep: the general text is there from the start
+
+    def general_rows(self, batch_size: int) -> int:
+        return int(round(self.fraction * batch_size))
+
+
+def _loss(model, x: Tensor, mask: Tensor, general_rows: int = 0) -> Tensor:
+    """Mean next-token loss over the masked tokens; with `general_rows`, the first rows (general text) and the rest
+    (the task) each averaged over their own tokens and weighted by their share of the rows."""
     logits, _ = model(x[:, :-1])
     nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (b, t)
-    return (nll * mask).sum() / mask.sum().clamp_min(1)
+    if not general_rows:
+        return (nll * mask).sum() / mask.sum().clamp_min(1)
+    share, g, t = general_rows / x.shape[0], slice(None, general_rows), slice(general_rows, None)
+    general = (nll[g] * mask[g]).sum() / mask[g].sum().clamp_min(1)
+    return share * general + (1 - share) * (nll[t] * mask[t]).sum() / mask[t].sum().clamp_min(1)
 
 
 @torch.no_grad()  # the in-context levels still step: task_cms enables gradients for their inner steps alone
@@ -249,7 +284,13 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         levels = Levels(opt, model_levels)
         levels.due(config.seq_len)
     ewc = EWC(model, config.ewc_lambda, config.ewc_batches) if config.strategy == "ewc" else None
-    replay = Replay(config.replay_fraction, config.replay_batches) if config.strategy == "replay" else None
+    replay = None
+    if config.strategy == "replay":
+        replay = (
+            GeneralReplay(config.replay_fraction, general_text(config.data_root, tokenizer))
+            if config.replay_from == "general"
+            else Replay(config.replay_fraction, config.replay_batches)
+        )
 
     def score_all(stage: int) -> list[float]:
         """Every task's score after training on tasks 0..stage (stage −1: untrained)."""
@@ -370,9 +411,11 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                     lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
                     for g in opt.param_groups:
                         g["lr"] = lr
+                    general_rows = 0
                     if replay is not None:
                         x, mask = replay.mix(x, mask, rng)
-                    loss = _loss(model, x, mask)
+                        general_rows = replay.general_rows(x.shape[0])
+                    loss = _loss(model, x, mask, general_rows)
                     total = loss + (ewc.penalty() if ewc is not None else 0.0)
                     opt.zero_grad(set_to_none=True)
                     total.backward()

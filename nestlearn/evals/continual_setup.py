@@ -30,6 +30,7 @@ STRATEGIES = ("finetune", "ewc", "replay", "levels", "lora", "adapter", "cms-lev
 # a memory pathway trained on a frozen pretrained base (--init); memorize: the in-context levels learn as they read,
 # no parameter is trained
 FROZEN_BASE = ("lora", "adapter", "cms-levels", "memorize")
+REPLAY_FROM = ("tasks", "general")  # replay: a buffer of earlier tasks' rows, or general text (wiki's train split)
 ON_HOPE_ATTENTION = ("cms-levels", "memorize")  # CMS levels stacked from the pretrained MLP (§7.3)
 DEFAULT_LORA_RANK = 8  # --strategy lora without --lora-rank (alpha: 2 × rank, as `nestlearn train`)
 # the settings of one strategy (or two): given with another strategy, they are an error that names both
@@ -61,6 +62,7 @@ class ContinualConfig:
     ewc_batches: int = 8
     replay_fraction: float = 0.25
     replay_batches: int = 8
+    replay_from: str = "tasks"  # replay: rows of earlier tasks (a buffer), or "general": wiki's train split
     classes_per_task: int = 1
     people_per_set: int = 8  # facts: invented people per fact set (4 facts each, 2 test questions per fact)
     few_shot: int = 0  # facts: the set's statements put in every test prompt (the base reading instead of learning)
@@ -124,6 +126,13 @@ class ContinualConfig:
         if self.few_shot and self.stream != "facts":
             raise ValueError(
                 f"--few-shot puts a fact set's statements in its prompts: it needs --stream facts, not {self.stream}"
+            )
+        if self.replay_from not in REPLAY_FROM:
+            raise ValueError(f"replay_from={self.replay_from!r} is not known; expected one of {list(REPLAY_FROM)}")
+        if self.replay_from != "tasks" and self.strategy != "replay":
+            raise ValueError(
+                f"--replay-from {self.replay_from} says what the replay strategy replays: use --strategy replay with "
+                f"it (this run's strategy is {self.strategy})"
             )
         if not 0 < self.replay_fraction < 1:
             raise ValueError(f"replay_fraction={self.replay_fraction} must lie in (0, 1)")

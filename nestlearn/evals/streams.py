@@ -18,7 +18,7 @@ from ..data.shards import ShardMeta
 from ..data.tokenizer import ByteTokenizer, Tokenizer
 from .facts import FactSet, make_fact_sets, score_qa
 
-__all__ = ["LANGUAGES", "STREAMS", "LMTask", "ClassTask", "FactsTask", "make_stream"]
+__all__ = ["LANGUAGES", "STREAMS", "LMTask", "ClassTask", "FactsTask", "make_stream", "general_text"]
 
 LANGUAGES = ("en-US", "de-DE", "fr-FR", "es-ES")
 
@@ -151,6 +151,12 @@ def _lm_task(corpus: str, data_root: str | None, name: str | None = None, tokeni
     train, _ = open_shard(out / "train", tokenizer)
     valid, meta = open_shard(out / "validation", tokenizer)
     return LMTask(name or corpus, train, valid, meta)
+
+
+def general_text(data_root: str | None, tokenizer: Tokenizer | None = None) -> LMTask:
+    """General text to replay (`--replay-from general`): the wiki corpus as a task, training windows from its train
+    split (general ability is scored on its test split, `nestlearn.evals.general`)."""
+    return _lm_task("wiki", data_root, "wiki", tokenizer)
 
 
 def _bbc_tasks(
