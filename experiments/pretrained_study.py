@@ -439,7 +439,9 @@ def _rows(root: Path) -> dict[str, list[dict]]:
                 "run": results.parent.name,
                 "name": results.parent.name.rsplit("-s", 1)[0],  # the run without its seed
                 "metric": r.get("metric", "exact match"),
-                "strategy": c["strategy"] + (f" (few-shot {c['few_shot']})" if c.get("few_shot") else ""),
+                "strategy": c["strategy"]
+                + (f" (few-shot {c['few_shot']})" if c.get("few_shot") else "")
+                + (f" of {c['replay_from']} text" if c.get("replay_from") == "general" else ""),
                 "average": m["average"],
                 "sign": sign,
                 "untrained": sum(r["baseline"]) / len(r["baseline"]),

@@ -213,6 +213,7 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
         ("facts-lora-s1", 0.3, 1.20, True),
         ("bbc-base-s0", 0.58, 1.05, True),
         ("bbc-lora-s0", 0.7, 1.10, True),
+        ("facts-replay-general-s0", 0.2, 1.06, True),
     )
     for name, average, bpb, higher in runs:
         (tmp_path / name).mkdir()
@@ -221,7 +222,8 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
             "after": {"wiki_bits_per_byte": bpb, "squad_f1": 0.2},
         }
         result = {
-            "config": {"strategy": name.split("-")[1], "few_shot": 0, "stream": name.split("-")[0]},
+            "config": {"strategy": name.split("-")[1], "few_shot": 0, "stream": name.split("-")[0]}
+            | ({"replay_from": "general"} if "general" in name else {}),
             "metric": "exact match" if higher else "bits per byte",
             "higher_is_better": higher,
             "metrics": {"average": average, "forgetting": 0.1, "bwt": -0.1},
@@ -243,6 +245,8 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
     row = "| facts-lora | 2 | 0.400 ± 0.141 | +0.400 ± 0.141 | +0.100 ± 0.000 | -0.100 ± 0.000 | +0.100 ± 0.071 "
     row += "| 33 ± 0 |"
     assert row in out and "| facts-base | 1 | 0.000 | +0.000 |" in out
+    assert "| facts-replay-general-s0 | replay of general text | 0.200 |" in out  # not the replay of tasks
+    assert "| facts-replay-general | 1 | 0.200 |" in out
     # the gain is over the stream's base run where there is one (bbc: its last row chooses among every class)
     assert "| bbc-lora-s0 | lora | 0.700 | +0.120 |" in out and "| bbc-base-s0 | base | 0.580 | +0.000 |" in out
     with pytest.raises(SystemExit, match="no \\*/results.json"):
