@@ -94,6 +94,7 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
     a period. `hidden`: the output of the blocks below the first that learns, computed once for the whole call (None
     when the first block learns). Returns logits (b, C, V) and the new layers."""
     levels = model.task_levels
+    C = _chunk(levels)
     with torch.enable_grad():
         thetas = []
         for where in levels:
@@ -116,12 +117,18 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
         up, down = thetas[2 * n], thetas[2 * n + 1]
         g_up, g_down = grads[2 * n], grads[2 * n + 1]
         s = new[i]["cms"][j]
-        sum_up, sum_down = s["sum_up"] + g_up, s["sum_down"] + g_down
-        if end % level.period == 0:  # the period closes: θ ← θ − η Σ ∇ (eq. 71)
-            up, down = up - level.lr * sum_up, down - level.lr * sum_down
+        if level.period == C:  # it steps at every chunk's end, so its sum is always the zeros it started with
+            sum_up, sum_down = s["sum_up"], s["sum_down"]  # kept as they are: no pass to add to them or refill them
+            up, down = torch.add(up, g_up, alpha=-level.lr), torch.add(down, g_down, alpha=-level.lr)
+        else:
+            sum_up, sum_down = s["sum_up"] + g_up, s["sum_down"] + g_down
+        if end % level.period == 0 and level.period != C:  # the period closes: θ ← θ − η Σ ∇ (eq. 71)
+            up, down = torch.add(up, sum_up, alpha=-level.lr), torch.add(down, sum_down, alpha=-level.lr)
             sum_up, sum_down = torch.zeros_like(sum_up), torch.zeros_like(sum_down)
-            # (a meta tensor has shapes, no values: nothing to check, and reading one would raise)
-            if up.device.type != "meta" and not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        if end % level.period == 0:
+            # one reduction: a sum is finite only if every weight is (a meta tensor has shapes, no values: nothing to
+            # check, and reading one would raise)
+            if up.device.type != "meta" and not torch.isfinite(up.sum() + down.sum()):
                 raise FloatingPointError(
                     f"the task-loss CMS level blocks.{i}.cms.levels.{j} diverged at its step after token {end}: "
                     f"lower CMSConfig.task_lr (now {level.lr})"
