@@ -122,15 +122,21 @@ def test_the_older_strategies_start_from_the_pretrained_model_too(llama, langs, 
     assert result["frozen_params"] == 0 and np.asarray(result["R"])[0, 0] < result["baseline"][0]
 
 
-def test_an_interrupted_lora_run_resumes_exactly_with_its_base_still_frozen(llama, langs, cache, tmp_path, monkeypatch):
-    config = pretrained_run(llama, langs, cache, strategy="lora")
-    assert config.lora_rank == 8 and config.lora_alpha == 16.0  # the documented defaults
+def interrupted_and_resumed(config, tmp_path, monkeypatch, step: str) -> tuple[dict, dict]:
+    """A whole run, and the same run stopped by SIGINT in its fifth call of `step` (task 2, its second step) and
+    resumed from cut.pt."""
     whole = run(config, tmp_path / "whole.pt")
-    monkeypatch.setattr(continual, "_loss", _signal_on_call(5)(continual._loss))  # task 2, its second step
+    monkeypatch.setattr(continual, step, _signal_on_call(5)(getattr(continual, step)))
     with pytest.raises(continual.Interrupted, match="at step 2 of 3 of task 2/2"):
         run(config, tmp_path / "cut.pt")
     monkeypatch.undo()
-    resumed = run(config, tmp_path / "cut.pt")
+    return whole, run(config, tmp_path / "cut.pt")
+
+
+def test_an_interrupted_lora_run_resumes_exactly_with_its_base_still_frozen(llama, langs, cache, tmp_path, monkeypatch):
+    config = pretrained_run(llama, langs, cache, strategy="lora")
+    assert config.lora_rank == 8 and config.lora_alpha == 16.0  # the documented defaults
+    whole, resumed = interrupted_and_resumed(config, tmp_path, monkeypatch, "_loss")
     assert resumed["R"] == whole["R"] and resumed["losses"] == whole["losses"]
     assert resumed["trainable_params"] == whole["trainable_params"]
     base = dict(make_model(config)[0].named_parameters())
@@ -210,13 +216,7 @@ def test_fast_weights_are_not_committed_part_way_through_a_chunk(llama, langs, c
 
 
 def test_an_interrupted_memorize_run_resumes_exactly(llama, langs, cache, tmp_path, monkeypatch):
-    config = memorizing(llama, langs, cache)
-    whole = run(config, tmp_path / "whole.pt")
-    monkeypatch.setattr(continual, "_memorize", _signal_on_call(5)(continual._memorize))  # task 2, its second step
-    with pytest.raises(continual.Interrupted, match="at step 2 of 3 of task 2/2"):
-        run(config, tmp_path / "cut.pt")
-    monkeypatch.undo()
-    resumed = run(config, tmp_path / "cut.pt")
+    whole, resumed = interrupted_and_resumed(memorizing(llama, langs, cache), tmp_path, monkeypatch, "_memorize")
     assert resumed["R"] == whole["R"] and resumed["losses"] == whole["losses"]
 
 
