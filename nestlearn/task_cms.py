@@ -25,6 +25,8 @@ chunk's start are kept in the state, and the next call computes the chunk again,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +35,7 @@ from .cms import TaskLevel
 from .config import ModelConfig
 from .state import tree_map
 
-__all__ = ["task_levels", "task_forward", "chunk_loss", "commit", "reference_forward"]
+__all__ = ["task_levels", "task_forward", "chunk_loss", "commit", "reading_only", "reference_forward"]
 
 Where = tuple[int, int, TaskLevel]  # (block, CMS level index, level)
 
@@ -180,6 +182,20 @@ def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dic
         out.append(logits)
     logits = torch.cat(out, dim=1)[:, skip:]
     return logits, layers, {"position": position + tokens.shape[1], "chunk": pending, "start": start}
+
+
+@contextlib.contextmanager
+def reading_only(model: nn.Module):
+    """Within: every task-loss level's η is 0, so the levels read θ_0 and never change it (with the pretrained
+    stacking, the model is then exactly its source); each level's η is restored on the way out, however it ends."""
+    rates = [level.lr for _, _, level in model.task_levels]
+    try:
+        for _, _, level in model.task_levels:
+            level.lr = 0.0
+        yield model
+    finally:
+        for (_, _, level), lr in zip(model.task_levels, rates, strict=True):
+            level.lr = lr
 
 
 @torch.no_grad()

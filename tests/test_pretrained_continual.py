@@ -205,6 +205,25 @@ def test_memorize_carries_each_rows_fast_weights_into_the_next_row(llama, langs,
     torch.testing.assert_close(level.down, second.layers[i]["cms"][j]["down"][0])
 
 
+def test_memorize_measures_general_ability_before_on_the_base_and_after_learning(llama, langs, cache, monkeypatch):
+    from nestlearn.task_cms import reading_only
+
+    config = memorizing(llama, langs, cache)
+    model, _ = make_model(config)
+    x = torch.randint(0, model.config.vocab_size, (1, 48))
+    with torch.no_grad(), reading_only(model):  # η = 0: the levels read θ_0, so the model is its source
+        torch.testing.assert_close(model(x)[0], nestlearn.load(llama)(x)[0])
+    assert [lv.lr for _, _, lv in model.task_levels] == [0.05]  # restored
+    rates = []  # the learning levels' η at each measurement of general ability: before the stream, then after
+    monkeypatch.setattr(
+        continual,
+        "general_ability",
+        lambda m, *a, **k: rates.append([lv.lr for _, _, lv in m.task_levels]) or {"wiki_bits_per_byte": 1.0},
+    )
+    run(dataclasses.replace(config, general_tokens=64))
+    assert rates == [[0.0], [0.05]]
+
+
 def test_fast_weights_are_not_committed_part_way_through_a_chunk(llama, langs, cache):
     from nestlearn.task_cms import commit
 

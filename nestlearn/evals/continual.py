@@ -35,6 +35,7 @@ starts a Titans or Hope preset from a trained Transformer, its MLPs becoming the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -50,7 +51,7 @@ from torch import Tensor
 
 from .. import pretrained
 from ..interrupt import Interrupted, StopRequest
-from ..task_cms import commit
+from ..task_cms import commit, reading_only
 from .continual_report import plot, table
 from .continual_setup import (
     FROZEN_BASE,
@@ -359,7 +360,10 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
     train_seconds = 0.0  # training alone (batches, forward, backward, step), for tokens/s
     if saved is None:
         baseline = score_all(-1)
-        general_before = general()
+        # memorize: the base's general ability, its levels reading θ_0 without a step (η = 0: exactly the pretrained
+        # model), not the model learning inside each window at η, which a large η breaks before the stream begins
+        with reading_only(model) if config.strategy == "memorize" else contextlib.nullcontext():
+            general_before = general()
     else:
         model.load_state_dict(saved["model"])
         if opt is not None:
