@@ -44,9 +44,12 @@ facts-finetune. `sweep --plan` prints the sweep's commands without running them.
 can run at once, one core each (`sweep finetune lora` and `sweep cms-levels adapter`): each merges its own choices.
 
 Measured on one core of a 2-core AMD EPYC with another run on the other (2026-12-05): a facts run takes 12-22
-minutes (LoRA, fine-tuning), a sweep's first-task run 4-11, the Titans adapter about twice as long; the base alone
-on bbc 7 minutes (its scoring of five stages), so a trained bbc run about 30. Run several at once, one core each
-(`--threads 1`).
+minutes (LoRA, fine-tuning), a languages run 27-31 with two others beside it, a sweep's first-task run 4-11, the
+Titans adapter about twice as long, `memorize` 13-22 (its scoring learns inside every window, and its answers are
+generated chunk by chunk); the base alone on bbc 7 minutes (its scoring of five stages), so a trained bbc run about
+30. Run several at once, one core each (`--threads 1`), and mind the memory: the Titans adapter in all 30 blocks
+holds 10.6 GB, `memorize` 8 GB and fine-tuning 3.5 GB, so on 24 GB the adapter runs beside one small run at most
+(the kernel killed it beside two others).
 """
 
 from __future__ import annotations
