@@ -235,3 +235,11 @@ def test_continual_interrupted_mid_task_resumes_to_the_same_results(two_language
     assert resumed["baseline"] == whole["baseline"]
     with pytest.raises(ValueError, match="different run"):
         continual.run(dataclasses.replace(cfg, lr=1e-3), tmp_path / "cut.pt")
+    # progress saved before a setting existed (replay_from, task_blocks) ran as its default, and resumes
+    old = torch.load(tmp_path / "cut.pt", weights_only=True)
+    key = json.loads(old["config"])
+    old["config"] = json.dumps({k: v for k, v in key.items() if k not in ("replay_from", "task_blocks")})
+    torch.save(old, tmp_path / "cut.pt")
+    assert continual.run(cfg, tmp_path / "cut.pt")["R"] == whole["R"]
+    with pytest.raises(ValueError, match="replay_from: 'tasks' there, 'general' now"):
+        continual.run(dataclasses.replace(cfg, strategy="replay", replay_from="general"), tmp_path / "cut.pt")

@@ -36,6 +36,7 @@ starts a Titans or Hope preset from a trained Transformer, its MLPs becoming the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -480,7 +481,10 @@ def _read_progress(path: str | Path | None, config: ContinualConfig) -> dict | N
             f"cannot read {path} ({first}): it is corrupt or incomplete; delete it to start the run afresh"
         ) from e
     theirs, ours = json.loads(saved["config"]), _progress_key(config)
-    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    # a setting the saved run does not name came after it: it ran as that setting's default
+    defaults = {f.name: f.default for f in dataclasses.fields(ContinualConfig)}
+    theirs = {k: theirs.get(k, defaults.get(k)) for k in ours}
+    diff = {k: (theirs[k], v) for k, v in ours.items() if theirs[k] != v}
     if diff:
         detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
         raise ValueError(
