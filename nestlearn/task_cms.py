@@ -119,15 +119,13 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
         up, down = thetas[2 * n], thetas[2 * n + 1]
         g_up, g_down = grads[2 * n], grads[2 * n + 1]
         s = new[i]["cms"][j]
-        if level.period == C:  # it steps at every chunk's end, so its sum is always the zeros it started with
-            sum_up, sum_down = s["sum_up"], s["sum_down"]  # kept as they are: no pass to add to them or refill them
-            up, down = torch.add(up, g_up, alpha=-level.lr), torch.add(down, g_down, alpha=-level.lr)
-        else:
-            sum_up, sum_down = s["sum_up"] + g_up, s["sum_down"] + g_down
-        if end % level.period == 0 and level.period != C:  # the period closes: θ ← θ − η Σ ∇ (eq. 71)
+        # a chunk that opens a period finds the sum at the zeros the last step left: its gradient is the sum
+        first = (end - C) % level.period == 0
+        sum_up, sum_down = (g_up, g_down) if first else (s["sum_up"] + g_up, s["sum_down"] + g_down)
+        if end % level.period == 0:  # the period closes: θ ← θ − η Σ ∇ (eq. 71)
             up, down = torch.add(up, sum_up, alpha=-level.lr), torch.add(down, sum_down, alpha=-level.lr)
-            sum_up, sum_down = torch.zeros_like(sum_up), torch.zeros_like(sum_down)
-        if end % level.period == 0:
+            # zeros again: those the chunk found when it opened the period, else new ones
+            sum_up, sum_down = (s["sum_up"], s["sum_down"]) if first else map(torch.zeros_like, (sum_up, sum_down))
             # one reduction: a sum is finite only if every weight is (a meta tensor has shapes, no values: nothing to
             # check, and reading one would raise)
             if up.device.type != "meta" and not torch.isfinite(up.sum() + down.sum()):

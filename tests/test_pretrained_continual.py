@@ -182,6 +182,7 @@ def test_memorize_trains_nothing_and_keeps_only_what_its_in_context_levels_learn
 
 def test_memorize_carries_each_rows_fast_weights_into_the_next_row(llama, langs, cache):
     from nestlearn.model import ModelState
+    from nestlearn.task_cms import _with
 
     model, _ = make_model(memorizing(llama, langs, cache))
     x = torch.randint(0, model.config.vocab_size, (2, 33))
@@ -190,13 +191,8 @@ def test_memorize_carries_each_rows_fast_weights_into_the_next_row(llama, langs,
     with torch.no_grad():
         _, first = model(x[:1, :-1], fresh)
         # the second row: a fresh state (no attention cache) whose level holds the first row's fast weights
-        layers = [dict(layer) for layer in fresh.layers]
-        layers[i]["cms"] = list(layers[i]["cms"])
-        layers[i]["cms"][j] = {
-            **layers[i]["cms"][j],
-            "up": first.layers[i]["cms"][j]["up"],
-            "down": first.layers[i]["cms"][j]["down"],
-        }
+        learnt = {k: first.layers[i]["cms"][j][k] for k in ("up", "down")}
+        layers = _with(fresh.layers, model.task_levels[0], {**fresh.layers[i]["cms"][j], **learnt})
         _, second = model(x[1:, :-1], ModelState(layers, fresh.task))
     theta_0 = level.up.detach().clone()
     continual._memorize(model, x)

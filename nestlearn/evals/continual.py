@@ -265,9 +265,11 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         n_trainable = sum(lv.up.numel() + lv.down.numel() for _, _, lv in model.task_levels)
     n_frozen = model.num_parameters() - n_trainable
     if config.pretrained_start or n_frozen:
-        counts = pretrained.count(model)
-        if config.strategy == "memorize":
-            counts = f"nothing trained; {n_trainable:,} fast weights learn in context, {n_frozen:,} parameters fixed"
+        counts = (
+            f"nothing trained; {n_trainable:,} fast weights learn in context, {n_frozen:,} parameters fixed"
+            if config.strategy == "memorize"
+            else pretrained.count(model)
+        )
         print(f"nestlearn continual: {model.config.name}, {config.strategy}: {counts}", file=sys.stderr)
     opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0) if trainable else None
     levels = None
