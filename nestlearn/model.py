@@ -150,12 +150,19 @@ class LanguageModel(nn.Module):
     # --- forward ---
 
     def forward(
-        self, tokens: Tensor, state: ModelState | None = None, *, check_tokens: bool = True
+        self,
+        tokens: Tensor,
+        state: ModelState | None = None,
+        *,
+        check_tokens: bool = True,
+        learn: Tensor | None = None,
     ) -> tuple[Tensor, ModelState]:
         """tokens: int64 (b, t). Returns logits (b, t, V) and the state after the last token.
 
         check_tokens: check that every token is in [0, vocab_size), one host-device synchronisation per call; off
-        for tokens known to be valid (`generate` feeds back its own samples), so that a GPU never waits on it."""
+        for tokens known to be valid (`generate` feeds back its own samples), so that a GPU never waits on it.
+        learn: bool (b, t), for the in-context task-loss levels: which tokens' next-token predictions drive their
+        steps (None: every one; False for padding, which is not text to learn from)."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an int64 tensor of shape (batch, time); got {got}")
@@ -168,8 +175,14 @@ class LanguageModel(nn.Module):
             state = self.init_state(tokens.shape[0])
         elif not isinstance(state, ModelState) or len(state.layers) != len(self.blocks):
             raise ValueError("state must be the ModelState returned by this model (or model.init_state)")
+        if learn is not None and (not self.task_levels or learn.shape != tokens.shape or learn.dtype != torch.bool):
+            raise ValueError(
+                f"learn masks the in-context task-loss levels' next-token loss: a bool tensor shaped like tokens "
+                f"{tuple(tokens.shape)}, for a model with learning task-loss levels; got {learn.dtype} "
+                f"{tuple(learn.shape)} for a model with {len(self.task_levels)} such levels"
+            )
         if self.task_levels:  # eq. 71 in context: chunk by chunk, each level stepping on the task loss
-            logits, layers, task = task_forward(self, tokens, state.layers, state.task)
+            logits, layers, task = task_forward(self, tokens, state.layers, state.task, learn)
             return logits, ModelState(layers, task)
         logits, layers = self.forward_blocks(tokens, state.layers)
         return logits, ModelState(layers)

@@ -79,22 +79,33 @@ def _with(layers: list[dict], where: Where, value: dict) -> list[dict]:
     return out
 
 
-def chunk_loss(model: nn.Module, logits: Tensor, seg: Tensor) -> Tensor:
+def chunk_loss(model: nn.Module, logits: Tensor, seg: Tensor, learn: Tensor | None = None) -> Tensor:
     """Eq. 71's Σ_t η_t ℓ_NTP(x_t) over a chunk, divided by the levels' constant η: the summed next-token loss of the
     chunk's tokens (logits (b, C, V), seg (b, C); the last target is the next chunk's, unused), each token weighted
-    by its learned factor 2σ(w·e_t + b) when the model has one (CMSConfig.task_rate="data")."""
+    by its learned factor 2σ(w·e_t + b) when the model has one (CMSConfig.task_rate="data"). `learn` (b, C) bool:
+    which tokens' next-token predictions count (None: all; padding is not text to learn from)."""
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="none")  # (b·(C−1),)
+    if learn is not None:
+        nll = nll * learn[:, :-1].flatten()
     if model.task_rate is None:
         return nll.sum()
     rate = 2 * torch.sigmoid(model.task_rate(model.embed(seg[:, :-1]))).float()  # (b, C − 1, 1)
     return (rate.flatten() * nll).sum()
 
 
-def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: list[dict], end: int, outer: bool):
+def _inner_step(
+    model: nn.Module,
+    seg: Tensor,
+    learn: Tensor | None,
+    hidden: Tensor | None,
+    layers: list[dict],
+    end: int,
+    outer: bool,
+):
     """One full chunk: logits with the current weights, then every learning level's gradient of the chunk's summed
     next-token loss, added to its period's sum, and a step where `end` (the stream position after the chunk) closes
-    a period. `hidden`: the output of the blocks below the first that learns, computed once for the whole call (None
-    when the first block learns). Returns logits (b, C, V) and the new layers."""
+    a period. `learn`: chunk_loss's. `hidden`: the output of the blocks below the first that learns, computed once for
+    the whole call (None when the first block learns). Returns logits (b, C, V) and the new layers."""
     levels = model.task_levels
     C = _chunk(levels)
     with torch.enable_grad():
@@ -111,7 +122,7 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
             layers = _with(layers, where, {**s, "up": up, "down": down})
             thetas += [up, down]
         logits, new = model.forward_blocks(seg, layers, first=_first(levels), hidden=hidden)
-        loss = chunk_loss(model, logits, seg)
+        loss = chunk_loss(model, logits, seg, learn)
         full = outer and model.config.cms.meta_grad == "full"
         grads = torch.autograd.grad(loss, thetas, retain_graph=outer, create_graph=full)
     for n, where in enumerate(levels):
@@ -143,14 +154,18 @@ def _inner_step(model: nn.Module, seg: Tensor, hidden: Tensor | None, layers: li
     return logits, new
 
 
-def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dict):
+def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dict, learn: Tensor | None = None):
     """The forward pass of a LanguageModel (`model`, which imports this module) with learning task-loss levels:
-    logits (b, t, V), the new layers, and the new `task` part of the state (the position; the chunk in progress and
-    every layer's state at its start)."""
+    logits (b, t, V), the new layers, and the new `task` part of the state (the position; the chunk in progress, its
+    `learn` mask, and every layer's state at its start). `learn` (b, t) bool: which tokens' next-token predictions
+    drive the steps (None: every one)."""
     C = _chunk(model.task_levels)
     position, pending, start = task["position"], task["chunk"], task["start"]
     if pending is not None:  # a chunk begun by an earlier call: computed again from its start, whole
         x, layers, skip = torch.cat([pending, tokens], dim=1), start, pending.shape[1]
+        before = task.get("learn")  # absent from a state saved before masks existed: every token learnt
+        if learn is not None or before is not None:
+            learn = torch.cat([_mask(before, pending), _mask(learn, tokens)], dim=1)
     else:
         x, skip = tokens, 0
     base = position - skip  # the stream position of x[:, 0], a multiple of C
@@ -167,19 +182,28 @@ def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dic
             h, layers = model.run_blocks(model.embed(x[:, cut:]), mid, 0, first)
             pieces.append(h)
         below = torch.cat(pieces, dim=1)  # (b, t, dim)
-    out, pending, start = [], None, None
+    out, pending, pending_learn, start = [], None, None, None
     for lo in range(0, x.shape[1], C):
         seg = x[:, lo : lo + C]
         h = None if below is None else below[:, lo : lo + C]
+        mask = None if learn is None else learn[:, lo : lo + C]
         if seg.shape[1] == C:
-            logits, layers = _inner_step(model, seg, h, layers, base + lo + C, outer)
+            logits, layers = _inner_step(model, seg, mask, h, layers, base + lo + C, outer)
         else:  # the chunk goes on in a later call: read it with the current weights, step then
             # its start state: the blocks below as they were where it starts, the others as they are now
-            pending, start = seg, layers if not first else [*mid[:first], *layers[first:]]
+            pending, pending_learn, start = seg, mask, layers if not first else [*mid[:first], *layers[first:]]
             logits, layers = model.forward_blocks(seg, layers, first=first, hidden=h)
         out.append(logits)
     logits = torch.cat(out, dim=1)[:, skip:]
-    return logits, layers, {"position": position + tokens.shape[1], "chunk": pending, "start": start}
+    task = {"position": position + tokens.shape[1], "chunk": pending, "start": start}
+    if pending is not None and pending_learn is not None:
+        task["learn"] = pending_learn
+    return logits, layers, task
+
+
+def _mask(learn: Tensor | None, tokens: Tensor) -> Tensor:
+    """`learn` for `tokens` (b, t), every token learnt where it is None."""
+    return torch.ones_like(tokens, dtype=torch.bool) if learn is None else learn
 
 
 @contextlib.contextmanager
@@ -220,10 +244,11 @@ def commit(model: nn.Module, state, row: int = 0) -> None:
         level.down.copy_(s["down"][row])
 
 
-def reference_forward(model: nn.Module, tokens: Tensor) -> Tensor:
+def reference_forward(model: nn.Module, tokens: Tensor, learn: Tensor | None = None) -> Tensor:
     """The slow, obvious eq. 71, for tests: one sequence at a time; before the step after chunk i, the whole prefix is
     computed again from a fresh state with the weight history θ_0 … θ_i (chunk j read with θ_j), and the step takes
-    plain autograd's gradient of chunk i's summed next-token loss with respect to θ_i alone. Returns the logits of
+    plain autograd's gradient of chunk i's summed next-token loss (the tokens `learn` (b, t) marks, if given) with
+    respect to θ_i alone. Returns the logits of
     a last pass over the whole sequence with that history; the outer gradient flows through it to first order
     (each inner gradient a constant), or through the inner gradients too with meta_grad="full"."""
     levels = model.task_levels
@@ -243,6 +268,8 @@ def reference_forward(model: nn.Module, tokens: Tensor) -> Tensor:
             logits = _replay(model, x, [*history, leaves], c + 1)[:, c * C :]
             seg = x[:, c * C : (c + 1) * C]
             nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), seg[:, 1:].flatten(), reduction="none")
+            if learn is not None:
+                nll = nll * learn[r, c * C : (c + 1) * C - 1]
             if model.task_rate is not None:  # η_t = task_lr · 2σ(w·e_t + b), token t predicting token t + 1
                 nll = nll * 2 * torch.sigmoid(model.task_rate(model.embed(seg[0, :-1])))[:, 0]
             loss = nll.sum()

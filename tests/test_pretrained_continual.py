@@ -185,7 +185,7 @@ def test_memorize_carries_each_rows_fast_weights_into_the_next_row(llama, langs,
     from nestlearn.task_cms import _with
 
     model, _ = make_model(memorizing(llama, langs, cache))
-    x = torch.randint(0, model.config.vocab_size, (2, 33))
+    x = torch.randint(1, model.config.vocab_size, (2, 33))  # no end-of-text (0 below): no padding
     ((i, j, level),) = model.task_levels
     fresh = model.init_state(1)
     with torch.no_grad():
@@ -195,10 +195,22 @@ def test_memorize_carries_each_rows_fast_weights_into_the_next_row(llama, langs,
         layers = _with(fresh.layers, model.task_levels[0], {**fresh.layers[i]["cms"][j], **learnt})
         _, second = model(x[1:, :-1], ModelState(layers, fresh.task))
     theta_0 = level.up.detach().clone()
-    continual._memorize(model, x)
+    continual._memorize(model, x, eos_id=0)
     assert not torch.equal(level.up, theta_0)
     torch.testing.assert_close(level.up, second.layers[i]["cms"][j]["up"][0])
     torch.testing.assert_close(level.down, second.layers[i]["cms"][j]["down"][0])
+
+
+def test_memorize_does_not_learn_from_padding(llama, langs, cache):
+    model, _ = make_model(memorizing(llama, langs, cache))
+    ((_, _, level),) = model.task_levels
+    theta_0 = level.up.detach().clone()
+    continual._memorize(model, torch.zeros(2, 33, dtype=torch.long), eos_id=0)  # bbc's left-padding, all of it
+    assert torch.equal(level.up, theta_0)
+    padded = torch.randint(1, model.config.vocab_size, (1, 33))
+    padded[0, :17] = 0  # the first chunk of 16 is padding; the text after it is learnt
+    continual._memorize(model, padded, eos_id=0)
+    assert not torch.equal(level.up, theta_0)
 
 
 def test_memorize_measures_general_ability_before_on_the_base_and_after_learning(llama, langs, cache, monkeypatch):

@@ -94,6 +94,27 @@ def test_a_stream_cut_anywhere_equals_one_call(cuts):
         torch.testing.assert_close(a["up"], b["up"], rtol=0, atol=1e-12)
 
 
+def test_a_learn_mask_equals_the_reference_streams_and_masks_what_it_says():
+    model, x = task_model(), tokens()
+    learn = torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) > 0.3
+    learn[0, :20] = False  # a padded start
+    whole, state = model(x, learn=learn)
+    assert not torch.allclose(whole, model(x)[0])  # the mask is used
+    torch.testing.assert_close(whole, reference_forward(model, x, learn), rtol=0, atol=1e-10)
+    parts, s = [], None
+    for lo, hi in ((0, 5), (5, 13), (13, 29), (29, 44)):  # mid-chunk cuts: the pending chunk keeps its mask
+        logits, s = model(x[:, lo:hi], s, learn=learn[:, lo:hi])
+        parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-12)
+    _, silent = model(x[:, :16], learn=torch.zeros(2, 16, dtype=torch.bool))
+    for j, level in enumerate(model.blocks[1].cms.levels[:2]):  # nothing learnt: θ_0 still
+        torch.testing.assert_close(silent.layers[1]["cms"][j]["up"][0], level.up, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"bool tensor shaped like tokens \(2, 44\)"):
+        model(x, learn=learn[:, :10])
+    with pytest.raises(ValueError, match="0 such levels"):
+        task_model(periods=(None,))(x, learn=learn)
+
+
 def test_rows_and_the_future_never_leak():
     model, x = task_model(), tokens()
     base, _ = model(x)
@@ -154,9 +175,9 @@ def test_a_level_reading_its_own_chunk_would_be_caught(monkeypatch):
     honest, _ = model(x)
     original = task_cms._inner_step
 
-    def peeking(model, seg, hidden, layers, end, outer):
-        _, stepped = original(model, seg, hidden, layers, end, outer)
-        return original(model, seg, hidden, stepped, end + seg.shape[1], outer)
+    def peeking(model, seg, learn, hidden, layers, end, outer):
+        _, stepped = original(model, seg, learn, hidden, layers, end, outer)
+        return original(model, seg, learn, hidden, stepped, end + seg.shape[1], outer)
 
     monkeypatch.setattr(task_cms, "_inner_step", peeking)
     assert not torch.allclose(model(x)[0], honest)

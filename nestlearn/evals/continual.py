@@ -207,16 +207,19 @@ def _loss(model, x: Tensor, mask: Tensor, general_rows: int = 0) -> Tensor:
 
 
 @torch.no_grad()  # the in-context levels still step: task_cms enables gradients for their inner steps alone
-def _memorize(model, x: Tensor) -> Tensor:
+def _memorize(model, x: Tensor, eos_id: int) -> Tensor:
     """The memorize strategy's step: the batch's rows read in turn, as one stream, by the in-context levels alone
     (eq. 71, in context); each row starts from the fast weights the last one ended with (`task_cms.commit`: θ_0 ←
     them), its attention cache dropped as between training rows. Every token's loss counts, the facts' mask too (the
-    levels learn from what they read). Returns the rows' next-token loss as read, each chunk before its own step."""
+    levels learn from what they read), except padding's: an end-of-text followed by another (bbc's left-padding) is
+    not text, and does not drive a step. Returns the rows' next-token loss as read (padding's too), each chunk before
+    its own step."""
     was_training = model.training
     model.eval()
     losses = []
     for row in x:  # (T + 1,)
-        logits, state = model(row[None, :-1])  # (1, T, V)
+        padding = (row[:-1] == eos_id) & (row[1:] == eos_id)  # (T,): predicting end-of-text after end-of-text
+        logits, state = model(row[None, :-1], learn=~padding[None])  # (1, T, V)
         losses.append(F.cross_entropy(logits[0].float(), row[1:]))
         commit(model, state)
     model.train(was_training)
@@ -413,7 +416,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 started = time.perf_counter()
                 x, mask = task.batch(rng, config.batch_size, config.seq_len)
                 if config.strategy == "memorize":
-                    loss = _memorize(model, x)
+                    loss = _memorize(model, x, tokenizer.eos_id)
                 else:
                     lr = config.lr * min(1.0, (step + 1) / config.warmup_steps)
                     for g in opt.param_groups:
