@@ -5,7 +5,7 @@ script names them, chooses each strategy's learning rate on the first task, runs
 the tables and the picture of docs/results.md.
 
     python experiments/pretrained_study.py sweep                      # choose the learning rates (below)
-    python experiments/pretrained_study.py plan [--stream facts]      # every run's command
+    python experiments/pretrained_study.py plan [--stream facts]      # every run's command, and which are done
     python experiments/pretrained_study.py run facts-lora --seed 0    # one run, into runs/study/facts-lora-s0
     python experiments/pretrained_study.py run facts-lora facts-ewc --seeds 0 1   # several, finished ones skipped
     python experiments/pretrained_study.py report --picture docs/img/study.png   # a table and picture per stream
@@ -63,6 +63,7 @@ import sys
 from pathlib import Path
 
 from nestlearn.cli import main as nestlearn
+from nestlearn.evals.continual import PROGRESS_FILE
 
 # what every run of a stream shares: the same tokens per task for every strategy
 TRAIN = ["--steps-per-task", "30", "--batch-size", "4", "--seq-len", "128", "--warmup-steps", "5"]  # per task
@@ -411,6 +412,17 @@ def run_all(names: list[str], seeds: list[int], root: Path, init: str, rates: di
     return 0
 
 
+def _progress(folder: Path, first_comment: bool) -> str:
+    """What `run` would do with a run's folder, as the end of its plan line: nothing (done), resume, or start."""
+    if (folder / "results.json").is_file():
+        word = "done"
+    elif (folder / PROGRESS_FILE).is_file():
+        word = f"stopped part-way: `run` resumes it from {PROGRESS_FILE}"
+    else:
+        return ""
+    return f"   # {word}" if first_comment else f"; {word}"
+
+
 def _model_dir() -> str:
     from nestlearn.data.weights import model_dir
 
@@ -611,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         rates = chosen_rates(args.root)
         if args.action == "plan":
             for name in (n for n, (stream, _) in RUNS.items() if args.stream in (None, stream)):
-                print(_described(name, command(name, args.seed, args.root, init, rates), rates, args.root))
+                line = _described(name, command(name, args.seed, args.root, init, rates), rates, args.root)
+                print(line + _progress(args.root / f"{name}-s{args.seed}", "#" not in line))
             return 0
         return run_all(args.names, args.seeds or [args.seed], args.root, init, rates)
     except ValueError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -206,6 +207,18 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
     assert ps.main(["plan", "--stream", "bbc", "--init", "MODEL", "--root", str(tmp_path)]) == 0
     plan = capsys.readouterr().out.splitlines()
     assert len(plan) == len(ps.STRATEGIES) and all("--stream bbc" in line for line in plan)
+    # each line says what `run` would do with its folder: skip it (done), resume it, or (nothing said) start it
+    for folder, file in (("bbc-base-s0", "results.json"), ("bbc-lora-s0", "progress.pt")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / file).write_text("{}")
+    assert ps.main(["plan", "--stream", "bbc", "--init", "MODEL", "--root", str(tmp_path)]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[0].endswith("bbc-base-s0   # done") and plan[2].endswith(
+        "; stopped part-way: `run` resumes it from progress.pt"
+    )
+    assert sum("#" in line and ("done" in line or "part-way" in line) for line in plan) == 2
+    for folder in ("bbc-base-s0", "bbc-lora-s0"):
+        shutil.rmtree(tmp_path / folder)
     runs = (
         ("facts-lora-s0", 0.5, 1.10, True),
         ("facts-base-s0", 0.0, 1.05, True),
