@@ -105,7 +105,65 @@ def _inner_step(
     """One full chunk: logits with the current weights, then every learning level's gradient of the chunk's summed
     next-token loss, added to its period's sum, and a step where `end` (the stream position after the chunk) closes
     a period. `learn`: chunk_loss's. `hidden`: the output of the blocks below the first that learns, computed once for
-    the whole call (None when the first block learns). Returns logits (b, C, V) and the new layers."""
+    the whole call (None when the first block learns). Returns logits (b, C, V) and the new layers.
+
+    With the outer graph (`outer`), the chunk is computed on a graph of its own, every incoming state a leaf of it,
+    and joined to the stream's graph by `_Join`: an inner `autograd.grad` walks every node it can reach from the
+    loss, so on one connected graph the step of chunk n would walk the graphs of all n − 1 before it (a window of n
+    chunks then costs O(n²): at T = 1024 the last quarter's steps took 5× the first's)."""
+    if not outer:
+        return _chunk_step(model, seg, learn, hidden, layers, end, outer)
+    inputs = [t for t in _tensors((layers, hidden)) if t.requires_grad]
+    layers, hidden = tree_map(lambda t: t.detach().requires_grad_() if t.requires_grad else t, (layers, hidden))
+    leaves = [t for t in _tensors((layers, hidden)) if t.requires_grad]  # in the order of `inputs`
+    logits, new = _chunk_step(model, seg, learn, hidden, layers, end, outer)
+    outs = [t for t in _tensors((logits, new)) if t.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    joined = iter(_Join.apply((outs, leaves, params), *inputs, *params))
+    return tree_map(lambda t: next(joined) if t.requires_grad else t, (logits, new))
+
+
+def _tensors(tree) -> list[Tensor]:
+    """The tensors of a nested state, in `tree_map`'s order."""
+    found = []
+    tree_map(found.append, tree)
+    return found
+
+
+class _Join(torch.autograd.Function):
+    """A chunk's own graph as one node of the stream's: forward passes the chunk's outputs on; backward takes the
+    gradients reaching them back through the chunk's graph to its leaves, each the copy of a state the chunk started
+    from (`inputs`, whose gradients these become), and to the model's parameters, which it read directly."""
+
+    @staticmethod
+    def forward(ctx, graph, *inputs):
+        ctx.graph = graph
+        ctx.set_materialize_grads(False)
+        return tuple(t.detach() for t in graph[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        outs, leaves, params = ctx.graph
+        used = [(t, g) for t, g in zip(outs, grads, strict=True) if g is not None]
+        if not used:
+            return (None, *[None] * (len(leaves) + len(params)))
+        found = torch.autograd.grad(
+            [t for t, _ in used], [*leaves, *params], [g for _, g in used], retain_graph=True, allow_unused=True
+        )
+        return (None, *found)
+
+
+def _chunk_step(
+    model: nn.Module,
+    seg: Tensor,
+    learn: Tensor | None,
+    hidden: Tensor | None,
+    layers: list[dict],
+    end: int,
+    outer: bool,
+):
+    """`_inner_step` on whatever graph its inputs have."""
     levels = model.task_levels
     C = _chunk(levels)
     with torch.enable_grad():

@@ -184,6 +184,32 @@ def test_a_level_reading_its_own_chunk_would_be_caught(monkeypatch):
     assert not torch.allclose(model(x)[0], reference_forward(model, x))
 
 
+def test_each_inner_step_walks_its_own_chunks_graph_only(monkeypatch):
+    # an inner autograd.grad walks every node its loss reaches: on one graph for the stream, chunk n's step would
+    # walk all n − 1 chunks before it (quadratic in the window)
+    import nestlearn.task_cms as task_cms
+
+    reached, original = [], task_cms.chunk_loss
+
+    def counting(*args):
+        loss = original(*args)
+        seen, todo = set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                todo.extend(n for n, _ in node.next_functions)
+        reached.append(len(seen))
+        return loss
+
+    monkeypatch.setattr(task_cms, "chunk_loss", counting)
+    model, x = task_model(), tokens(t=64)
+    model(x)[0].sum().backward()  # the outer graph: eight chunks of 8
+    # as many nodes for the eighth chunk as for the first (a chunk opening a period has a few more; on one graph
+    # the eighth reached 9.7× the first's)
+    assert len(reached) == 8 and max(reached) < 1.1 * min(reached), reached
+
+
 def test_evaluation_and_generation_keep_learning():
     model, x = task_model(), tokens(b=1, t=40)
     with torch.no_grad():
