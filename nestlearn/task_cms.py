@@ -154,16 +154,8 @@ class _Join(torch.autograd.Function):
         return (None, *found)
 
 
-def _chunk_step(
-    model: nn.Module,
-    seg: Tensor,
-    learn: Tensor | None,
-    hidden: Tensor | None,
-    layers: list[dict],
-    end: int,
-    outer: bool,
-):
-    """`_inner_step` on whatever graph its inputs have."""
+def _chunk_step(model: nn.Module, seg: Tensor, learn, hidden, layers: list[dict], end: int, outer: bool):
+    """`_inner_step` (the same arguments) on whatever graph its inputs have."""
     levels = model.task_levels
     C = _chunk(levels)
     with torch.enable_grad():
