@@ -145,7 +145,8 @@ class LanguageModel(nn.Module):
         """A fresh state for `batch_size` sequences. Memories start from their meta-learned initial values."""
         p = self.embed.weight
         layers = [blk.init_state(batch_size, p.device, p.dtype) for blk in self.blocks]
-        return ModelState(layers, {"position": 0, "chunk": None, "start": None} if self.task_levels else None)
+        task = {"position": 0, "chunk": None, "start": None, "learn": None}  # task_forward's chunk in progress
+        return ModelState(layers, task if self.task_levels else None)
 
     # --- forward ---
 

@@ -245,9 +245,7 @@ def task_forward(model: nn.Module, tokens: Tensor, layers: list[dict], task: dic
             logits, layers = model.forward_blocks(seg, layers, first=first, hidden=h)
         out.append(logits)
     logits = torch.cat(out, dim=1)[:, skip:]
-    task = {"position": position + tokens.shape[1], "chunk": pending, "start": start}
-    if pending is not None and pending_learn is not None:
-        task["learn"] = pending_learn
+    task = {"position": position + tokens.shape[1], "chunk": pending, "start": start, "learn": pending_learn}
     return logits, layers, task
 
 
