@@ -462,6 +462,7 @@ def _rows(root: Path) -> dict[str, list[dict]]:
                 "untrained": sum(r["baseline"]) / len(r["baseline"]),
                 "forgetting": m["forgetting"],
                 "bwt": m["bwt"],
+                "fwt": m.get("fwt"),  # forward transfer: each task scored just before it is learnt, less untrained
                 "bpb_change": change("wiki_bits_per_byte"),
                 "squad_f1_change": change("squad_f1"),
                 "f1_lost": f1_lost,
@@ -498,7 +499,7 @@ def _cell(xs: list[float | None], fmt: str) -> str:
 def report(root: Path, picture: Path | None) -> str:
     """Per stream: a Markdown table with one row per run folder under `root` (the strategy, R's average score, its
     gain over the untrained model in the direction the metric improves: bits per byte saved, accuracy or exact
-    match gained; forgetting, BWT, the change in general ability, trainable parameters, tokens/s), then one row per
+    match gained; forgetting, BWT, FWT, the change in general ability, trainable parameters, tokens/s), then one row per
     run over its seeds, mean ± standard deviation; with `picture`, a picture per stream (PICTURE's name with the
     stream's added: study.png -> study-facts.png)."""
     streams = _rows(root)
@@ -514,21 +515,22 @@ def report(root: Path, picture: Path | None) -> str:
         out += [
             f"**{stream}** ({metric})",
             "",
-            f"| run | strategy | {metric} | gain | forgetting | BWT | Δ wiki bpb | Δ SQuAD F1 | trained | tok/s "
+            f"| run | strategy | {metric} | gain | forgetting | BWT | FWT | Δ wiki bpb | Δ SQuAD F1 | trained | tok/s "
             "| min |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for x in rows:
             out.append(
                 f"| {x['run']} | {x['strategy']} | {x['average']:.3f} | {x['gain']:+.3f} | "
-                f"{f(x['forgetting'], '+.3f')} | {f(x['bwt'], '+.3f')} | {f(x['bpb_change'], '+.3f')} | "
+                f"{f(x['forgetting'], '+.3f')} | {f(x['bwt'], '+.3f')} | {f(x['fwt'], '+.3f')} | "
+                f"{f(x['bpb_change'], '+.3f')} | "
                 f"{f(x['squad_f1_change'], '+.3f')} | {f(x['trainable'], ',')} | {f(x['tokens_per_s'], '.0f')} | "
                 f"{x['minutes']:.0f} |"
             )
         out += [
             "",
-            f"| run | seeds | {metric} | gain | forgetting | BWT | Δ wiki bpb | SQuAD F1 lost (%) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| run | seeds | {metric} | gain | forgetting | BWT | FWT | Δ wiki bpb | SQuAD F1 lost (%) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, group in _by_name(rows).items():
             cells = [_cell([x[k] for x in group], fmt) for k, fmt in _SUMMARY]
@@ -540,7 +542,8 @@ def report(root: Path, picture: Path | None) -> str:
 
 
 # the over-seeds table's columns after the run and its seeds: (row key, format)
-_SUMMARY = [("average", ".3f"), ("gain", "+.3f"), ("forgetting", "+.3f"), ("bwt", "+.3f"), ("bpb_change", "+.3f")]
+_SUMMARY = [("average", ".3f"), ("gain", "+.3f"), ("forgetting", "+.3f"), ("bwt", "+.3f"), ("fwt", "+.3f")]
+_SUMMARY += [("bpb_change", "+.3f")]
 _SUMMARY += [("f1_lost", ".0f")]
 # Lin et al. 2025 (sparse memory fine-tuning): held-out QA F1 lost after learning new facts, in %
 PUBLISHED_F1_LOST = {"full fine-tuning": 89, "LoRA": 71, "sparse memory fine-tuning": 11}
