@@ -96,10 +96,17 @@ def test_summary_averages_the_seeds_of_one_setting_and_keeps_settings_apart():
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "ewc", "replay", "levels"])
-def test_every_strategy_fills_the_matrix(two_languages, strategy, tmp_path):
+def test_every_strategy_fills_the_matrix(two_languages, strategy, tmp_path, capsys):
     extra = {"preset": "hope", "update_periods": "8,64"} if strategy == "levels" else {}
     result = run(small(tasks=two_languages, strategy=strategy, data_root=str(tmp_path), **extra))
     R = np.asarray(result["R"])
+    # a line a task in the log, with R's row, even with the progress bar off
+    log = [line for line in capsys.readouterr().err.splitlines() if " learnt (3 steps, last loss " in line]
+    assert [line.split(" learnt")[0] for line in log] == [
+        "nestlearn continual: task 1/2 aaa",
+        "nestlearn continual: task 2/2 xyz",
+    ]
+    assert log[1].endswith(f"bits per byte: aaa {R[1, 0]:.3f}, xyz {R[1, 1]:.3f}")
     assert R.shape == (2, 2) and np.isfinite(R).all() and len(result["baseline"]) == 2
     assert result["tasks"] == ["aaa", "xyz"] and result["metric"] == "bits per byte"
     assert set(result["metrics"]) == {"average", "bwt", "forgetting", "fwt"}

@@ -450,6 +450,15 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 replay.remember(task, rng, config.batch_size, config.seq_len)
             R.append(score_all(i))
             save(i + 1, 0)  # a task done is never redone
+            # one line a task, with or without the bar: what a run in the background shows in its log
+            scores = ", ".join(f"{t.name} {r:.3f}" for t, r in zip(tasks, R[-1], strict=True))
+            last = f", last loss {losses[-1]['loss']:.3f}" if losses else ""
+            print(
+                f"nestlearn continual: task {i + 1}/{len(tasks)} {task.name} learnt ({config.steps_per_task} "
+                f"steps{last}); {tasks[0].metric}: {scores}",
+                file=sys.stderr,
+                flush=True,
+            )
     higher = tasks[0].higher_is_better
     # the base alone is the model it started as: its general ability is the one measured before
     general_after = general_before if config.strategy == "none" else general() if general_before is not None else None
