@@ -542,9 +542,15 @@ def report(root: Path, picture: Path | None) -> str:
 
 
 # the over-seeds table's columns after the run and its seeds: (row key, format)
-_SUMMARY = [("average", ".3f"), ("gain", "+.3f"), ("forgetting", "+.3f"), ("bwt", "+.3f"), ("fwt", "+.3f")]
-_SUMMARY += [("bpb_change", "+.3f")]
-_SUMMARY += [("f1_lost", ".0f")]
+_SUMMARY = [
+    ("average", ".3f"),
+    ("gain", "+.3f"),
+    ("forgetting", "+.3f"),
+    ("bwt", "+.3f"),
+    ("fwt", "+.3f"),
+    ("bpb_change", "+.3f"),
+    ("f1_lost", ".0f"),
+]
 # Lin et al. 2025 (sparse memory fine-tuning): held-out QA F1 lost after learning new facts, in %
 PUBLISHED_F1_LOST = {"full fine-tuning": 89, "LoRA": 71, "sparse memory fine-tuning": 11}
 
