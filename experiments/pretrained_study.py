@@ -103,6 +103,7 @@ RUNS = {
 # On the first task EWC has no Fisher yet (its penalty is 0) and replay's buffer is empty, so both train exactly as
 # fine-tuning (tested): a sweep of theirs would repeat fine-tuning's runs number for number, and the protocol's
 # first-task choice for them is fine-tuning's.
+STYLE_ORDER = [*STRATEGIES, "base-reading"]  # a strategy's marker and colour in the pictures
 FIRST_TASK_AS = {"facts-ewc": "facts-finetune", "facts-replay": "facts-finetune"}
 MAX_BPB_DAMAGE = 0.10  # the rule's bound on Δ wiki bits per byte after the first task (module docstring)
 MIN_LEARNED = 0.10  # the rule's floor: a rate learns when task-1 exact match beats the untrained model's by this
@@ -570,16 +571,19 @@ def _plot(rows: list[dict], stream: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    groups = _by_name(rows)
     for ax, key, label in (
         (axes[0], "bpb_change", "general text lost: Δ wiki bits per byte (right is worse)"),
         (axes[1], "f1_lost", "reading comprehension lost: SQuAD F1 lost, % of the base's"),
     ):
-        for name, group in _by_name(rows).items():
+        # a legend, not labels at the points (strategies that fail alike land on one spot), and one marker and
+        # colour per strategy on every stream's picture
+        for name, group in groups.items():
             x, y = _mean_sd([g[key] for g in group]), _mean_sd([g["gain"] for g in group])
             x = x or (0.0, None)
-            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", capsize=3)
-            ax.annotate(name, (x[0], y[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            i = STYLE_ORDER.index(name.removeprefix(f"{stream}-")) % 10
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="osD^v<>ps*"[i], color=f"C{i}", capsize=3, label=name)
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_xlabel(label)
@@ -597,7 +601,9 @@ def _plot(rows: list[dict], stream: str, path: Path) -> None:
         )
     axes[0].set_ylabel(f"learned: {rows[0]['metric']} gained over the base")
     fig.suptitle(f"SmolLM2-135M, {stream} stream (mean ± sd over seeds)")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
