@@ -4,14 +4,17 @@ corpora, and the command's outputs."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from nestlearn import presets
+from nestlearn.cli import continual as cli_continual
 from nestlearn.cli import main as cli
 from nestlearn.data.corpora import BBC_CLASSES, write_documents
 from nestlearn.evals import continual
@@ -201,7 +204,7 @@ def test_general_replay_puts_general_rows_first_from_the_first_task_and_weighs_t
     assert seen == [1] * config.steps_per_task
 
 
-def test_class_incremental_stream_and_command(tmp_path):
+def test_class_incremental_stream_and_command(tmp_path, monkeypatch, capsys):
     # five classes, each with its own words; the first line of a document is its class (the bbc corpus format)
     root = tmp_path / "corpora"
     for split, n in (("train", 40), ("validation", 10), ("test", 10)):
@@ -210,32 +213,29 @@ def test_class_incremental_stream_and_command(tmp_path):
     tasks = make_stream("bbc", [str(root / "bbc-local")], None, 32)
     assert [t.name for t in tasks] == list(BBC_CLASSES) and all(len(t.valid) == 2 for t in tasks)
     out = tmp_path / "out"
-    assert (
-        cli(
-            [
-                "continual",
-                "--stream",
-                "bbc",
-                "--tasks",
-                str(root / "bbc-local"),
-                "--steps-per-task",
-                "2",
-                "--batch-size",
-                "2",
-                "--seq-len",
-                "32",
-                "--out-dir",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    args = ["continual", "--stream", "bbc", "--tasks", str(root / "bbc-local"), "--steps-per-task", "2"]
+    args += ["--batch-size", "2", "--seq-len", "32", "--out-dir", str(out), "--no-progress"]
+    assert cli(args) == 0
     result = json.loads((out / "results.json").read_text())
     R = np.asarray(result["R"])
     assert R.shape == (5, 5) and ((R >= 0) & (R <= 1)).all() and result["metric"] == "accuracy"
     assert R[0, 0] == 1.0  # after the first task, its class is the only candidate
     assert (out / "continual.png").stat().st_size > 0
+    # finished: its progress (the model and optimizer) removed, and the same command trains nothing again
+    assert not (out / continual.PROGRESS_FILE).exists()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(cli_continual, "run", lambda *a: pytest.fail("a finished run was trained again"))
+        assert cli(args) == 0
+    printed = capsys.readouterr()
+    assert "is finished; its results again (from results.json)" in printed.err
+    assert "business" in printed.out and (out / "results.json").read_text() == json.dumps(result, indent=2) + "\n"
+    # a different run is refused, not written over the finished one
+    assert cli([*args, "--lr", "1e-2"]) == 1
+    assert "holds the results of a different run (lr: 0.003 there, 0.01 now)" in capsys.readouterr().err
+    # --keep-progress keeps it
+    assert cli([*args[:-3], "--out-dir", str(tmp_path / "kept"), "--no-progress", "--keep-progress"]) == 0
+    assert (tmp_path / "kept" / continual.PROGRESS_FILE).is_file()
 
 
 def test_the_base_alone_is_scored_among_the_classes_seen_at_each_stage(tmp_path, monkeypatch):
@@ -342,3 +342,19 @@ def test_level_stacking_starts_cms_levels_from_a_trained_models_mlps(two_languag
         source2.save_pretrained(tmp_path / "src2")
         train_bpe(["the river runs to the sea " * 50], 300).save(tmp_path / "src2")
         build_model(small(preset="hope", init_from=str(tmp_path / "src2")))
+
+
+def test_a_full_disk_costs_the_run_its_progress_file_not_the_run(two_languages, tmp_path, monkeypatch, capsys):
+    def full(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    config = small(tasks=two_languages, data_root=str(tmp_path))
+    monkeypatch.setattr(continual.torch, "save", full)
+    result = run(config, tmp_path / "progress.pt")
+    monkeypatch.undo()
+    assert np.asarray(result["R"]).shape == (2, 2) and np.isfinite(result["R"]).all()
+    err = capsys.readouterr().err
+    assert err.count("could not save") == 2, err  # after each task, said each time
+    assert "(No space left on device); the run goes on, but if it is stopped now it starts again from the " in err
+    assert list(tmp_path.glob("*progress*")) == []  # nothing half-written left

@@ -318,9 +318,10 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         model.train()
         return out
 
-    def save(task: int, task_step: int) -> None:
+    def save(task: int, task_step: int) -> bool:
+        """Whether everything done so far is now in `progress_file`."""
         if progress_file is None:
-            return
+            return False
         sd = {
             "config": json.dumps(_progress_key(config)),
             "task": task,
@@ -343,8 +344,19 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         }
         path = Path(progress_file)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(sd, tmp)
-        os.replace(tmp, path)  # whole or not at all
+        try:
+            torch.save(sd, tmp)
+            os.replace(tmp, path)  # whole or not at all
+        except OSError as e:  # a full disk costs the run its resumability, not the run
+            tmp.unlink(missing_ok=True)
+            print(
+                f"nestlearn continual: could not save {path} ({e.strerror or e}); the run goes on, but if it is "
+                f"stopped now it starts again from {'the last save' if path.is_file() else 'the beginning'}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
+        return True
 
     def general() -> dict | None:
         """General ability kept (nestlearn.evals.general), without its per-item predictions; None when off."""
@@ -437,8 +449,14 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 step += 1
                 if stop.requested and j + 1 < config.steps_per_task:
                     bar.close()
-                    save(i, j + 1)
-                    where = "nothing saved (no progress file)" if progress_file is None else f"saved {progress_file}"
+                    saved_now = save(i, j + 1)
+                    where = (
+                        f"saved {progress_file}"
+                        if saved_now
+                        else "nothing saved (no progress file)"
+                        if progress_file is None
+                        else f"{progress_file} could not be saved"
+                    )
                     raise Interrupted(
                         stop.signum,
                         f"stopped by {stop.name} at step {j + 1} of {config.steps_per_task} of task {i + 1}/"
@@ -494,18 +512,37 @@ def _read_progress(path: str | Path | None, config: ContinualConfig) -> dict | N
         raise ValueError(
             f"cannot read {path} ({first}): it is corrupt or incomplete; delete it to start the run afresh"
         ) from e
-    theirs, ours = json.loads(saved["config"]), _progress_key(config)
-    # a setting the saved run does not name came after it: it ran as that setting's default
-    defaults = {f.name: f.default for f in dataclasses.fields(ContinualConfig)}
-    theirs = {k: theirs.get(k, defaults.get(k)) for k in ours}
-    diff = {k: (theirs[k], v) for k, v in ours.items() if theirs[k] != v}
-    if diff:
-        detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+    detail = _differences(json.loads(saved["config"]), config)
+    if detail:
         raise ValueError(
             f"{path} is the progress of a different run ({detail}); resume it with its settings, or choose "
             "another --out-dir"
         )
     return saved
+
+
+def finished_result(path: str | Path, config: ContinualConfig) -> dict | None:
+    """The results.json at `path` when it is this config's finished run, None when there is none; a different
+    run's is refused (as `_read_progress` refuses a different run's progress), so that it is never overwritten."""
+    if not Path(path).is_file():
+        return None
+    result = json.loads(Path(path).read_text())
+    detail = _differences(result["config"], config)
+    if detail:
+        raise ValueError(
+            f"{path} holds the results of a different run ({detail}); rerun it with its settings, or choose "
+            "another --out-dir"
+        )
+    return result
+
+
+def _differences(theirs: dict, config: ContinualConfig) -> str:
+    """What a saved run's config and this one differ in, as 'name: theirs there, ours now, ...'; '' if nothing."""
+    ours = _progress_key(config)
+    # a setting the saved run does not name came after it: it ran as that setting's default
+    defaults = {f.name: f.default for f in dataclasses.fields(ContinualConfig)}
+    theirs = {k: theirs.get(k, defaults.get(k)) for k in ours}
+    return ", ".join(f"{k}: {theirs[k]!r} there, {v!r} now" for k, v in ours.items() if theirs[k] != v)
 
 
 # --- output ---
