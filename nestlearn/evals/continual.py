@@ -53,7 +53,7 @@ from torch import Tensor
 from .. import pretrained
 from ..interrupt import Interrupted, StopRequest
 from ..task_cms import commit, reading_only
-from .continual_report import plot, table
+from .continual_report import plot, summary, table
 from .continual_setup import (
     FROZEN_BASE,
     STRATEGIES,
@@ -543,38 +543,3 @@ def _differences(theirs: dict, config: ContinualConfig) -> str:
     defaults = {f.name: f.default for f in dataclasses.fields(ContinualConfig)}
     theirs = {k: theirs.get(k, defaults.get(k)) for k in ours}
     return ", ".join(f"{k}: {theirs[k]!r} there, {v!r} now" for k, v in ours.items() if theirs[k] != v)
-
-
-# --- output ---
-
-
-def summary(results: list[dict]) -> str:
-    """A Markdown table of runs that differ only in their seed, one row per setting (in the order first seen):
-    the mean of each metric over the seeds, ± the sample standard deviation when there are several."""
-    groups: dict[str, list[dict]] = {}
-    defaults = asdict(ContinualConfig())  # for fields that runs written before they existed do not have
-    for r in results:
-        c = {k: v for k, v in {**defaults, **r["config"]}.items() if k not in ("seed", "data_root", "progress")}
-        groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
-
-    def cell(xs: list[float | None], fmt: str) -> str:
-        if any(x is None for x in xs):
-            return "n/a"
-        text = format(float(np.mean(xs)), fmt)
-        return text + (f" ± {float(np.std(xs, ddof=1)):{fmt.lstrip('+')}}" if len(xs) > 1 else "")
-
-    lines = [
-        "| stream | preset | strategy | seeds | average | BWT | forgetting | FWT | minutes per run |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for runs in groups.values():
-        c, m = runs[0]["config"], [r["metrics"] for r in runs]
-        strategy = c["strategy"] + (f" {c['update_periods']}" if c.get("update_periods") else "")
-        strategy += f" rank {c['lora_rank']}" if c.get("lora_rank") else ""
-        strategy += f" {c['adapter']}" if c.get("adapter") else ""
-        seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
-        cells = [cell([x["average"] for x in m], ".3f")]
-        cells += [cell([x[k] for x in m], "+.3f") for k in ("bwt", "forgetting", "fwt")]
-        cells.append(cell([r["seconds"] / 60 for r in runs], ".1f"))
-        lines.append(f"| {c['stream']} | {c['preset']} | {strategy} | {seeds} | {' | '.join(cells)} |")
-    return "\n".join(lines)

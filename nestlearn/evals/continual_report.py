@@ -1,13 +1,17 @@
-"""What the continual-learning protocol prints and draws for one run: the matrix R as a Markdown table and as a
-figure (the summary over runs and seeds is `continual.summary`)."""
+"""What the continual-learning protocol prints and draws: for one run the matrix R as a Markdown table and as a
+figure, and over runs and seeds a summary table."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot", "table"]
+from .continual_setup import ContinualConfig
+
+__all__ = ["plot", "summary", "table"]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -71,4 +75,36 @@ def table(result: dict) -> str:
                 lines.append(
                     f"general ability, {label}: {before:.3f} before, {after:.3f} after ({after - before:+.3f})"
                 )
+    return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> str:
+    """A Markdown table of runs that differ only in their seed, one row per setting (in the order first seen):
+    the mean of each metric over the seeds, ± the sample standard deviation when there are several."""
+    groups: dict[str, list[dict]] = {}
+    defaults = asdict(ContinualConfig())  # for fields that runs written before they existed do not have
+    for r in results:
+        c = {k: v for k, v in {**defaults, **r["config"]}.items() if k not in ("seed", "data_root", "progress")}
+        groups.setdefault(json.dumps(c, sort_keys=True), []).append(r)
+
+    def cell(xs: list[float | None], fmt: str) -> str:
+        if any(x is None for x in xs):
+            return "n/a"
+        text = format(float(np.mean(xs)), fmt)
+        return text + (f" ± {float(np.std(xs, ddof=1)):{fmt.lstrip('+')}}" if len(xs) > 1 else "")
+
+    lines = [
+        "| stream | preset | strategy | seeds | average | BWT | forgetting | FWT | minutes per run |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for runs in groups.values():
+        c, m = runs[0]["config"], [r["metrics"] for r in runs]
+        strategy = c["strategy"] + (f" {c['update_periods']}" if c.get("update_periods") else "")
+        strategy += f" rank {c['lora_rank']}" if c.get("lora_rank") else ""
+        strategy += f" {c['adapter']}" if c.get("adapter") else ""
+        seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
+        cells = [cell([x["average"] for x in m], ".3f")]
+        cells += [cell([x[k] for x in m], "+.3f") for k in ("bwt", "forgetting", "fwt")]
+        cells.append(cell([r["seconds"] / 60 for r in runs], ".1f"))
+        lines.append(f"| {c['stream']} | {c['preset']} | {strategy} | {seeds} | {' | '.join(cells)} |")
     return "\n".join(lines)
