@@ -103,7 +103,6 @@ RUNS = {
 # On the first task EWC has no Fisher yet (its penalty is 0) and replay's buffer is empty, so both train exactly as
 # fine-tuning (tested): a sweep of theirs would repeat fine-tuning's runs number for number, and the protocol's
 # first-task choice for them is fine-tuning's.
-STYLE_ORDER = [*STRATEGIES, "base-reading"]  # a strategy's marker and colour in the pictures
 FIRST_TASK_AS = {"facts-ewc": "facts-finetune", "facts-replay": "facts-finetune"}
 MAX_BPB_DAMAGE = 0.10  # the rule's bound on Δ wiki bits per byte after the first task (module docstring)
 MIN_LEARNED = 0.10  # the rule's floor: a rate learns when task-1 exact match beats the untrained model's by this
@@ -554,6 +553,7 @@ _SUMMARY = [
 ]
 # Lin et al. 2025 (sparse memory fine-tuning): held-out QA F1 lost after learning new facts, in %
 PUBLISHED_F1_LOST = {"full fine-tuning": 89, "LoRA": 71, "sparse memory fine-tuning": 11}
+STYLE_ORDER = [*STRATEGIES, "base-reading"]  # a strategy's marker and colour in the pictures
 
 
 def _by_name(rows: list[dict]) -> dict[str, list[dict]]:
