@@ -14,8 +14,9 @@ the tables and the picture of docs/results.md.
 people, scored by exact match on questions worded unlike training); `languages`, the Debian handbook in three
 languages the base reads worst of those fetched (scored in bits per byte on each language's validation text); `bbc`,
 class-incremental BBC News (5 classes, one per task, scored by accuracy among the classes seen so far). Every
-strategy (`STRATEGIES`) runs on every stream; the base reading the facts in its prompt (`facts-base-reading`) on
-facts alone.
+strategy (`STRATEGIES`) runs on every stream; the base reading instead of learning, on facts (a person's facts in
+the prompt, `facts-base-reading`) and on bbc (two labelled articles of each class it chooses among,
+`bbc-base-reading`).
 
 **Learning rates, chosen once per strategy on the first task, then fixed** (the study's protocol). `sweep
 [STRATEGY ...] [--lrs LR,LR,...] [--seed 0]` trains each strategy on the facts stream's first task alone (the shared
@@ -99,6 +100,7 @@ SWEPT_ON = "facts"  # the stream whose first task chooses every strategy's rate,
 RUNS = {
     "facts-base-reading": ("facts", ["--strategy", "none", "--few-shot", "4"]),
     **{f"{stream}-{strategy}": (stream, flags) for stream in SHARED for strategy, flags in STRATEGIES.items()},
+    "bbc-base-reading": ("bbc", ["--strategy", "none", "--few-shot", "2"]),
 }
 # On the first task EWC has no Fisher yet (its penalty is 0) and replay's buffer is empty, so both train exactly as
 # fine-tuning (tested): a sweep of theirs would repeat fine-tuning's runs number for number, and the protocol's

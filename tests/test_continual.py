@@ -289,6 +289,45 @@ def test_class_scoring_pads_rows_to_the_longest_and_scores_the_first_eval_items(
         ContinualConfig(stream="languages", eval_items=5)
 
 
+def test_class_few_shot_puts_whole_labelled_training_examples_of_each_candidate_before_every_prompt(tmp_path):
+    """--few-shot k on bbc: the base reading the classes. Every scored row starts with k training examples of each
+    candidate class (none of another, none from the validation split), whole though the row is longer than
+    seq_len, then the validation prompt (cut as without them) and the candidate's name."""
+    root = tmp_path / "corpora"
+    for split, n in (("train", 10), ("validation", 5), ("test", 5)):
+        docs = [f"{BBC_CLASSES[i % 5]}\n{split} {i} " + " ".join([BBC_CLASSES[i % 5][:3]] * 3) for i in range(n)]
+        write_documents(root / "bbc-local" / f"{split}.txt", docs)
+    tasks = make_stream("bbc", [str(root / "bbc-local")], None, 32, few_shot=2)
+    candidates = ["business", "entertainment", "politics"]
+    context = tasks[2].context(candidates)
+    shots = [s for s in context.split("\n\n") if s]
+    assert len(shots) == 2 * 3 and all(s.startswith("train ") for s in shots)
+    assert sorted(s.rsplit("Topic: ", 1)[1] for s in shots) == sorted(candidates * 2)
+    assert [s.rsplit(" ", 1)[1] for s in shots] != sorted(candidates * 2)  # shuffled: the newest class not last
+    assert context == tasks[0].context(candidates)  # fixed by the candidates alone
+
+    rows = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            rows.extend(x.tolist())
+            return torch.zeros(*x.shape, 257), None
+
+    tasks[2].score(Recording(), 64, candidates=candidates)  # T = 64: the article itself is not cut
+    eos = tasks[2].tokenizer.eos_id
+    texts = [tasks[2].tokenizer.decode([t for t in row if t != eos]) for row in rows]
+    assert len(texts) == 1 * 3 and len(rows[0]) > 65  # one politics example, once per candidate; longer than T
+    for text, y in zip(texts, candidates, strict=True):
+        assert text.startswith(context) and text[len(context) :].startswith("validation 2 pol")
+        assert text.endswith(f"Topic: {y}")  # the answer's final newline is the one token not fed
+    assert make_stream("bbc", [str(root / "bbc-local")], None, 32)[2].context(candidates) == ""  # off by default
+    with pytest.raises(ValueError, match=r"few_shot=3 needs that many training examples.*\['business'"):
+        make_stream("bbc", [str(root / "bbc-local")], None, 32, few_shot=3)[0].context(["business"])
+    ContinualConfig(stream="bbc", few_shot=2)
+    with pytest.raises(ValueError, match="it needs --stream facts or bbc, not languages"):
+        ContinualConfig(stream="languages", few_shot=2)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="strategy='sgd'"):
         ContinualConfig(strategy="sgd")

@@ -199,14 +199,14 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
     ps = pretrained_study
     assert ps.main(["plan", "--init", "MODEL", "--root", str(tmp_path)]) == 0
     plan = capsys.readouterr().out.splitlines()
-    assert len(plan) == len(ps.RUNS) == 1 + len(ps.SHARED) * len(ps.STRATEGIES)
+    assert len(plan) == len(ps.RUNS) == 2 + len(ps.SHARED) * len(ps.STRATEGIES)  # and the base reading, facts and bbc
     for stream in ps.SHARED:  # every strategy on every stream, the stream's shared settings on each
         lines = [line for line in plan if f"--out-dir {tmp_path}/{stream}-" in line]
-        assert len(lines) == len(ps.STRATEGIES) + (stream == "facts")
+        assert len(lines) == len(ps.STRATEGIES) + (stream in ("facts", "bbc"))  # the base reading
         assert all(f"--init MODEL {' '.join(ps.SHARED[stream])} --strategy" in line for line in lines)
     assert ps.main(["plan", "--stream", "bbc", "--init", "MODEL", "--root", str(tmp_path)]) == 0
     plan = capsys.readouterr().out.splitlines()
-    assert len(plan) == len(ps.STRATEGIES) and all("--stream bbc" in line for line in plan)
+    assert len(plan) == len(ps.STRATEGIES) + 1 and all("--stream bbc" in line for line in plan)
     # each line says what `run` would do with its folder: skip it (done), resume it, or (nothing said) start it
     for folder, file in (("bbc-base-s0", "results.json"), ("bbc-lora-s0", "progress.pt")):
         (tmp_path / folder).mkdir()

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         type=non_negative_int,
         default=d.few_shot,
         help="facts: the set's statements put in every test prompt, e.g. 4 with --strategy none: the base reading "
-        f"the facts instead of learning them (default: {d.few_shot})",
+        "the facts instead of learning them; bbc: this many labelled training articles of every class it chooses "
+        f"among (default: {d.few_shot})",
     )
     p.add_argument(
         "--general-tokens",

@@ -65,7 +65,8 @@ class ContinualConfig:
     replay_from: str = "tasks"  # replay: rows of earlier tasks (a buffer), or "general": wiki's train split
     classes_per_task: int = 1
     people_per_set: int = 8  # facts: invented people per fact set (4 facts each, 2 test questions per fact)
-    few_shot: int = 0  # facts: the set's statements put in every test prompt (the base reading instead of learning)
+    # facts: the set's statements put in every test prompt; bbc: labelled training articles of every candidate class
+    few_shot: int = 0  # (the base reading instead of learning)
     # general ability kept, measured before the stream and after it: bits per byte on this many tokens of wiki's test
     # split, and exact match / F1 on this many SQuAD v2 dev questions in context (nestlearn.evals.general); 0: off
     general_tokens: int = 0
@@ -123,9 +124,10 @@ class ContinualConfig:
                 f"--eval-items {self.eval_items} caps the examples a classification task scores: it needs --stream "
                 f"bbc, not {self.stream} (language streams score --eval-tokens; facts every question of a set)"
             )
-        if self.few_shot and self.stream != "facts":
+        if self.few_shot and self.stream not in ("facts", "bbc"):
             raise ValueError(
-                f"--few-shot puts a fact set's statements in its prompts: it needs --stream facts, not {self.stream}"
+                f"--few-shot puts examples in every test prompt (a fact set's statements, or labelled articles of "
+                f"each class): it needs --stream facts or bbc, not {self.stream}"
             )
         if self.replay_from not in REPLAY_FROM:
             raise ValueError(f"replay_from={self.replay_from!r} is not known; expected one of {list(REPLAY_FROM)}")

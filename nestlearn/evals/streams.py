@@ -6,6 +6,7 @@ training. Text is read as bytes, or with a pretrained model's own tokenizer (`ma
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,9 @@ class ClassTask:
     """Class-incremental classification with a language model: an example is the start of an article, then
     "\\nTopic:" and the class name; training is next-token loss on the class name's tokens. Scoring picks, among the
     classes seen so far (`candidates`: those of every task trained on, and the task's own), the class name of
-    lowest mean negative log-likelihood per token (the mean, not the sum, so that short names are not favoured)."""
+    lowest mean negative log-likelihood per token (the mean, not the sum, so that short names are not favoured).
+    With `few_shot` = k, every scored prompt is preceded by k labelled training examples of each candidate class
+    (`demos`), in an order fixed by the candidates: the base reading the classes instead of learning them."""
 
     name: str
     labels: tuple[str, ...]
@@ -63,18 +66,39 @@ class ClassTask:
     valid: list[str]
     valid_labels: list[str]
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
+    few_shot: int = 0
+    demos: dict[str, list[str]] = field(default_factory=dict)  # class -> its first training prompts (few_shot)
     higher_is_better = True
     metric = "accuracy"
 
-    def _rows(self, prompts: list[str], answers: list[str], seq_len: int, fit: bool = False) -> tuple[Tensor, Tensor]:
+    def context(self, candidates: list[str]) -> str:
+        """The labelled examples put before every scored prompt: `few_shot` of each candidate class, shuffled by a
+        seed that the candidates fix (so the newest class is not always the last one read), "" without few_shot."""
+        if not self.few_shot:
+            return ""
+        missing = [y for y in candidates if len(self.demos.get(y, ())) < self.few_shot]
+        if missing:
+            raise ValueError(
+                f"few_shot={self.few_shot} needs that many training examples of every candidate class; "
+                f"{missing} have fewer (demos: { {y: len(d) for y, d in self.demos.items()} })"
+            )
+        shots = [(p, y) for y in candidates for p in self.demos[y][: self.few_shot]]
+        random.Random(f"nestlearn-class-few-shot-{'|'.join(candidates)}").shuffle(shots)
+        return "".join(f"{p} {y}\n\n" for p, y in shots)
+
+    def _rows(
+        self, prompts: list[str], answers: list[str], seq_len: int, fit: bool = False, context: str = ""
+    ) -> tuple[Tensor, Tensor]:
         """Prompt and answer ids, cut to seq_len + 1 from the left and left-padded with eos: to seq_len + 1
         (training batches, a fixed shape) or, with `fit`, to the longest row (scoring: a pretrained tokenizer's
-        prompts fill a quarter of the row, and scoring reads every row once per candidate class)."""
+        prompts fill a quarter of the row, and scoring reads every row once per candidate class). `context`
+        (few-shot examples) goes whole before each cut prompt, so a row may then be longer than seq_len + 1."""
+        head = self.tokenizer.encode(context) if context else []
         pairs = []
         for prompt, answer in zip(prompts, answers, strict=True):
             p, a = self.tokenizer.encode(prompt), self.tokenizer.encode(f" {answer}\n")
-            pairs.append(((p + a)[-(seq_len + 1) :], len(a)))
-        width = max(len(ids) for ids, _ in pairs) if fit else seq_len + 1
+            pairs.append((head + (p + a)[-(seq_len + 1) :], len(a)))
+        width = max(len(ids) for ids, _ in pairs) if fit else len(head) + seq_len + 1
         rows = [[self.tokenizer.eos_id] * (width - len(ids)) + ids for ids, _ in pairs]  # left-padded
         masks = [[False] * (width - n) + [True] * n for _, n in pairs]
         x, m = torch.tensor(rows), torch.tensor(masks)
@@ -90,13 +114,13 @@ class ClassTask:
     ) -> float:
         """Accuracy on the first `eval_items` validation examples (0: all of them)."""
         n = min(eval_items, len(self.valid)) if eval_items else len(self.valid)
-        valid, labels = self.valid[:n], self.valid_labels[:n]
+        valid, labels, context = self.valid[:n], self.valid_labels[:n], self.context(candidates)
         correct = 0
         for lo in range(0, len(valid), batch_size):
             prompts = valid[lo : lo + batch_size]
             nlls = []
             for label in candidates:
-                x, m = self._rows(prompts, [label] * len(prompts), seq_len, fit=True)
+                x, m = self._rows(prompts, [label] * len(prompts), seq_len, fit=True, context=context)
                 logits, _ = model(x[:, :-1])
                 nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
                 nlls.append((nll * m).sum(1) / m.sum(1))
@@ -165,6 +189,7 @@ def _bbc_tasks(
     classes_per_task: int,
     corpus: str = "bbc",
     tokenizer: Tokenizer | None = None,
+    few_shot: int = 0,
 ) -> list[ClassTask]:
     from ..data.corpora import BBC_CLASSES, load_split
 
@@ -178,6 +203,7 @@ def _bbc_tasks(
 
     train, valid = examples("train"), examples("validation")
     groups = [BBC_CLASSES[i : i + classes_per_task] for i in range(0, len(BBC_CLASSES), classes_per_task)]
+    demos = {y: [p for p, label in train if label == y][:few_shot] for y in BBC_CLASSES} if few_shot else {}
     tasks = []
     for labels in groups:
         tr = [(p, y) for p, y in train if y in labels]
@@ -191,6 +217,8 @@ def _bbc_tasks(
                 [p for p, _ in va],
                 [y for _, y in va],
                 tokenizer or ByteTokenizer(),
+                few_shot,
+                demos,
             )
         )
     return tasks
@@ -217,8 +245,9 @@ def make_stream(
 ) -> list:
     """The tasks of a stream. A task may also be a local corpus folder (train.txt, validation.txt, test.txt); for
     `bbc`, `tasks` may name one corpus (a folder in the bbc format: the class on each document's first line).
-    `tokenizer`: what the text is read with (default: bytes; a pretrained model's own). `people_per_set` and
-    `few_shot`: the facts stream's (FactsTask)."""
+    `tokenizer`: what the text is read with (default: bytes; a pretrained model's own). `people_per_set`: the facts
+    stream's (FactsTask); `few_shot`: examples put in every test prompt, a set's statements (facts) or training
+    examples of each candidate class (bbc)."""
     if name == "facts":
         return _facts_tasks(tasks, tokenizer or ByteTokenizer(), people_per_set, few_shot)
     if name == "languages":
@@ -240,5 +269,6 @@ def make_stream(
             classes_per_task=classes_per_task,
             corpus=tasks[0] if tasks else "bbc",
             tokenizer=tokenizer,
+            few_shot=few_shot,
         )
     raise ValueError(f"stream={name!r} is not known; expected one of {list(STREAMS)}")
