@@ -314,6 +314,11 @@ def test_the_continual_command_takes_the_pretrained_flags(llama, langs, cache, t
     assert cli([*args, "--adapter-blocks", "1", "--out-dir", str(tmp_path / "bad")]) == 1
     assert "--adapter-blocks (adapter_blocks) is the adapter strategy's setting" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "results.json").exists()
+    # the base alone trains nothing, and says so (its parameters require gradients, but no optimizer holds them)
+    assert cli([*args, "--strategy", "none", "--out-dir", str(tmp_path / "none")]) == 0
+    result = json.loads((tmp_path / "none" / "results.json").read_text())
+    said = capsys.readouterr().err
+    assert f"none: nothing trained; {result['frozen_params']:,} parameters fixed" in said and " trainable" not in said
 
 
 # --- memorize --lora-rank ---

@@ -271,6 +271,8 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         counts = (
             f"nothing trained; {n_trainable:,} fast weights learn in context, {n_frozen:,} parameters fixed"
             if config.strategy == "memorize"
+            else f"nothing trained; {n_frozen:,} parameters fixed"
+            if config.strategy == "none"
             else pretrained.count(model)
         )
         print(f"nestlearn continual: {model.config.name}, {config.strategy}: {counts}", file=sys.stderr)
