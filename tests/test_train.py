@@ -111,6 +111,9 @@ def test_micro_batches_give_the_same_steps_as_one_batch(corpus, tmp_path):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
+TORCHRUN_LIMIT_S = 300
+
+
 def torchrun(args: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -125,8 +128,20 @@ def torchrun(args: list[str], cwd: Path) -> None:
         "train",
         *args,
     ]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            _, err = process.communicate(timeout=TORCHRUN_LIMIT_S)
+        except subprocess.TimeoutExpired:
+            # SIGTERM, which the launcher passes on to its workers (each in a session of its own): a SIGKILL of the
+            # launcher alone leaves the two waiting on each other, on the CPU, after the test has failed
+            process.terminate()
+            try:
+                _, err = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                _, err = process.communicate()
+            pytest.fail(f"two processes did not finish in {TORCHRUN_LIMIT_S} s (is the machine busy?): {err[-4000:]}")
+    assert process.returncode == 0, err[-4000:]
 
 
 def flags(c: TrainConfig) -> list[str]:
