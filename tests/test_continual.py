@@ -321,8 +321,10 @@ def test_class_few_shot_puts_whole_labelled_training_examples_of_each_candidate_
         assert text.startswith(context) and text[len(context) :].startswith("validation 2 pol")
         assert text.endswith(f"Topic: {y}")  # the answer's final newline is the one token not fed
     assert make_stream("bbc", [str(root / "bbc-local")], None, 32)[2].context(candidates) == ""  # off by default
-    with pytest.raises(ValueError, match=r"few_shot=3 needs that many training examples.*\['business'"):
-        make_stream("bbc", [str(root / "bbc-local")], None, 32, few_shot=3)[0].context(["business"])
+    with pytest.raises(ValueError, match=r"--few-shot 3 puts that many .* has fewer of \{'business': 2"):
+        make_stream("bbc", [str(root / "bbc-local")], None, 32, few_shot=3)
+    with pytest.raises(ValueError, match=r"few_shot=2 needs that many training examples.*\['tech'\]"):
+        dataclasses.replace(tasks[0], demos={"business": tasks[0].demos["business"]}).context(["business", "tech"])
     ContinualConfig(stream="bbc", few_shot=2)
     with pytest.raises(ValueError, match="it needs --stream facts or bbc, not languages"):
         ContinualConfig(stream="languages", few_shot=2)

@@ -204,6 +204,12 @@ def _bbc_tasks(
     train, valid = examples("train"), examples("validation")
     groups = [BBC_CLASSES[i : i + classes_per_task] for i in range(0, len(BBC_CLASSES), classes_per_task)]
     demos = {y: [p for p, label in train if label == y][:few_shot] for y in BBC_CLASSES} if few_shot else {}
+    short = {y: len(d) for y, d in demos.items() if len(d) < few_shot}
+    if short:  # said before any scoring, not at the first score of a class
+        raise ValueError(
+            f"--few-shot {few_shot} puts that many training articles of each class before every scored one; the "
+            f"{corpus} corpus's train split has fewer of {short}: give a smaller --few-shot"
+        )
     tasks = []
     for labels in groups:
         tr = [(p, y) for p, y in train if y in labels]
