@@ -303,7 +303,7 @@ def test_class_few_shot_puts_whole_labelled_training_examples_of_each_candidate_
     shots = [s for s in context.split("\n\n") if s]
     assert len(shots) == 2 * 3 and all(s.startswith("train ") for s in shots)
     assert sorted(s.rsplit("Topic: ", 1)[1] for s in shots) == sorted(candidates * 2)
-    assert [s.rsplit(" ", 1)[1] for s in shots] != sorted(candidates * 2)  # shuffled: the newest class not last
+    assert [s.rsplit(" ", 1)[1] for s in shots] != sorted(candidates * 2)  # shuffled, not grouped by class
     assert context == tasks[0].context(candidates)  # fixed by the candidates alone
 
     rows = []
