@@ -243,3 +243,31 @@ def test_continual_interrupted_mid_task_resumes_to_the_same_results(two_language
     assert continual.run(cfg, tmp_path / "cut.pt")["R"] == whole["R"]
     with pytest.raises(ValueError, match="replay_from: 'tasks' there, 'general' now"):
         continual.run(dataclasses.replace(cfg, strategy="replay", replay_from="general"), tmp_path / "cut.pt")
+
+
+def test_a_continual_run_killed_in_its_first_task_keeps_what_it_measured_before_the_stream(
+    two_languages, tmp_path, monkeypatch
+):
+    """The untrained scores and general ability come before any step and can take 50 minutes (the Titans adapter on
+    bbc); a run killed before its first task ends (out of memory, SIGKILL) resumes without measuring them again."""
+    cfg = small(tasks=two_languages, data_root=str(tmp_path))
+    whole = continual.run(cfg, tmp_path / "whole.pt")
+
+    def crash(*a, **k):
+        raise MemoryError("killed")
+
+    monkeypatch.setattr(continual, "_loss", crash)
+    with pytest.raises(MemoryError):
+        continual.run(cfg, tmp_path / "cut.pt")
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "cut.pt", weights_only=False)
+    assert (saved["task"], saved["task_step"], saved["R"]) == (0, 0, []) and saved["baseline"] == whole["baseline"]
+    scored = []
+    score = continual.LMTask.score
+    monkeypatch.setattr(
+        continual.LMTask, "score", lambda self, *a, **k: scored.append(self.name) or score(self, *a, **k)
+    )
+    resumed = continual.run(cfg, tmp_path / "cut.pt")
+    assert len(scored) == 2 * 2  # after each task, each task; not the untrained row again
+    assert resumed["R"] == whole["R"] and resumed["losses"] == whole["losses"]
+    assert resumed["baseline"] == whole["baseline"]

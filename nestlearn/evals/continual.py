@@ -384,6 +384,8 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         # model), not the model learning inside each window at η, which a large η breaks before the stream begins
         with reading_only(model) if config.strategy == "memorize" else contextlib.nullcontext():
             general_before = general()
+        t0 = time.perf_counter()
+        save(0, 0)  # the measurements before the stream (50 minutes for some): kept through a kill before task 1 ends
     else:
         model.load_state_dict(saved["model"])
         if opt is not None:
