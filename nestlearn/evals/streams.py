@@ -87,13 +87,13 @@ class ClassTask:
         return "".join(f"{p} {y}\n\n" for p, y in shots)
 
     def _rows(
-        self, prompts: list[str], answers: list[str], seq_len: int, fit: bool = False, context: str = ""
+        self, prompts: list[str], answers: list[str], seq_len: int, fit: bool = False, head: list[int] | None = None
     ) -> tuple[Tensor, Tensor]:
         """Prompt and answer ids, cut to seq_len + 1 from the left and left-padded with eos: to seq_len + 1
         (training batches, a fixed shape) or, with `fit`, to the longest row (scoring: a pretrained tokenizer's
-        prompts fill a quarter of the row, and scoring reads every row once per candidate class). `context`
-        (few-shot examples) goes whole before each cut prompt, so a row may then be longer than seq_len + 1."""
-        head = self.tokenizer.encode(context) if context else []
+        prompts fill a quarter of the row, and scoring reads every row once per candidate class). `head` (the
+        few-shot examples' ids) goes whole before each cut prompt, so a row may then be longer than seq_len + 1."""
+        head = head or []
         pairs = []
         for prompt, answer in zip(prompts, answers, strict=True):
             p, a = self.tokenizer.encode(prompt), self.tokenizer.encode(f" {answer}\n")
@@ -115,12 +115,13 @@ class ClassTask:
         """Accuracy on the first `eval_items` validation examples (0: all of them)."""
         n = min(eval_items, len(self.valid)) if eval_items else len(self.valid)
         valid, labels, context = self.valid[:n], self.valid_labels[:n], self.context(candidates)
+        head = self.tokenizer.encode(context) if context else []  # once, not per batch and candidate
         correct = 0
         for lo in range(0, len(valid), batch_size):
             prompts = valid[lo : lo + batch_size]
             nlls = []
             for label in candidates:
-                x, m = self._rows(prompts, [label] * len(prompts), seq_len, fit=True, context=context)
+                x, m = self._rows(prompts, [label] * len(prompts), seq_len, fit=True, head=head)
                 logits, _ = model(x[:, :-1])
                 nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
                 nlls.append((nll * m).sum(1) / m.sum(1))
