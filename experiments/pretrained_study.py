@@ -9,6 +9,12 @@ the tables and the picture of docs/results.md.
     python experiments/pretrained_study.py run facts-lora --seed 0    # one run, into runs/study/facts-lora-s0
     python experiments/pretrained_study.py run facts-lora facts-ewc --seeds 0 1   # several, finished ones skipped
     python experiments/pretrained_study.py report --picture docs/img/study.png   # a table and picture per stream
+    python experiments/pretrained_study.py record                     # keep the finished runs in the repository
+
+**The record** (experiments/study_record, committed; run folders under runs/ are not): `record` copies each finished
+run's results.json to study_record/results/RUN.json and the sweep's chosen.json to study_record/chosen.json. On a
+fresh checkout `report` gives the recorded runs' rows (a run folder under --root takes the place of its recorded
+copy) and `plan`/`run` use the recorded rates where --root has no chosen.json of its own; `--no-record` ignores it.
 
 **Streams** (`SHARED`: the same tokens per task for every strategy): `facts`, new knowledge (3 sets of invented
 people, scored by exact match on questions worded unlike training); `languages`, the Debian handbook in three
@@ -61,6 +67,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -112,6 +119,10 @@ MAX_BPB_DAMAGE = 0.10  # the rule's bound on Δ wiki bits per byte after the fir
 MIN_LEARNED = 0.10  # the rule's floor: a rate learns when task-1 exact match beats the untrained model's by this
 SWEEP = "sweep"  # the sweep's folder under --root
 CHOSEN = "chosen.json"  # the rates it chose, in the sweep's folder: {run name: lr}
+# the study as measured, kept in the repository (run folders are not): `record` copies each finished run's
+# results.json to RECORD/results/RUN.json and the sweep's chosen.json to RECORD/chosen.json; `report` reads them
+# where --root has no such run, and `plan`/`run` use the recorded rates where --root has no chosen.json
+RECORD = Path(__file__).with_name("study_record")
 
 
 def _value(flags: list[str], flag: str) -> str | None:
@@ -164,9 +175,18 @@ def chosen_path(root: Path) -> Path:
     return root / SWEEP / CHOSEN
 
 
-def chosen_rates(root: Path) -> dict[str, float]:
-    """The rates `sweep` chose, {run name: lr}, from root/sweep/chosen.json; {} when nothing was chosen yet."""
+def rates_path(root: Path, record: Path | None) -> Path:
+    """Where the study's rates come from: root/sweep/chosen.json (this machine's sweep), else the record's copy."""
     path = chosen_path(root)
+    if path.is_file() or record is None or not (record / CHOSEN).is_file():
+        return path
+    return record / CHOSEN
+
+
+def chosen_rates(root: Path, record: Path | None = None) -> dict[str, float]:
+    """The rates `sweep` chose, {run name: lr}, from root/sweep/chosen.json, else from the record (RECORD) when one
+    is given; {} when nothing was chosen yet."""
+    path = rates_path(root, record)
     if not path.is_file():
         return {}
     try:
@@ -208,31 +228,32 @@ def swept_run(name: str) -> str:
     return f"{SWEPT_ON}-{name.removeprefix(stream + '-')}"
 
 
-def _lr(name: str, rates: dict[str, float], root: Path) -> tuple[str | None, str]:
-    """The --lr a run uses and where it comes from: the sweep's choice, else RUNS's default; None if it trains none."""
+def _lr(name: str, rates: dict[str, float], path: Path) -> tuple[str | None, str]:
+    """The --lr a run uses and where it comes from: the sweep's choice (read from `path`), else RUNS's default; None
+    if it trains none."""
     default = _value(RUNS[name][1], "--lr")
     if default is None:
         return None, ""
     source = swept_run(name)
     if source in rates:
         where = "" if source == name else f", {source}'s"
-        return lr_text(rates[source]), f"chosen on the first task{where} ({chosen_path(root)})"
-    why = f"{chosen_path(root)} has none for it" if chosen_path(root).is_file() else f"no {chosen_path(root)} yet"
+        return lr_text(rates[source]), f"chosen on the first task{where} ({path})"
+    why = f"{path} has none for it" if path.is_file() else f"no {path} yet"
     return default, f"RUNS default, not chosen: {why}"
 
 
 def command(name: str, seed: int, root: Path, init: str, rates: dict[str, float] | None = None) -> list[str]:
     stream, own = RUNS[name]
-    lr, _ = _lr(name, rates or {}, root)
+    lr, _ = _lr(name, rates or {}, chosen_path(root))
     if lr is not None:
         own = _with(own, "--lr", lr)
     out = root / f"{name}-s{seed}"
     return ["continual", "--init", init, *SHARED[stream], *own, "--seed", str(seed), "--out-dir", str(out)]
 
 
-def _described(name: str, argv: list[str], rates: dict[str, float], root: Path) -> str:
-    """The command as a shell line, with where its learning rate comes from as a comment."""
-    lr, why = _lr(name, rates, root)
+def _described(name: str, argv: list[str], rates: dict[str, float], path: Path) -> str:
+    """The command as a shell line, with where its learning rate comes from (`path`) as a comment."""
+    lr, why = _lr(name, rates, path)
     return "nestlearn " + " ".join(argv) + (f"   # --lr {lr}: {why}" if lr is not None else "")
 
 
@@ -397,16 +418,17 @@ def sweep(strategies: list[str], lrs: list[float] | None, seed: int, root: Path,
     return 0
 
 
-def run_all(names: list[str], seeds: list[int], root: Path, init: str, rates: dict[str, float]) -> int:
-    """Each run with each seed, one core each, in order; a folder with results.json is done and skipped (a run
-    stopped part-way resumes from its progress.pt). Stops at the first run that fails, returning its exit code."""
+def run_all(names: list[str], seeds: list[int], root: Path, init: str, rates: dict[str, float], path: Path) -> int:
+    """Each run with each seed, one core each, in order, at the `rates` read from `path`; a folder with results.json
+    is done and skipped (a run stopped part-way resumes from its progress.pt). Stops at the first run that fails,
+    returning its exit code."""
     for seed in seeds:
         for name in names:
             argv = command(name, seed, root, init, rates)
             if (root / f"{name}-s{seed}" / "results.json").is_file():
                 print(f"pretrained_study: {root / f'{name}-s{seed}'} is done: skipped", file=sys.stderr)
                 continue
-            print("pretrained_study: " + _described(name, argv, rates, root), file=sys.stderr)
+            print("pretrained_study: " + _described(name, argv, rates, path), file=sys.stderr)
             code = nestlearn([*argv, "--threads", "1", "--no-progress"])
             if code:
                 print(
@@ -438,10 +460,33 @@ def _stream_of(results: dict, folder: str) -> str:
     return results["config"].get("stream") or folder.split("-")[0]
 
 
-def _rows(root: Path) -> dict[str, list[dict]]:
-    """Every run folder under `root` with results.json, as a row of `report`'s numbers, by stream."""
+def finished(root: Path, record: Path | None = None) -> dict[str, Path]:
+    """Every finished run, {run folder's name: its results.json}: the record's (RECORD/results/RUN.json), and the
+    run folders under `root` with results.json, which take the place of the record's where both have a run."""
+    found = {} if record is None else {p.stem: p for p in (record / "results").glob("*.json")}
+    found |= {p.parent.name: p for p in root.glob("*/results.json")}
+    return dict(sorted(found.items()))
+
+
+def record_runs(root: Path, record: Path) -> list[str]:
+    """Copy every finished run's results.json under `root` into the record, and the sweep's chosen.json: the files
+    to commit. Returns what was copied."""
+    copied = []
+    for name, path in finished(root).items():
+        (record / "results").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, record / "results" / f"{name}.json")
+        copied.append(f"{path} -> {record / 'results' / f'{name}.json'}")
+    if chosen_path(root).is_file():
+        chosen_rates(root)  # refuses a broken file rather than recording it
+        shutil.copyfile(chosen_path(root), record / CHOSEN)
+        copied.append(f"{chosen_path(root)} -> {record / CHOSEN}")
+    return copied
+
+
+def _rows(runs: dict[str, Path]) -> dict[str, list[dict]]:
+    """Every finished run ({run: its results.json}) as a row of `report`'s numbers, by stream."""
     streams: dict[str, list[dict]] = {}
-    for results in sorted(root.glob("*/results.json")):
+    for run, results in runs.items():
         r = json.loads(results.read_text())
         c, m, g = r["config"], r["metrics"], r.get("general") or {}
         before, after = g.get("before") or {}, g.get("after") or {}
@@ -453,10 +498,10 @@ def _rows(root: Path) -> dict[str, list[dict]]:
         if before.get("squad_f1"):
             f1_lost = 100 * (before["squad_f1"] - after["squad_f1"]) / before["squad_f1"]
         sign = 1 if r.get("higher_is_better", True) else -1
-        streams.setdefault(_stream_of(r, results.parent.name), []).append(
+        streams.setdefault(_stream_of(r, run), []).append(
             {
-                "run": results.parent.name,
-                "name": results.parent.name.rsplit("-s", 1)[0],  # the run without its seed
+                "run": run,
+                "name": run.rsplit("-s", 1)[0],  # the run without its seed
                 "metric": r.get("metric", "exact match"),
                 "strategy": c["strategy"]
                 + (f" (few-shot {c['few_shot']})" if c.get("few_shot") else "")
@@ -500,15 +545,17 @@ def _cell(xs: list[float | None], fmt: str) -> str:
     return format(ms[0], fmt) + ("" if ms[1] is None else f" ± {format(ms[1], fmt.lstrip('+'))}")
 
 
-def report(root: Path, picture: Path | None) -> str:
-    """Per stream: a Markdown table with one row per run folder under `root` (the strategy, R's average score, its
+def report(root: Path, picture: Path | None, record: Path | None = None) -> str:
+    """Per stream: a Markdown table with one row per finished run (`finished`: the run folders under `root`, and the
+    record's runs that `root` does not have; the strategy, R's average score, its
     gain over the untrained model in the direction the metric improves: bits per byte saved, accuracy or exact
     match gained; forgetting, BWT, FWT, the change in general ability, trainable parameters, tokens/s), then one row per
     run over its seeds, mean ± standard deviation; with `picture`, a picture per stream (PICTURE's name with the
     stream's added: study.png -> study-facts.png)."""
-    streams = _rows(root)
+    streams = _rows(finished(root, record))
     if not streams:
-        raise SystemExit(f"no */results.json under {root}: run the study first (`plan`, `run NAME`)")
+        where = f"under {root}" + ("" if record is None else f" nor in {record / 'results'}")
+        raise SystemExit(f"no */results.json {where}: run the study first (`plan`, `run NAME`)")
 
     def f(x, fmt):
         return "n/a" if x is None else format(x, fmt)
@@ -615,16 +662,24 @@ def _plot(rows: list[dict], stream: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    actions = p.add_subparsers(dest="action", required=True, metavar="{plan,run,sweep,report}")
+    actions = p.add_subparsers(dest="action", required=True, metavar="{plan,run,sweep,report,record}")
+    recorded = argparse.ArgumentParser(add_help=False)
+    recorded.add_argument(
+        "--record",
+        type=Path,
+        default=RECORD,
+        help="the study's measurements kept in the repository (default: experiments/study_record)",
+    )
+    recorded.add_argument("--no-record", dest="record", action="store_const", const=None, help="ignore the record")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--root", type=Path, default=Path("runs/study"), help="where run folders go (runs/study)")
     common.add_argument(
         "--init", default=None, help="the pretrained model folder (default: fetch-model's smollm2-135m)"
     )
-    plan = actions.add_parser("plan", parents=[common], help="print every run's command")
+    plan = actions.add_parser("plan", parents=[common, recorded], help="print every run's command")
     plan.add_argument("--stream", choices=list(SHARED), default=None, help="this stream's runs only (default: all)")
-    run = actions.add_parser("run", parents=[common], help="runs, in order, skipping finished ones")
+    run = actions.add_parser("run", parents=[common, recorded], help="runs, in order, skipping finished ones")
     run.add_argument("names", nargs="+", choices=list(RUNS), metavar="NAME", help="which runs (`plan` lists them)")
     run.add_argument("--seeds", type=int, nargs="+", default=None, help="each run with these seeds (default: --seed)")
     sw = actions.add_parser("sweep", parents=[common], help="choose learning rates on the first task (docstring)")
@@ -635,26 +690,34 @@ def main(argv: list[str] | None = None) -> int:
         "--lrs", type=_lr_list, default=None, help="these rates for every strategy named (default: 3 around RUNS's)"
     )
     sw.add_argument("--plan", action="store_true", help="print the sweep's commands, run nothing")
-    rep = actions.add_parser("report", help="tables and picture from the run folders")
+    rep = actions.add_parser("report", parents=[recorded], help="tables and picture from the run folders and record")
     rep.add_argument("--root", type=Path, default=Path("runs/study"), help="where run folders are (runs/study)")
     rep.add_argument(
         "--picture", type=Path, default=None, help="also draw gain against general-ability loss, one PNG per stream"
     )
+    rec = actions.add_parser("record", help="copy the finished runs' results.json and the rates into the record")
+    rec.add_argument("--root", type=Path, default=Path("runs/study"), help="where run folders are (runs/study)")
+    rec.add_argument("--record", type=Path, default=RECORD, help="where to copy them (default: the repository's)")
     args = p.parse_args(argv)
     try:
         if args.action == "report":
-            print(report(args.root, args.picture))
+            print(report(args.root, args.picture, args.record))
+            return 0
+        if args.action == "record":
+            copied = record_runs(args.root, args.record)
+            print("\n".join(copied) or f"nothing to record: no */results.json under {args.root}")
             return 0
         init = args.init or _model_dir()
         if args.action == "sweep":
             return sweep(args.strategies, args.lrs, args.seed, args.root, init, args.plan)
-        rates = chosen_rates(args.root)
+        path = rates_path(args.root, args.record)
+        rates = chosen_rates(args.root, args.record)
         if args.action == "plan":
             for name in (n for n, (stream, _) in RUNS.items() if args.stream in (None, stream)):
-                line = _described(name, command(name, args.seed, args.root, init, rates), rates, args.root)
+                line = _described(name, command(name, args.seed, args.root, init, rates), rates, path)
                 print(line + _progress(args.root / f"{name}-s{args.seed}", "#" not in line))
             return 0
-        return run_all(args.names, args.seeds or [args.seed], args.root, init, rates)
+        return run_all(args.names, args.seeds or [args.seed], args.root, init, rates, path)
     except ValueError as e:
         print(f"pretrained_study {args.action}: {e}", file=sys.stderr)
         return 1

@@ -247,7 +247,7 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
             "seconds": 600.0,
         }
         (tmp_path / name / "results.json").write_text(json.dumps(result))
-    assert ps.main(["report", "--root", str(tmp_path), "--picture", str(tmp_path / "p.png")]) == 0
+    assert ps.main(["report", "--root", str(tmp_path), "--picture", str(tmp_path / "p.png"), "--no-record"]) == 0
     out = capsys.readouterr().out
     assert "**facts** (exact match)" in out and "**languages** (bits per byte)" in out
     assert (
@@ -268,6 +268,55 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
     assert "| bbc-lora-s0 | lora | 0.700 | +0.120 |" in out and "| bbc-base-s0 | base | 0.580 | +0.000 |" in out
     with pytest.raises(SystemExit, match="no \\*/results.json"):
         pretrained_study.report(tmp_path / "empty", None)
+
+
+def test_pretrained_study_record_keeps_finished_runs_and_rates_for_a_fresh_checkout(tmp_path, capsys):
+    """Run folders are not committed; the record is: `record` copies what a machine measured, and on a machine without
+    those folders `report` still gives their rows and `plan`/`run` still use the rates chosen."""
+    import pretrained_study as ps
+
+    root, record, fresh = tmp_path / "runs", tmp_path / "record", tmp_path / "fresh"
+    for name, average in (("bbc-base-s0", 0.58), ("bbc-lora-s0", 0.22), ("bbc-lora-s1", 0.30)):
+        (root / name).mkdir(parents=True)
+        result = {
+            "config": {"strategy": name.split("-")[1], "stream": "bbc"},
+            "metrics": {"average": average, "forgetting": 0.5, "bwt": -0.5, "fwt": 0.0},
+            "baseline": [0.7],
+            "general": None,
+            "seconds": 60.0,
+        }
+        (root / name / "results.json").write_text(json.dumps(result))
+    (root / "bbc-ewc-s0").mkdir()  # stopped part-way: nothing to record
+    (root / "bbc-ewc-s0" / "progress.pt").write_text("")
+    ps.chosen_path(root).parent.mkdir()
+    ps.chosen_path(root).write_text(json.dumps({"facts-lora": 3e-4}))
+    assert ps.main(["record", "--root", str(root), "--record", str(record)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert sorted(p.name for p in (record / "results").iterdir()) == [
+        "bbc-base-s0.json",
+        "bbc-lora-s0.json",
+        "bbc-lora-s1.json",
+    ]
+    assert json.loads((record / "chosen.json").read_text()) == {"facts-lora": 3e-4}
+    # a fresh checkout: no run folders, the record's rows and rates
+    assert ps.main(["report", "--root", str(fresh), "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert "| bbc-lora-s1 | lora | 0.300 | -0.280 |" in out and "| bbc-lora | 2 | 0.260 ± 0.057 |" in out
+    assert ps.main(["plan", "--stream", "bbc", "--init", "M", "--root", str(fresh), "--record", str(record)]) == 0
+    lora = [line for line in capsys.readouterr().out.splitlines() if "bbc-lora-s0" in line][0]
+    assert f"--lr 3e-4 --seed 0 --out-dir {fresh}/bbc-lora-s0   # --lr 3e-4: chosen on the first task" in lora
+    assert f"({record / 'chosen.json'})" in lora
+    # a run folder takes the place of the record's row; --no-record ignores the record
+    (fresh / "bbc-lora-s1").mkdir(parents=True)
+    (fresh / "bbc-lora-s1" / "results.json").write_text((root / "bbc-lora-s0" / "results.json").read_text())
+    assert ps.main(["report", "--root", str(fresh), "--record", str(record)]) == 0
+    assert "| bbc-lora-s1 | lora | 0.220 |" in capsys.readouterr().out
+    assert ps.main(["report", "--root", str(fresh), "--no-record"]) == 0
+    assert "bbc-base-s0" not in capsys.readouterr().out
+    assert ps.main(["plan", "--stream", "bbc", "--init", "M", "--root", str(fresh), "--no-record"]) == 0
+    assert "RUNS default, not chosen" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="nor in"):
+        ps.report(tmp_path / "empty", None, tmp_path / "no-record")
 
 
 def _sweep_result(root, name, lr, exact_match, bpb_change, seed=0, tasks=1, general=True, baseline=0.0):
