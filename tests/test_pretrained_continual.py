@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nestlearn
 from nestlearn.checkpoint import load_checkpoint
@@ -209,8 +210,13 @@ def test_memorize_does_not_learn_from_padding(llama, langs, cache):
     assert torch.equal(level.up, theta_0)
     padded = torch.randint(1, model.config.vocab_size, (1, 33))
     padded[0, :17] = 0  # the first chunk of 16 is padding; the text after it is learnt
-    continual._memorize(model, padded, eos_id=0)
+    with torch.no_grad():  # the loss it reports is over the text: the same as read by the model before its step
+        text = torch.arange(32) >= 16  # predicting the text from the last end-of-text on
+        logits, _ = model(padded[:, :-1], learn=text[None])
+        expected = F.cross_entropy(logits[0, 16:].float(), padded[0, 17:])
+    loss = continual._memorize(model, padded, eos_id=0)
     assert not torch.equal(level.up, theta_0)
+    torch.testing.assert_close(loss, expected)
 
 
 def test_memorize_measures_general_ability_before_on_the_base_and_after_learning(llama, langs, cache, monkeypatch):

@@ -212,18 +212,19 @@ def _memorize(model, x: Tensor, eos_id: int) -> Tensor:
     (eq. 71, in context); each row starts from the fast weights the last one ended with (`task_cms.commit`: θ_0 ←
     them), its attention cache dropped as between training rows. Every token's loss counts, the facts' mask too (the
     levels learn from what they read), except padding's: an end-of-text followed by another (bbc's left-padding) is
-    not text, and does not drive a step. Returns the rows' next-token loss as read (padding's too), each chunk before
-    its own step."""
+    not text, and does not drive a step. Returns the rows' next-token loss as read, each chunk before its own step,
+    over the tokens that drive steps (padding's left out, as the other strategies' masks leave it out)."""
     was_training = model.training
     model.eval()
-    losses = []
+    total, count = x.new_zeros((), dtype=torch.float), 0
     for row in x:  # (T + 1,)
         padding = (row[:-1] == eos_id) & (row[1:] == eos_id)  # (T,): predicting end-of-text after end-of-text
         logits, state = model(row[None, :-1], learn=~padding[None])  # (1, T, V)
-        losses.append(F.cross_entropy(logits[0].float(), row[1:]))
+        nll = F.cross_entropy(logits[0].float(), row[1:], reduction="none")  # (T,)
+        total, count = total + nll[~padding].sum(), count + int((~padding).sum())
         commit(model, state)
     model.train(was_training)
-    return torch.stack(losses).mean()
+    return total / max(count, 1)
 
 
 # --- the protocol ---
