@@ -225,8 +225,9 @@ def tensors_of(layer) -> list[torch.Tensor]:
 def test_continual_interrupted_mid_task_resumes_to_the_same_results(two_languages, tmp_path, monkeypatch):
     cfg = small(tasks=two_languages, strategy="ewc", ewc_batches=1, data_root=str(tmp_path))
     whole = continual.run(cfg, tmp_path / "whole.pt")
-    # _loss calls: task 1's three steps, one EWC batch, then task 2: the signal comes during its second step
-    monkeypatch.setattr(continual, "_loss", _signal_on_call(6)(continual._loss))
+    # the steps' _loss calls (EWC's Fisher batch calls its own): task 1's three, then task 2: the signal comes during
+    # its second step
+    monkeypatch.setattr(continual, "_loss", _signal_on_call(5)(continual._loss))
     with pytest.raises(continual.Interrupted, match="at step 2 of 3 of task 2/2"):
         continual.run(cfg, tmp_path / "cut.pt")
     monkeypatch.undo()
@@ -269,5 +270,29 @@ def test_a_continual_run_killed_in_its_first_task_keeps_what_it_measured_before_
     )
     resumed = continual.run(cfg, tmp_path / "cut.pt")
     assert len(scored) == 2 * 2  # after each task, each task; not the untrained row again
+    assert resumed["R"] == whole["R"] and resumed["losses"] == whole["losses"]
+    assert resumed["baseline"] == whole["baseline"]
+
+
+def test_a_continual_run_stopped_before_the_stream_keeps_the_untrained_scores_it_has(
+    two_languages, tmp_path, monkeypatch
+):
+    """SIGTERM while the untrained model is being scored (over 50 minutes for the Titans adapter on bbc): the task
+    being scored is finished and saved, the run stops, and the resumed run scores only the tasks it had not."""
+    cfg = small(tasks=two_languages, data_root=str(tmp_path))
+    whole = continual.run(cfg, tmp_path / "whole.pt")
+    score, scored = continual.LMTask.score, []
+    monkeypatch.setattr(continual.LMTask, "score", _signal_on_call(1, signal.SIGTERM)(score))
+    with pytest.raises(continual.Interrupted, match="before the stream, 1 of 2 tasks scored untrained; saved") as e:
+        continual.run(cfg, tmp_path / "cut.pt")
+    assert e.value.exit_code == 143
+    saved = torch.load(tmp_path / "cut.pt", weights_only=False)
+    assert (saved["measured"], saved["baseline"]) == (False, whole["baseline"][:1])
+    monkeypatch.setattr(
+        continual.LMTask, "score", lambda self, *a, **k: scored.append(self.name) or score(self, *a, **k)
+    )
+    resumed = continual.run(cfg, tmp_path / "cut.pt")
+    names = [Path(t).name for t in two_languages]
+    assert scored == [names[1]] + 2 * names  # the one left untrained, then each task after each
     assert resumed["R"] == whole["R"] and resumed["losses"] == whole["losses"]
     assert resumed["baseline"] == whole["baseline"]

@@ -47,12 +47,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from .. import pretrained
 from ..interrupt import Interrupted, StopRequest
-from ..task_cms import commit, reading_only
+from ..task_cms import reading_only
 from .continual_report import plot, summary, table
 from .continual_setup import (
     FROZEN_BASE,
@@ -61,6 +59,7 @@ from .continual_setup import (
     build_model,
     make_model,
 )
+from .continual_strategies import EWC, GeneralReplay, Replay, _loss, _memorize
 from .general import general_ability
 from .streams import STREAMS, ClassTask, LMTask, general_text, make_stream
 
@@ -104,127 +103,6 @@ def continual_metrics(R, baseline=None, higher_is_better: bool = True) -> dict[s
                 raise ValueError(f"baseline must have one score per task, shape ({T},); got {b.shape}")
             out["fwt"] = float(np.mean([s * (R[j - 1, j] - b[j]) for j in range(1, T)]))
     return out
-
-
-# --- strategies ---
-
-
-class EWC:
-    """Online elastic weight consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018): after each task, the
-    diagonal Fisher F (mean squared gradient of the task loss over `batches` batches) is added to a running sum
-    and the weights θ* are kept; training then adds (λ/2) Σ F (θ − θ*)². Frozen parameters (requires_grad False)
-    are left out: they cannot move."""
-
-    def __init__(self, model, lam: float, batches: int):
-        self.model, self.lam, self.batches = model, lam, batches
-        self.fisher: dict[str, Tensor] = {}
-        self.anchor: dict[str, Tensor] = {}
-
-    def _named(self) -> list[tuple[str, Tensor]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    def penalty(self) -> Tensor | float:
-        if not self.fisher:
-            return 0.0
-        return 0.5 * self.lam * sum((self.fisher[n] * (p - self.anchor[n]) ** 2).sum() for n, p in self._named())
-
-    def consolidate(self, task, rng, batch_size: int, seq_len: int) -> None:
-        fisher = {n: torch.zeros_like(p) for n, p in self._named()}
-        for _ in range(self.batches):
-            x, mask = task.batch(rng, batch_size, seq_len)
-            self.model.zero_grad(set_to_none=True)
-            _loss(self.model, x, mask).backward()
-            for n, p in self._named():
-                if p.grad is not None:
-                    fisher[n] += p.grad.detach() ** 2 / self.batches
-        self.model.zero_grad(set_to_none=True)
-        for n, f in fisher.items():
-            self.fisher[n] = self.fisher.get(n, 0) + f
-        self.anchor = {n: p.detach().clone() for n, p in self._named()}
-
-
-class Replay:
-    """A buffer of `per_task` batches' rows from every finished task; a `fraction` of each later batch's rows is
-    replaced by rows drawn from it, so that the compute per step is unchanged."""
-
-    def __init__(self, fraction: float, per_task: int):
-        self.fraction, self.per_task = fraction, per_task
-        self.rows: list[tuple[Tensor, Tensor]] = []
-
-    def mix(self, x: Tensor, mask: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-        k = int(round(self.fraction * x.shape[0]))
-        if not self.rows or k == 0:
-            return x, mask
-        picks = rng.integers(0, len(self.rows), size=k)
-        x, mask = x.clone(), mask.clone()
-        for row, i in enumerate(picks):
-            x[row], mask[row] = self.rows[i]
-        return x, mask
-
-    def remember(self, task, rng, batch_size: int, seq_len: int) -> None:
-        for _ in range(self.per_task):
-            x, mask = task.batch(rng, batch_size, seq_len)
-            self.rows.extend(zip(x, mask, strict=True))
-
-    def general_rows(self, batch_size: int) -> int:
-        return 0  # the buffer's rows are tasks' rows, counted as the task's own
-
-
-class GeneralReplay(Replay):
-    """Replay of general text (`--replay-from general`): from the first task on, the first `fraction` of each
-    batch's rows is replaced by windows of a general corpus (wiki's train split; general ability is scored on its
-    test split). The two kinds of row count in the loss by their share of the rows, each averaged over its own
-    tokens, so that a task trained on a few answer tokens a row (bbc) is not drowned by whole rows of text."""
-
-    def __init__(self, fraction: float, source: LMTask):
-        super().__init__(fraction, per_task=0)
-        self.source = source
-
-    def mix(self, x: Tensor, mask: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-        k = self.general_rows(x.shape[0])
-        if k == 0:
-            return x, mask
-        g, g_mask = self.source.batch(rng, k, x.shape[1] - 1)
-        return torch.cat([g, x[k:]]), torch.cat([g_mask, mask[k:]])
-
-    def remember(self, task, rng, batch_size: int, seq_len: int) -> None:
-        pass  # nothing to keep: the general text is there from the start
-
-    def general_rows(self, batch_size: int) -> int:
-        return int(round(self.fraction * batch_size))
-
-
-def _loss(model, x: Tensor, mask: Tensor, general_rows: int = 0) -> Tensor:
-    """Mean next-token loss over the masked tokens; with `general_rows`, the first rows (general text) and the rest
-    (the task) each averaged over their own tokens and weighted by their share of the rows."""
-    logits, _ = model(x[:, :-1])
-    nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (b, t)
-    if not general_rows:
-        return (nll * mask).sum() / mask.sum().clamp_min(1)
-    share, g, t = general_rows / x.shape[0], slice(None, general_rows), slice(general_rows, None)
-    general = (nll[g] * mask[g]).sum() / mask[g].sum().clamp_min(1)
-    return share * general + (1 - share) * (nll[t] * mask[t]).sum() / mask[t].sum().clamp_min(1)
-
-
-@torch.no_grad()  # the in-context levels still step: task_cms enables gradients for their inner steps alone
-def _memorize(model, x: Tensor, eos_id: int) -> Tensor:
-    """The memorize strategy's step: the batch's rows read in turn, as one stream, by the in-context levels alone
-    (eq. 71, in context); each row starts from the fast weights the last one ended with (`task_cms.commit`: θ_0 ←
-    them), its attention cache dropped as between training rows. Every token's loss counts, the facts' mask too (the
-    levels learn from what they read), except padding's: an end-of-text followed by another (bbc's left-padding) is
-    not text, and does not drive a step. Returns the rows' next-token loss as read, each chunk before its own step,
-    over the tokens that drive steps (padding's left out, as the other strategies' masks leave it out)."""
-    was_training = model.training
-    model.eval()
-    total, count = x.new_zeros((), dtype=torch.float), 0
-    for row in x:  # (T + 1,)
-        padding = (row[:-1] == eos_id) & (row[1:] == eos_id)  # (T,): predicting end-of-text after end-of-text
-        logits, state = model(row[None, :-1], learn=~padding[None])  # (1, T, V)
-        nll = F.cross_entropy(logits[0].float(), row[1:], reduction="none")  # (T,)
-        total, count = total + nll[~padding].sum(), count + int((~padding).sum())
-        commit(model, state)
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 # --- the protocol ---
@@ -302,24 +180,25 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             else Replay(config.replay_fraction, config.replay_batches)
         )
 
+    def score(stage: int, j: int) -> float:
+        """Task j's score after training on tasks 0..stage (stage −1: untrained)."""
+        # class-incremental: choose among the classes of every task trained on so far, and task j's own
+        candidates = [y for u in tasks[: max(stage, j) + 1] for y in getattr(u, "labels", ())]
+        model.eval()
+        try:
+            return tasks[j].score(
+                model,
+                config.seq_len,
+                eval_tokens=config.eval_tokens,
+                eval_items=config.eval_items,
+                candidates=candidates,
+            )
+        finally:
+            model.train()
+
     def score_all(stage: int) -> list[float]:
         """Every task's score after training on tasks 0..stage (stage −1: untrained)."""
-        model.eval()
-        out = []
-        for j, t in enumerate(tasks):
-            # class-incremental: choose among the classes of every task trained on so far, and task j's own
-            candidates = [y for u in tasks[: max(stage, j) + 1] for y in getattr(u, "labels", ())]
-            out.append(
-                t.score(
-                    model,
-                    config.seq_len,
-                    eval_tokens=config.eval_tokens,
-                    eval_items=config.eval_items,
-                    candidates=candidates,
-                )
-            )
-        model.train()
-        return out
+        return [score(stage, j) for j in range(len(tasks))]
 
     def save(task: int, task_step: int) -> bool:
         """Whether everything done so far is now in `progress_file`."""
@@ -334,6 +213,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             "R": R,
             "baseline": baseline,
             "general_before": general_before,
+            "measured": measured,  # everything before the stream: the untrained scores and general ability
             "losses": losses,
             "train_seconds": train_seconds,
             "model": model.state_dict(),
@@ -378,16 +258,9 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         return {k: v for k, v in r.items() if k not in ("squad_predictions", "config")}
 
     R, losses, step, seconds, first_task, first_step = [], [], 0, 0.0, 0, 0
+    baseline, general_before, measured = [], None, False  # measured: all that comes before the stream is
     train_seconds = 0.0  # training alone (batches, forward, backward, step), for tokens/s
-    if saved is None:
-        baseline = score_all(-1)
-        # memorize: the base's general ability, its levels reading θ_0 without a step (η = 0: exactly the pretrained
-        # model), not the model learning inside each window at η, which a large η breaks before the stream begins
-        with reading_only(model) if config.strategy == "memorize" else contextlib.nullcontext():
-            general_before = general()
-        t0 = time.perf_counter()
-        save(0, 0)  # the measurements before the stream (50 minutes for some): kept through a kill before task 1 ends
-    else:
+    if saved is not None:
         model.load_state_dict(saved["model"])
         if opt is not None:
             opt.load_state_dict(saved["optimizer"])
@@ -402,17 +275,53 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
             replay.rows = [tuple(row) for row in saved["replay"]]
         R, baseline, losses, step, seconds = (saved[k] for k in ("R", "baseline", "losses", "step", "seconds"))
         general_before = saved.get("general_before")
+        measured = saved.get("measured", True)  # progress saved before the key was saved after the measurements
         train_seconds = saved.get("train_seconds", 0.0)
         first_task, first_step = saved["task"], saved["task_step"]
         print(
             f"nestlearn continual: {progress_file} is finished; its results again"
             if first_task == len(tasks)
             else f"nestlearn continual: resuming from task {first_task + 1}/{len(tasks)}, step {first_step} of "
-            f"{config.steps_per_task} ({progress_file})",
+            f"{config.steps_per_task} ({progress_file})"
+            if measured
+            else f"nestlearn continual: resuming the measurements before the stream, {len(baseline)} of "
+            f"{len(tasks)} tasks scored untrained ({progress_file})",
             file=sys.stderr,
         )
+
+    def where(saved_now: bool) -> str:
+        if saved_now:
+            return f"saved {progress_file}"
+        return "nothing saved (no progress file)" if progress_file is None else f"{progress_file} could not be saved"
+
     t0 = time.perf_counter()
     with StopRequest("the current step") as stop:
+        # before the stream (50 minutes for some): each untrained score is saved as it comes, so that a stop or a
+        # kill keeps what was measured; a stop waits for the task being scored, not for all of them
+        while not measured and len(baseline) < len(tasks):
+            baseline.append(score(-1, len(baseline)))
+            if stop.requested:
+                raise Interrupted(
+                    stop.signum,
+                    f"stopped by {stop.name} before the stream, {len(baseline)} of {len(tasks)} tasks scored "
+                    f"untrained; {where(save(0, 0))}. Resume with the same command",
+                )
+            if len(baseline) < len(tasks):  # the last is saved with general ability, below
+                save(0, 0)
+        if not measured:
+            # memorize: the base's general ability, its levels reading θ_0 without a step (η = 0: exactly the
+            # pretrained model), not the model learning inside each window at η, which a large η breaks before the
+            # stream begins
+            with reading_only(model) if config.strategy == "memorize" else contextlib.nullcontext():
+                general_before = general()
+            measured, seconds, t0 = True, 0.0, time.perf_counter()  # minutes count the stream, not the measuring
+            saved_now = save(0, 0)
+            if stop.requested:
+                raise Interrupted(
+                    stop.signum,
+                    f"stopped by {stop.name} after the measurements before the stream; {where(saved_now)}. Resume "
+                    "with the same command",
+                )
         for i, task in enumerate(tasks):
             if i < first_task:
                 continue
@@ -454,18 +363,10 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
                 step += 1
                 if stop.requested and j + 1 < config.steps_per_task:
                     bar.close()
-                    saved_now = save(i, j + 1)
-                    where = (
-                        f"saved {progress_file}"
-                        if saved_now
-                        else "nothing saved (no progress file)"
-                        if progress_file is None
-                        else f"{progress_file} could not be saved"
-                    )
                     raise Interrupted(
                         stop.signum,
                         f"stopped by {stop.name} at step {j + 1} of {config.steps_per_task} of task {i + 1}/"
-                        f"{len(tasks)} ({task.name}); {where}. Resume with the same command",
+                        f"{len(tasks)} ({task.name}); {where(save(i, j + 1))}. Resume with the same command",
                     )
             if ewc is not None:
                 ewc.consolidate(task, rng, config.batch_size, config.seq_len)
