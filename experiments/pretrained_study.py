@@ -14,7 +14,9 @@ the tables and the picture of docs/results.md.
 **The record** (experiments/study_record, committed; run folders under runs/ are not): `record` copies each finished
 run's results.json to study_record/results/RUN.json and the sweep's chosen.json to study_record/chosen.json. On a
 fresh checkout `report` gives the recorded runs' rows (a run folder under --root takes the place of its recorded
-copy) and `plan`/`run` use the recorded rates where --root has no chosen.json of its own; `--no-record` ignores it.
+copy), `run` skips the recorded runs as it skips finished folders (`plan` says which), and `plan`/`run` use the
+recorded rates where --root has no chosen.json of its own; `--no-record` ignores the record (and so runs again what
+it holds).
 
 **Streams** (`SHARED`: the same tokens per task for every strategy): `facts`, new knowledge (3 sets of invented
 people, scored by exact match on questions worded unlike training); `languages`, the Debian handbook in three
@@ -418,15 +420,35 @@ def sweep(strategies: list[str], lrs: list[float] | None, seed: int, root: Path,
     return 0
 
 
-def run_all(names: list[str], seeds: list[int], root: Path, init: str, rates: dict[str, float], path: Path) -> int:
-    """Each run with each seed, one core each, in order, at the `rates` read from `path`; a folder with results.json
-    is done and skipped (a run stopped part-way resumes from its progress.pt). Stops at the first run that fails,
-    returning its exit code."""
+def _state(root: Path, record: Path | None, run: str) -> str:
+    """What `run` does with a run ("NAME-sSEED"): skip it when its folder has results.json ("done") or, without a
+    folder of its own, when the record has it ("recorded"); resume it ("part-way"); or start it ("")."""
+    if (root / run / "results.json").is_file():
+        return "done"
+    if (root / run / PROGRESS_FILE).is_file():
+        return "part-way"
+    return "recorded" if record is not None and (record / "results" / f"{run}.json").is_file() else ""
+
+
+def run_all(
+    names: list[str], seeds: list[int], root: Path, init: str, rates: dict[str, float], path: Path, record: Path | None
+) -> int:
+    """Each run with each seed, one core each, in order, at the `rates` read from `path`; a run that is done (its
+    folder has results.json) or recorded (`_state`) is skipped, one stopped part-way resumes from its progress.pt.
+    Stops at the first run that fails, returning its exit code."""
     for seed in seeds:
         for name in names:
             argv = command(name, seed, root, init, rates)
-            if (root / f"{name}-s{seed}" / "results.json").is_file():
+            state = _state(root, record, f"{name}-s{seed}")
+            if state == "done":
                 print(f"pretrained_study: {root / f'{name}-s{seed}'} is done: skipped", file=sys.stderr)
+                continue
+            if state == "recorded":
+                print(
+                    f"pretrained_study: {name}-s{seed} is in the record ({record / 'results'}): skipped; "
+                    "--no-record runs it again",
+                    file=sys.stderr,
+                )
                 continue
             print("pretrained_study: " + _described(name, argv, rates, path), file=sys.stderr)
             code = nestlearn([*argv, "--threads", "1", "--no-progress"])
@@ -435,16 +457,21 @@ def run_all(names: list[str], seeds: list[int], root: Path, init: str, rates: di
                     f"pretrained_study: {name}-s{seed} stopped (exit {code}); the same command resumes", file=sys.stderr
                 )
                 return code
+            print(
+                f"pretrained_study: {name}-s{seed} done; `record` keeps it in {RECORD.name}, to commit", file=sys.stderr
+            )
     return 0
 
 
-def _progress(folder: Path, first_comment: bool) -> str:
-    """What `run` would do with a run's folder, as the end of its plan line: nothing (done), resume, or start."""
-    if (folder / "results.json").is_file():
-        word = "done"
-    elif (folder / PROGRESS_FILE).is_file():
-        word = f"stopped part-way: `run` resumes it from {PROGRESS_FILE}"
-    else:
+def _progress(state: str, first_comment: bool) -> str:
+    """What `run` would do with a run (`_state`), as the end of its plan line: nothing (done, recorded), resume, or
+    start."""
+    word = {
+        "done": "done",
+        "recorded": "recorded: `run` skips it (--no-record runs it again)",
+        "part-way": f"stopped part-way: `run` resumes it from {PROGRESS_FILE}",
+    }.get(state)
+    if word is None:
         return ""
     return f"   # {word}" if first_comment else f"; {word}"
 
@@ -715,9 +742,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "plan":
             for name in (n for n, (stream, _) in RUNS.items() if args.stream in (None, stream)):
                 line = _described(name, command(name, args.seed, args.root, init, rates), rates, path)
-                print(line + _progress(args.root / f"{name}-s{args.seed}", "#" not in line))
+                print(line + _progress(_state(args.root, args.record, f"{name}-s{args.seed}"), "#" not in line))
             return 0
-        return run_all(args.names, args.seeds or [args.seed], args.root, init, rates, path)
+        return run_all(args.names, args.seeds or [args.seed], args.root, init, rates, path, args.record)
     except ValueError as e:
         print(f"pretrained_study {args.action}: {e}", file=sys.stderr)
         return 1

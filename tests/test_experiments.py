@@ -15,7 +15,14 @@ from nestlearn.data.synthetic import accuracy, mqar, parity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import continual_table  # noqa: E402
+import pretrained_study  # noqa: E402
 import synthetic  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_study_record(monkeypatch, tmp_path):
+    """The study's tests see the runs they make, not the ones the repository has recorded."""
+    monkeypatch.setattr(pretrained_study, "RECORD", tmp_path / "no-record")
 
 
 def test_mqar_targets_are_the_values_of_the_queried_keys():
@@ -270,7 +277,7 @@ def test_pretrained_study_plans_its_runs_and_reports_their_folders(tmp_path, cap
         pretrained_study.report(tmp_path / "empty", None)
 
 
-def test_pretrained_study_record_keeps_finished_runs_and_rates_for_a_fresh_checkout(tmp_path, capsys):
+def test_pretrained_study_record_keeps_finished_runs_and_rates_for_a_fresh_checkout(tmp_path, capsys, monkeypatch):
     """Run folders are not committed; the record is: `record` copies what a machine measured, and on a machine without
     those folders `report` still gives their rows and `plan`/`run` still use the rates chosen."""
     import pretrained_study as ps
@@ -315,6 +322,24 @@ def test_pretrained_study_record_keeps_finished_runs_and_rates_for_a_fresh_check
     assert "bbc-base-s0" not in capsys.readouterr().out
     assert ps.main(["plan", "--stream", "bbc", "--init", "M", "--root", str(fresh), "--no-record"]) == 0
     assert "RUNS default, not chosen" in capsys.readouterr().out
+    # `run` skips what the record has (a folder of its own says done), unless told to ignore the record
+    calls = []
+    monkeypatch.setattr(ps, "nestlearn", lambda argv: calls.append(argv[argv.index("--out-dir") + 1]) or 0)
+    common = ["--init", "M", "--root", str(fresh), "--record", str(record)]
+    assert ps.main(["plan", "--stream", "bbc", *common]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split("   # ")[-1] for line in plan[:2]] == [
+        "recorded: `run` skips it (--no-record runs it again)",
+        "--lr 1e-4: RUNS default, not chosen: " + str(record / "chosen.json") + " has none for it",
+    ]
+    assert ps.main(["run", "bbc-base", "bbc-lora", "bbc-ewc", "--seeds", "0", "1", *common]) == 0
+    assert calls == [str(fresh / n) for n in ("bbc-ewc-s0", "bbc-base-s1", "bbc-ewc-s1")]
+    err = capsys.readouterr().err
+    assert "bbc-base-s0 is in the record" in err and "bbc-lora-s1 is done: skipped" in err
+    assert "bbc-ewc-s1 done; `record` keeps it" in err
+    calls.clear()
+    assert ps.main(["run", "bbc-base", "--no-record", "--init", "M", "--root", str(fresh)]) == 0
+    assert calls == [str(fresh / "bbc-base-s0")]
     with pytest.raises(SystemExit, match="nor in"):
         ps.report(tmp_path / "empty", None, tmp_path / "no-record")
 
