@@ -11,6 +11,9 @@
              call; greedy `generate` equals the argmax of the parallel forward.
 3. bf16      every preset takes 8 AdamW steps on one batch under bfloat16 autocast (as `nestlearn train` does on a
              GPU by default): the loss stays finite and goes down.
+4. continual `nestlearn continual --device` (float32): two tasks of 3 steps on local corpora, each strategy's R and
+             training losses on the device equal CPU's: finetune, ewc, replay, levels,
+             class-incremental bbc; from a tiny random Llama (with transformers) lora, adapter, cms-levels, memorize.
 
 Prints one line per check and exits with status 1 if any failed.
 """
@@ -18,15 +21,22 @@ Prints one line per check and exits with status 1 if any failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import random
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nestlearn import build, presets
-from nestlearn.memory import MemoryState, init_state, scan
+# this tree's nestlearn, and its tests' tiny random Llama (check_continual), wherever the script is run from
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nestlearn import build, presets  # noqa: E402
+from nestlearn.memory import MemoryState, init_state, scan  # noqa: E402
 
 FAILURES: list[str] = []
 
@@ -153,10 +163,73 @@ def check_bf16(device: str) -> None:
         report(f"bf16 {preset}: 8 steps", ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
+def _local_corpora(root: Path) -> tuple[list[str], str]:
+    """Two small languages and a five-class bbc corpus, written under `root` (the tests' corpora)."""
+    from nestlearn.data.corpora import BBC_CLASSES
+    from nestlearn.data.store import write_documents
+
+    langs = []
+    for name, words in (("aaa", ["ab", "ba", "abba", "baab"]), ("xyz", ["xy", "zyx", "yzzy", "xz"])):
+        rng = random.Random(name)
+        for split, count in (("train", 30), ("validation", 6), ("test", 6)):
+            write_documents(root / name / f"{split}.txt", [" ".join(rng.choice(words) for _ in range(60))] * count)
+        langs.append(str(root / name))
+    for split, n in (("train", 40), ("validation", 10), ("test", 10)):
+        docs = [f"{BBC_CLASSES[i % 5]}\n" + " ".join([BBC_CLASSES[i % 5][:3]] * 20) for i in range(n)]
+        write_documents(root / "bbc-local" / f"{split}.txt", docs)
+    return langs, str(root / "bbc-local")
+
+
+def check_continual(device: str) -> None:
+    try:  # the protocol needs the core install's packages (tqdm, tokenizers, matplotlib), not only torch
+        from nestlearn.evals.continual import ContinualConfig, run
+    except ImportError as e:
+        print(f"  skip continual: {e} (pip install -e . first)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        langs, bbc = _local_corpora(root)
+        runs = {
+            "finetune": {},
+            "ewc": {"strategy": "ewc", "ewc_batches": 1},
+            "replay": {"strategy": "replay"},
+            "levels": {"strategy": "levels", "preset": "hope", "update_periods": "8,64,128"},
+            "bbc": {"stream": "bbc", "tasks": [bbc]},
+        }
+        try:  # the pretrained strategies need a Hugging Face folder to start from
+            from tests.test_pretrained import make_llama
+
+            llama = {"init": str(make_llama(root / "llama")), "preset": None}
+            runs |= {
+                "lora": llama | {"strategy": "lora"},
+                "adapter": llama | {"strategy": "adapter"},
+                "cms-levels": llama | {"strategy": "cms-levels", "update_periods": "64,none"},
+                "memorize": llama | {"strategy": "memorize", "update_periods": "16,none", "task_blocks": 1, "lr": 0.05},
+            }
+        except ImportError as e:
+            print(f"  skip continual from a pretrained Llama (lora, adapter, cms-levels, memorize): {e}")
+        for name, fields in runs.items():
+            fields = {"tasks": langs, **fields}
+            config = ContinualConfig(
+                **{"steps_per_task": 3, "batch_size": 2, "seq_len": 32, "eval_tokens": 128, "warmup_steps": 1}
+                | {"progress": False, "data_root": tmp, "preset": "transformer"}
+                | fields
+            )
+            try:  # a tensor left on the CPU fails on the device; say which run, and go on with the others
+                out = [run(dataclasses.replace(config, device=d)) for d in ("cpu", device)]
+            except Exception as e:
+                report(f"continual {name}: runs on the device", False, f"{type(e).__name__}: {e}"[:300])
+                continue
+            a, b = (torch.tensor([*np.ravel(r["R"]), *(x["loss"] for x in r["losses"])]) for r in out)
+            err = max_rel_err(a.double(), b.double())
+            report(f"continual {name}: device equals cpu", err < 1e-3, f"R and losses {err:.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="the device to check against CPU (default: cuda)")
-    p.add_argument("--checks", nargs="+", default=["memory", "model", "bf16"], choices=["memory", "model", "bf16"])
+    checks = {"memory": check_memory, "model": check_model, "bf16": check_bf16, "continual": check_continual}
+    p.add_argument("--checks", nargs="+", default=list(checks), choices=list(checks))
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device} but torch sees no GPU (torch {torch.__version__}); use --device cpu")
@@ -165,7 +238,7 @@ def main() -> None:
     for check in args.checks:
         t0 = time.perf_counter()
         print(f"{check}:", flush=True)
-        {"memory": check_memory, "model": check_model, "bf16": check_bf16}[check](args.device)
+        checks[check](args.device)
         print(f"  ({time.perf_counter() - t0:.0f} s)")
     print(f"{len(FAILURES)} failed" + (": " + ", ".join(FAILURES) if FAILURES else ""))
     sys.exit(1 if FAILURES else 0)

@@ -76,7 +76,8 @@ def test_device_check_passes_on_cpu():
     # its comparisons with the reference, causality, streaming, generation and bf16 training are not
     out = run("device_check.py", "--device", "cpu")
     assert out.rstrip().endswith("0 failed") and "FAIL" not in out, out
-    assert out.count("  ok   ") == 16 + 4 * 4 + 4, out  # memory grid, 4 checks per preset, bf16 per preset
+    # memory grid, 4 checks per preset, bf16 per preset, continual: 5 strategies, and 4 from a pretrained Llama
+    assert out.count("  ok   ") == 16 + 4 * 4 + 4 + 5 + 4, out
 
 
 def test_bench_models_refuses_a_gpu_it_does_not_have():

@@ -347,6 +347,36 @@ def test_bad_settings_are_refused():
         ContinualConfig(strategy="adapter")  # no --init: nothing pretrained to freeze
     with pytest.raises(ValueError, match="stream="):
         make_stream("music", None, None, 32)
+    with pytest.raises(ValueError, match="'gpu' is not a device: use auto, cpu, cuda or cuda:N"):
+        ContinualConfig(device="gpu")
+
+
+def test_a_gpu_that_is_not_there_is_refused_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "progress.pt").write_bytes(b"not a progress file")  # read first of all, were it read
+    args = ["continual", "--tasks", str(tmp_path / "no-such-corpus"), "--out-dir", str(tmp_path / "out")]
+    assert cli([*args, "--device", "cuda"]) != 0
+    assert "device='cuda' but no GPU is visible to torch; use --device cpu or auto" in capsys.readouterr().err
+
+
+def test_a_run_saved_on_one_device_resumes_on_another(two_languages, tmp_path, monkeypatch):
+    """The device is where a run computes, not what it is: progress saved with --device cpu resumes with auto (here
+    the CPU too; on a GPU machine, the GPU), and a finished run's results.json is its results on either."""
+    cfg = small(tasks=two_languages, data_root=str(tmp_path), device="cpu")
+    whole = continual.run(cfg, tmp_path / "whole.pt")
+
+    def crash(*a, **k):
+        raise MemoryError("killed")
+
+    monkeypatch.setattr(continual, "_loss", crash)
+    with pytest.raises(MemoryError):
+        continual.run(cfg, tmp_path / "cut.pt")
+    monkeypatch.undo()
+    resumed = continual.run(dataclasses.replace(cfg, device="auto"), tmp_path / "cut.pt")
+    assert resumed["R"] == whole["R"] and resumed["config"]["device"] == "auto" and resumed["device"] == "cpu"
+    (tmp_path / "results.json").write_text(json.dumps(whole))
+    assert continual.finished_result(tmp_path / "results.json", dataclasses.replace(cfg, device="auto")) == whole
 
 
 def test_level_stacking_starts_cms_levels_from_a_trained_models_mlps(two_languages, tmp_path):

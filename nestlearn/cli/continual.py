@@ -13,7 +13,15 @@ from ..config import ADAPTERS, LORA_TARGETS
 from ..evals.continual import PROGRESS_FILE, STREAMS, finished_result, plot, run, table
 from ..evals.continual import __doc__ as CONTINUAL_DOC
 from ..evals.continual_setup import DEFAULT_LORA_RANK, STRATEGIES, ContinualConfig
-from ..options import add_threads, non_negative_float, non_negative_int, parser, positive_float, positive_int
+from ..options import (
+    add_device,
+    add_threads,
+    non_negative_float,
+    non_negative_int,
+    parser,
+    positive_float,
+    positive_int,
+)
 from ..runtime import set_threads
 
 
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "default it is removed once results.json is written, and the same command then prints the results again "
         "from results.json",
     )
+    add_device(p)
     add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

@@ -50,6 +50,7 @@ import torch
 
 from .. import pretrained
 from ..interrupt import Interrupted, StopRequest
+from ..runtime import resolve_device
 from ..task_cms import reading_only
 from .continual_report import plot, summary, table
 from .continual_setup import (
@@ -113,7 +114,7 @@ PROGRESS_FILE = "progress.pt"
 
 def _progress_key(config: ContinualConfig) -> dict:
     """What a saved progress must share with the config that resumes it (not where the data lives or bars)."""
-    return {k: v for k, v in asdict(config).items() if k not in ("data_root", "progress")}
+    return {k: v for k, v in asdict(config).items() if k not in ("data_root", "progress", "device")}
 
 
 def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dict:
@@ -127,10 +128,14 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
     from ..model import Level
     from ..optim import Levels
 
+    device = resolve_device(config.device)  # a GPU that is not there is refused before anything is read
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     saved = _read_progress(progress_file, config)
     model, tokenizer = make_model(config, start=saved is None)  # a resumed run loads its own weights below
+    model.to(device)
+    if device.type != "cpu":
+        print(f"nestlearn continual: on {device}, float32", file=sys.stderr)
     tasks = make_stream(
         config.stream,
         config.tasks,
@@ -270,7 +275,9 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
         torch.set_rng_state(saved["torch_rng"])
         random.setstate(saved["python_rng"])
         if ewc is not None:
-            ewc.fisher, ewc.anchor = saved["ewc"]["fisher"], saved["ewc"]["anchor"]
+            fisher, anchor = saved["ewc"]["fisher"], saved["ewc"]["anchor"]
+            ewc.fisher = {n: t.to(device) for n, t in fisher.items()}  # it may have been saved on another device
+            ewc.anchor = {n: t.to(device) for n, t in anchor.items()}
         if replay is not None:
             replay.rows = [tuple(row) for row in saved["replay"]]
         R, baseline, losses, step, seconds = (saved[k] for k in ("R", "baseline", "losses", "step", "seconds"))
@@ -388,6 +395,7 @@ def run(config: ContinualConfig, progress_file: str | Path | None = None) -> dic
     general_after = general_before if config.strategy == "none" else general() if general_before is not None else None
     return {
         "config": asdict(config),
+        "device": str(device),  # where it ran (the config may say auto)
         "tasks": [t.name for t in tasks],
         "metric": tasks[0].metric,
         "higher_is_better": higher,

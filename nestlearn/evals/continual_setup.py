@@ -13,6 +13,7 @@ import torch
 from .. import presets, pretrained
 from ..config import ADAPTERS, LORA_TARGETS, LoRAConfig
 from ..data.tokenizer import ByteTokenizer
+from ..runtime import check_device
 from .streams import STREAMS
 
 __all__ = [
@@ -87,8 +88,12 @@ class ContinualConfig:
     adapter: str | None = None  # adapter: titans (default) or sm_titans
     adapter_blocks: int | None = None  # adapter: how many of the last blocks carry it (default all)
     task_blocks: int | None = None  # memorize: how many of the last blocks' in-context levels learn (default all)
+    # where the model trains and is scored: auto (cuda if visible, else cpu), cpu, cuda, cuda:N; float32 everywhere.
+    # Not part of a run's identity: a run saved on one device resumes on another
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.stream not in STREAMS:
             raise ValueError(f"stream={self.stream!r} is not known; expected one of {list(STREAMS)}")
         if self.strategy not in STRATEGIES:

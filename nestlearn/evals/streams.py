@@ -47,7 +47,10 @@ class LMTask:
     def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
         from ..evaluate import evaluate
 
-        return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens)["bits_per_byte"]
+        device = next(model.parameters()).device
+        return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens, device=device)[
+            "bits_per_byte"
+        ]
 
 
 @dataclass
@@ -116,12 +119,13 @@ class ClassTask:
         n = min(eval_items, len(self.valid)) if eval_items else len(self.valid)
         valid, labels, context = self.valid[:n], self.valid_labels[:n], self.context(candidates)
         head = self.tokenizer.encode(context) if context else []  # once, not per batch and candidate
-        correct = 0
+        correct, device = 0, next(model.parameters()).device
         for lo in range(0, len(valid), batch_size):
             prompts = valid[lo : lo + batch_size]
             nlls = []
             for label in candidates:
                 x, m = self._rows(prompts, [label] * len(prompts), seq_len, fit=True, head=head)
+                x, m = x.to(device), m.to(device)
                 logits, _ = model(x[:, :-1])
                 nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
                 nlls.append((nll * m).sum(1) / m.sum(1))
