@@ -76,6 +76,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any, e.g. a test's stand-in): inputs go there."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def autocast(device: torch.device, precision: str):
     """bfloat16 autocast for `bf16`, and for `auto` on a GPU; nothing otherwise."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..runtime import model_device
 from ..task_cms import commit
 from .streams import LMTask
 
@@ -102,7 +103,7 @@ def _loss(model, x: Tensor, mask: Tensor, general_rows: int = 0) -> Tensor:
     """Mean next-token loss over the masked tokens; with `general_rows`, the first rows (general text) and the rest
     (the task) each averaged over their own tokens and weighted by their share of the rows. The rows go to the
     model's device here, so that batching, replay's mixing and EWC's batches stay on the CPU."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     x, mask = x.to(device), mask.to(device)
     logits, _ = model(x[:, :-1])
     nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (b, t)
@@ -123,7 +124,7 @@ def _memorize(model, x: Tensor, eos_id: int) -> Tensor:
     over the tokens that drive steps (padding's left out, as the other strategies' masks leave it out)."""
     was_training = model.training
     model.eval()
-    x = x.to(next(model.parameters()).device)
+    x = x.to(model_device(model))
     total, count = x.new_zeros((), dtype=torch.float), 0
     for row in x:  # (T + 1,)
         padding = (row[:-1] == eos_id) & (row[1:] == eos_id)  # (T,): predicting end-of-text after end-of-text

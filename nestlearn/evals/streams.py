@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..data.shards import ShardMeta
 from ..data.tokenizer import ByteTokenizer, Tokenizer
+from ..runtime import model_device
 from .facts import FactSet, make_fact_sets, score_qa
 
 __all__ = ["LANGUAGES", "STREAMS", "LMTask", "ClassTask", "FactsTask", "make_stream", "general_text"]
@@ -47,7 +48,7 @@ class LMTask:
     def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
         from ..evaluate import evaluate
 
-        device = next(model.parameters()).device
+        device = model_device(model)
         return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens, device=device)[
             "bits_per_byte"
         ]
@@ -119,7 +120,7 @@ class ClassTask:
         n = min(eval_items, len(self.valid)) if eval_items else len(self.valid)
         valid, labels, context = self.valid[:n], self.valid_labels[:n], self.context(candidates)
         head = self.tokenizer.encode(context) if context else []  # once, not per batch and candidate
-        correct, device = 0, next(model.parameters()).device
+        correct, device = 0, model_device(model)
         for lo in range(0, len(valid), batch_size):
             prompts = valid[lo : lo + batch_size]
             nlls = []
