@@ -63,7 +63,8 @@ base 10 s) and 1,024 Wikipedia tokens and 3 SQuAD questions in 35 s (the base 16
 first step, so a whole bbc run of about 80 minutes on one core. Run several at once, one core each (`--threads 1`),
 and mind the memory: the Titans adapter in all 30 blocks holds 10.6 GB on facts and up to 13.8 GB on bbc, `memorize`
 8-12 GB and fine-tuning 3.5 GB, so on 24 GB the adapter and `memorize` each run beside one small run at most, never
-beside each other (the kernel killed the adapter beside `memorize`, three times). """
+beside each other (the kernel killed the adapter beside `memorize`, three times).
+"""
 
 from __future__ import annotations
 
