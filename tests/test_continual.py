@@ -67,6 +67,19 @@ def two_languages(tmp_path_factory) -> list[str]:
     return [corpus(root, "aaa", ["ab", "ba", "abba", "baab"]), corpus(root, "xyz", ["xy", "zyx", "yzzy", "xz"])]
 
 
+def killed_at_the_first_step(cfg: ContinualConfig, progress: Path, monkeypatch) -> None:
+    """Run `cfg` with `progress` until its first training step dies without warning (as the kernel's OOM killer
+    kills): what was saved before the stream is all there is to resume from."""
+
+    def crash(*a, **k):
+        raise MemoryError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(continual, "_loss", crash)
+        with pytest.raises(MemoryError):
+            continual.run(cfg, progress)
+
+
 def small(**fields) -> ContinualConfig:
     base = dict(
         stream="languages",
@@ -365,14 +378,7 @@ def test_a_run_saved_on_one_device_resumes_on_another(two_languages, tmp_path, m
     the CPU too; on a GPU machine, the GPU), and a finished run's results.json is its results on either."""
     cfg = small(tasks=two_languages, data_root=str(tmp_path), device="cpu")
     whole = continual.run(cfg, tmp_path / "whole.pt")
-
-    def crash(*a, **k):
-        raise MemoryError("killed")
-
-    monkeypatch.setattr(continual, "_loss", crash)
-    with pytest.raises(MemoryError):
-        continual.run(cfg, tmp_path / "cut.pt")
-    monkeypatch.undo()
+    killed_at_the_first_step(cfg, tmp_path / "cut.pt", monkeypatch)
     resumed = continual.run(dataclasses.replace(cfg, device="auto"), tmp_path / "cut.pt")
     assert resumed["R"] == whole["R"] and resumed["config"]["device"] == "auto" and resumed["device"] == "cpu"
     (tmp_path / "results.json").write_text(json.dumps(whole))

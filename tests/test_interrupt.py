@@ -24,7 +24,7 @@ from nestlearn.evals import continual
 from nestlearn.train import TrainConfig, train
 
 from .test_continual import corpus as language_corpus
-from .test_continual import small
+from .test_continual import killed_at_the_first_step, small
 from .test_train import config, flags, losses, write_corpus
 
 
@@ -253,14 +253,7 @@ def test_a_continual_run_killed_in_its_first_task_keeps_what_it_measured_before_
     bbc); a run killed before its first task ends (out of memory, SIGKILL) resumes without measuring them again."""
     cfg = small(tasks=two_languages, data_root=str(tmp_path))
     whole = continual.run(cfg, tmp_path / "whole.pt")
-
-    def crash(*a, **k):
-        raise MemoryError("killed")
-
-    monkeypatch.setattr(continual, "_loss", crash)
-    with pytest.raises(MemoryError):
-        continual.run(cfg, tmp_path / "cut.pt")
-    monkeypatch.undo()
+    killed_at_the_first_step(cfg, tmp_path / "cut.pt", monkeypatch)
     saved = torch.load(tmp_path / "cut.pt", weights_only=False)
     assert (saved["task"], saved["task_step"], saved["R"]) == (0, 0, []) and saved["baseline"] == whole["baseline"]
     scored = []
