@@ -502,8 +502,8 @@ def record_runs(root: Path, record: Path) -> list[str]:
     """Copy every finished run's results.json under `root` into the record, and the sweep's chosen.json: the files
     to commit. Returns what was copied."""
     copied = []
+    (record / "results").mkdir(parents=True, exist_ok=True)
     for name, path in finished(root).items():
-        (record / "results").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, record / "results" / f"{name}.json")
         copied.append(f"{path} -> {record / 'results' / f'{name}.json'}")
     if chosen_path(root).is_file():

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime import model_device
+
 __all__ = [
     "ATTRIBUTES",
     "Person",
@@ -370,7 +372,7 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
         raise ValueError(f"prompt {empty[0]} ({prompts[empty[0]]!r}) encodes to no tokens: give it some text")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     by_length: dict[int, list[int]] = {}
     for i, x in enumerate(ids):
         by_length.setdefault(len(x), []).append(i)

@@ -48,10 +48,10 @@ class LMTask:
     def score(self, model, seq_len: int, eval_tokens: int, batch_size: int = 8, **_) -> float:
         from ..evaluate import evaluate
 
-        device = model_device(model)
-        return evaluate(model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens, device=device)[
-            "bits_per_byte"
-        ]
+        result = evaluate(
+            model, self.valid, self.valid_meta, seq_len, batch_size, eval_tokens, device=model_device(model)
+        )
+        return result["bits_per_byte"]
 
 
 @dataclass
