@@ -56,13 +56,14 @@ Measured on one core of a 2-core AMD EPYC with another run on the other (2026-12
 minutes (LoRA, fine-tuning), a languages run 27-31 with two others beside it, a sweep's first-task run 4-11, the
 Titans adapter about twice as long, `memorize` 13-22 (its scoring learns inside every window, and its answers are
 generated chunk by chunk); the base alone on bbc 7 minutes (its scoring of five stages), so a trained bbc run about
-30, the base reading on bbc 43 (its prompts carry up to ten articles' openings), the Titans adapter on bbc 69 (10
-before its first step, about 12 a class; 2026-12-06, beside one other run). On two threads beside another run the
-adapter spent over 50 minutes before its first step (the contention docs/training.md, 'Sharing the CPU',
-describes). Run several at once, one core each (`--threads 1`), and mind the memory: the Titans adapter in all 30
-blocks holds 10.6 GB on facts, 10 GB while it trains on bbc and up to 13.8 GB as it scores, `memorize` 8-12 GB and
-fine-tuning 3.5 GB, so on 24 GB the adapter and `memorize` each run beside one small run at most, never beside each
-other (the kernel killed the adapter beside `memorize`, three times).
+30, the base reading on bbc 43 (its prompts carry up to ten articles' openings), the Titans adapter on bbc 67-69
+(61-63 by its results.json; 10 before its first step, about 12 a class; 2026-12-06, beside one other run). On two
+threads beside another run the adapter spent over 50 minutes before its first step (the contention docs/training.md,
+'Sharing the CPU', describes). Run several at once, one core each (`--threads 1`), and mind the memory: the Titans
+adapter in all 30 blocks holds 10.6 GB on facts, 10 GB for most of a bbc run with peaks of up to 13.8 GB a few
+minutes in every task, `memorize` 8-12 GB and fine-tuning 3.5 GB, so on 24 GB the adapter and `memorize` each run
+beside one small run at most, never beside each other (the kernel killed the adapter beside `memorize`, three
+times).
 """
 
 from __future__ import annotations
